@@ -1,0 +1,248 @@
+"""Budgets, their calendar windows, and the Guard that applies them to calls.
+
+A budget is (period, limit, scope, mode). Day and month windows are calendar windows in the
+tracker's timezone, keyed by their start (an aware UTC datetime); a window changes by itself when
+the clock passes its end, so nothing ever resets a counter. The database keeps one rollup row per
+window and scope value; the Guard decides what a window's totals mean for each budget.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from .exceptions import BudgetExceeded
+from .money import from_nanousd, to_nanousd, usd
+from .storage.store import WindowKey
+
+__all__ = ["Budget", "BudgetRule", "Guard", "Mode", "Period", "WindowKey", "window_bounds"]
+
+Period = Literal["call", "day", "month"]
+Mode = Literal["notify", "raise", "block"]
+MODES: tuple[Mode, ...] = ("notify", "raise", "block")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending limit in USD for one call, one day or one month, globally or per tag value.
+
+    Build with `Budget.per_call`, `Budget.daily` or `Budget.monthly`. `mode=None` takes the
+    tracker's default mode.
+    """
+
+    period: Period
+    limit: Decimal
+    per: str | None = None
+    mode: Mode | None = None
+
+    def __post_init__(self) -> None:
+        if self.period not in ("call", "day", "month"):
+            raise ValueError(f"period must be 'call', 'day' or 'month', got {self.period!r}")
+        object.__setattr__(self, "limit", usd(self.limit, field="limit"))
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.per is not None:
+            if self.period == "call":
+                raise ValueError("per must be None for a per-call budget (it has no window to split)")
+            if not isinstance(self.per, str) or not _TAG_KEY.fullmatch(self.per):
+                raise ValueError(f"per must be a tag key matching [A-Za-z0-9_.-]{{1,64}}, got {self.per!r}")
+
+    @classmethod
+    def per_call(cls, limit: int | float | str | Decimal, *, mode: Mode | None = None) -> Budget:
+        return cls("call", usd(limit, field="limit"), None, mode)
+
+    @classmethod
+    def daily(
+        cls, limit: int | float | str | Decimal, *, per: str | None = None, mode: Mode | None = None
+    ) -> Budget:
+        return cls("day", usd(limit, field="limit"), per, mode)
+
+    @classmethod
+    def monthly(
+        cls, limit: int | float | str | Decimal, *, per: str | None = None, mode: Mode | None = None
+    ) -> Budget:
+        return cls("month", usd(limit, field="limit"), per, mode)
+
+
+def window_bounds(period: str, at: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The calendar window of `period` ("day" | "month") in `tz` that contains `at`, in UTC."""
+    local = at.astimezone(tz)
+    if period == "day":
+        start = datetime(local.year, local.month, local.day, tzinfo=tz)
+        nxt = start.date() + timedelta(days=1)
+        end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=tz)
+    else:
+        start = datetime(local.year, local.month, 1, tzinfo=tz)
+        end = datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=tz)
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    """A budget with its mode resolved and its limit in nano-USD."""
+
+    budget: Budget
+    mode: Mode
+    limit_nanousd: int
+
+    @property
+    def scope_key(self) -> str:
+        return self.budget.per or ""
+
+    def scope_value(self, tags: Mapping[str, str]) -> str | None:
+        """The value this budget counts the call under, or None when it does not apply."""
+        if self.budget.per is None:
+            return ""
+        return tags.get(self.budget.per)
+
+    def exceeded(
+        self,
+        *,
+        window: tuple[datetime, datetime] | None,
+        scope_value: str,
+        spent: int,
+        reserved: int,
+        requested: int,
+        stage: Literal["preflight", "post"],
+        now: datetime,
+    ) -> BudgetExceeded:
+        return BudgetExceeded(
+            budget=self.budget,
+            period=self.budget.period,
+            scope=self.budget.per,
+            scope_value=scope_value if self.budget.per is not None else None,
+            limit=self.budget.limit,
+            spent=from_nanousd(spent),
+            reserved=from_nanousd(reserved),
+            requested=from_nanousd(requested),
+            stage=stage,
+            window_start=window[0] if window else None,
+            window_end=window[1] if window else None,
+            now=now,
+        )
+
+
+def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetRule, ...]:
+    if default_mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {default_mode!r}")
+    rules = []
+    for budget in budgets:
+        if not isinstance(budget, Budget):
+            raise ValueError(f"budgets must be Budget objects, got {budget!r}")
+        mode: Mode = budget.mode or default_mode  # type: ignore[assignment]
+        rules.append(BudgetRule(budget, mode, to_nanousd(budget.limit)))
+    return tuple(rules)
+
+
+_MAX_EXHAUSTED = 100_000
+
+
+class Guard:
+    """Applies the budgets to calls: which windows a call counts in, and what its totals mean.
+
+    It also remembers, in memory, which block-mode windows are known to be exhausted, so that
+    `refusal()` can answer without a database read. The database stays the authority.
+    """
+
+    def __init__(self, rules: tuple[BudgetRule, ...], *, tz: ZoneInfo) -> None:
+        self.rules = rules
+        self.tz = tz
+        scopes = {(r.budget.period, r.scope_key) for r in rules if r.budget.per is not None}
+        self._scopes: tuple[tuple[str, str], ...] = (("day", ""), ("month", ""), *sorted(scopes))
+        self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block" and r.budget.period != "call")
+        self._bounds: dict[str, tuple[datetime, datetime]] = {}
+        self._exhausted: dict[tuple[int, str], tuple[datetime, BudgetExceeded]] = {}
+
+    def bounds(self, period: str, at: datetime) -> tuple[datetime, datetime]:
+        """The window of `period` containing `at` (the current window is cached)."""
+        cached = self._bounds.get(period)
+        if cached is not None and cached[0] <= at < cached[1]:
+            return cached
+        bounds = window_bounds(period, at, self.tz)
+        if cached is None or bounds[0] >= cached[0]:
+            self._bounds[period] = bounds
+        return bounds
+
+    def windows(self, tags: Mapping[str, str], at: datetime) -> tuple[WindowKey, ...]:
+        """The rollup rows a call at `at` with `tags` counts in: global day and month, per-tag ones."""
+        keys = []
+        for period, scope_key in self._scopes:
+            value = tags.get(scope_key) if scope_key else ""
+            if value is not None:
+                keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
+        return tuple(keys)
+
+    def after(
+        self, tags: Mapping[str, str], at: datetime, cost: int | None, spent_after: Mapping[WindowKey, int]
+    ) -> tuple[BudgetExceeded | None, list[BudgetExceeded]]:
+        """Judge a recorded call: (the exception to raise or None, the crossings to notify)."""
+        now = datetime.now(UTC)
+        to_raise: BudgetExceeded | None = None
+        to_notify: list[BudgetExceeded] = []
+        amount = cost or 0
+        for index, rule in enumerate(self.rules):
+            value = rule.scope_value(tags)
+            if value is None:
+                continue
+            if rule.budget.period == "call":
+                if amount <= rule.limit_nanousd:
+                    continue
+                exc = rule.exceeded(
+                    window=None, scope_value=value, spent=amount, reserved=0, requested=amount,
+                    stage="post", now=now,
+                )  # fmt: skip
+                crossed = True
+            else:
+                window = self.bounds(rule.budget.period, at)
+                spent = spent_after.get(WindowKey(rule.budget.period, window[0], rule.scope_key, value))
+                if spent is None:
+                    continue
+                if rule.mode == "block" and spent >= rule.limit_nanousd:
+                    self._mark_exhausted(index, value, window, spent, now)
+                if spent <= rule.limit_nanousd:
+                    continue
+                exc = rule.exceeded(
+                    window=window, scope_value=value, spent=spent, reserved=0, requested=amount,
+                    stage="post", now=now,
+                )  # fmt: skip
+                crossed = spent - amount <= rule.limit_nanousd
+            if rule.mode == "notify":
+                if crossed:
+                    to_notify.append(exc)
+            elif to_raise is None:
+                to_raise = exc
+        return to_raise, to_notify
+
+    def _mark_exhausted(
+        self, index: int, value: str, window: tuple[datetime, datetime], spent: int, now: datetime
+    ) -> None:
+        rule = self.rules[index]
+        exc = rule.exceeded(
+            window=window, scope_value=value, spent=spent, reserved=0, requested=0, stage="preflight", now=now
+        )
+        if len(self._exhausted) >= _MAX_EXHAUSTED:
+            self._exhausted.pop(next(iter(self._exhausted)))
+        self._exhausted[(index, value)] = (window[1], exc)
+
+    def refusal(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
+        """A block-mode window that applies to `tags` and is known exhausted, from memory only."""
+        if not self._exhausted:
+            return None
+        now = datetime.now(UTC)
+        for index, rule in self._block:
+            value = rule.scope_value(tags)
+            if value is None:
+                continue
+            entry = self._exhausted.get((index, value))
+            if entry is None:
+                continue
+            if now < entry[0]:
+                return entry[1]
+            del self._exhausted[(index, value)]
+        return None

@@ -1,0 +1,159 @@
+"""Request-scoped attribution held in contextvars: tags and the request id.
+
+`with_tags(**tags)` is a sync and async context manager and a decorator. Scopes nest (the inner
+value wins) and always restore the previous state in ``finally``. The mapping in the ContextVar is
+never mutated: each scope sets a new read-only mapping (copy on write), so tasks created with
+`asyncio.create_task` and threads started with `asyncio.to_thread` see the tags of their creator and
+nothing they do leaks back.
+
+contextvars-extras is used here and nowhere else (docs/decisions.md says why it is acceptable).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, Final, TypeVar, cast
+
+from contextvars_extras import ContextVarExt
+
+__all__ = [
+    "MAX_TAGS",
+    "REDACTED",
+    "current_request_id",
+    "current_tags",
+    "normalize_tags",
+    "with_tags",
+]
+
+MAX_TAGS: Final = 50
+MAX_VALUE_BYTES: Final = 256
+REDACTED: Final = "[REDACTED]"
+_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_SECRET_MARKERS: Final = (
+    "api_key", "apikey", "api-key", "authorization", "auth_token", "bearer", "password", "passwd",
+    "secret", "token", "cookie", "credential", "private_key", "access_key",
+)  # fmt: skip
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+_tags: ContextVarExt[Mapping[str, str]] = ContextVarExt("llm_spend.tags", default=_EMPTY)
+request_id_var: ContextVarExt[str | None] = ContextVarExt("llm_spend.request_id", default=None)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def current_tags() -> Mapping[str, str]:
+    """The tags in effect here, as a read-only mapping."""
+    return _tags.get()
+
+
+def current_request_id() -> str | None:
+    """The id of the HTTP request being served, set by SpendMiddleware, or None."""
+    return request_id_var.get()
+
+
+def _value(key: str, value: object) -> str:
+    lowered = key.lower()
+    if any(marker in lowered for marker in _SECRET_MARKERS):
+        return REDACTED
+    text = value if isinstance(value, str) else str(value)
+    if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
+        return text
+    return text.encode()[:MAX_VALUE_BYTES].decode(errors="ignore")
+
+
+def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
+    """Validate keys and normalize values: str, at most 256 UTF-8 bytes, secrets redacted.
+
+    A value of None is kept as None, meaning "remove this key" when scopes merge.
+    Raises ValueError naming the bad key, or when there are more than MAX_TAGS tags.
+    """
+    if not isinstance(tags, Mapping):
+        raise ValueError(f"tags must be a mapping of str to str, got {type(tags).__name__}")
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags are allowed, got {len(tags)}")
+    normalized: dict[str, str | None] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise ValueError(f"tag key {key!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        normalized[key] = None if value is None else _value(key, value)
+    return normalized
+
+
+def merge_tags(base: Mapping[str, str], new: Mapping[str, str | None]) -> Mapping[str, str]:
+    """`base` overlaid by `new` (None removes a key), as a new read-only mapping."""
+    if not new:
+        return base
+    merged = {**base, **new}
+    if None in merged.values():
+        merged = {k: v for k, v in merged.items() if v is not None}
+    if len(merged) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags are allowed in one scope, got {len(merged)}")
+    return MappingProxyType(cast(dict[str, str], merged))
+
+
+class with_tags:  # noqa: N801 - reads as a function at call sites, like contextlib's helpers
+    """Attach tags to every LLM call made inside: ``with``, ``async with`` or ``@with_tags(...)``."""
+
+    __slots__ = ("_new", "_tokens")
+
+    def __init__(self, **tags: object) -> None:
+        self._new = normalize_tags(tags)
+        self._tokens: list[Any] = []
+
+    def __enter__(self) -> Mapping[str, str]:
+        merged = merge_tags(_tags.get(), self._new)
+        self._tokens.append(_tags.set(merged))
+        return merged
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _tags.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> Mapping[str, str]:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, func: F) -> F:
+        """Decorate a sync or async function: each call runs in its own scope."""
+        new = self._new
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                token = _tags.set(merge_tags(_tags.get(), new))
+                try:
+                    return await cast(Callable[..., Awaitable[Any]], func)(*args, **kwargs)
+                finally:
+                    _tags.reset(token)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            token = _tags.set(merge_tags(_tags.get(), new))
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _tags.reset(token)
+
+        return cast(F, wrapper)
+
+
+def set_request_scope(request_id: str, tags: Mapping[str, str | None]) -> tuple[Any, Any]:
+    """Enter a request's scope (used by SpendMiddleware); returns tokens for `reset_request_scope`."""
+    return request_id_var.set(request_id), _tags.set(merge_tags(_tags.get(), tags))
+
+
+def reset_request_scope(tokens: tuple[Any, Any]) -> None:
+    request_token, tags_token = tokens
+    _tags.reset(tags_token)
+    request_id_var.reset(request_token)

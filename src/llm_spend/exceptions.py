@@ -1,0 +1,103 @@
+"""Exceptions raised by llm-spend.
+
+    LLMSpendError
+     ├── BudgetExceeded       a budget refused a call (preflight) or a call took a window over (post)
+     ├── UnknownPriceError    a block-mode budget cannot reserve for a model without a price
+     └── StorageError         the ledger database could not be used
+
+Each exception keeps its facts as attributes; the original error, if any, is its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .budgets import Budget
+
+__all__ = ["BudgetExceeded", "LLMSpendError", "StorageError", "UnknownPriceError"]
+
+
+class LLMSpendError(Exception):
+    """Base class of every error llm-spend raises."""
+
+
+class BudgetExceeded(LLMSpendError):
+    """A budget refused a call before it went out, or a recorded call took a window over its limit.
+
+    At stage "post", `spent` includes the call that crossed. At stage "preflight", `spent` and
+    `reserved` are the window's before the refused estimate, and `requested` is that estimate.
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: Budget,
+        period: Literal["call", "day", "month"],
+        scope: str | None,
+        scope_value: str | None,
+        limit: Decimal,
+        spent: Decimal,
+        reserved: Decimal,
+        requested: Decimal,
+        stage: Literal["preflight", "post"],
+        window_start: datetime | None,
+        window_end: datetime | None,
+        now: datetime | None = None,
+    ) -> None:
+        self.budget = budget
+        self.period = period
+        self.scope = scope
+        self.scope_value = scope_value
+        self.limit = limit
+        self.spent = spent
+        self.reserved = reserved
+        self.requested = requested
+        self.stage = stage
+        self.window_start = window_start
+        self.window_end = window_end
+        self.retry_after: int | None = None
+        if window_end is not None and now is not None:
+            self.retry_after = max(1, math.ceil((window_end - now).total_seconds()))
+        where = "" if scope is None else f" for {scope}={scope_value!r}"
+        window = "call" if period == "call" else f"{period} starting {window_start:%Y-%m-%d}"
+        super().__init__(
+            f"{period} budget of ${limit}{where} exceeded at {stage} "
+            f"({window}: spent ${spent}, reserved ${reserved}, requested ${requested})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, as the middleware sends it (money as strings)."""
+        return {
+            "error": "budget_exceeded",
+            "period": self.period,
+            "scope": self.scope,
+            "scope_value": self.scope_value,
+            "limit": str(self.limit),
+            "spent": str(self.spent),
+            "reserved": str(self.reserved),
+            "requested": str(self.requested),
+            "stage": self.stage,
+            "window_start": self.window_start.isoformat() if self.window_start else None,
+            "window_end": self.window_end.isoformat() if self.window_end else None,
+            "retry_after": self.retry_after,
+        }
+
+
+class UnknownPriceError(LLMSpendError):
+    """A block-mode budget applies, but the model has no price to reserve with."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        super().__init__(
+            f"no price is known for {provider}/{model}, so a block-mode budget cannot reserve for it; "
+            "add a price override or pass unknown_price='allow' to the Tracker"
+        )
+
+
+class StorageError(LLMSpendError):
+    """The ledger database could not be read or written."""

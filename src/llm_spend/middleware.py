@@ -1,0 +1,114 @@
+"""SpendMiddleware: request scope for attribution, and budget refusals as HTTP responses.
+
+Pure ASGI (never BaseHTTPMiddleware, which stops contextvar changes from propagating). Per HTTP
+request it sets the request id and the request's tags in context and resets them in ``finally``;
+lifespan and websocket scopes pass straight through. A `BudgetExceeded` escaping the endpoint becomes
+a JSON response (402 by default, or 429) while the response has not started; after, it is re-raised.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .context import current_tags, normalize_tags, reset_request_scope, set_request_scope
+from .exceptions import BudgetExceeded
+
+if TYPE_CHECKING:
+    from .tracker import Tracker
+
+__all__ = ["SpendMiddleware"]
+
+TagsCallable = Callable[[Request], Mapping[str, object] | Awaitable[Mapping[str, object]]]
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
+
+
+class SpendMiddleware:
+    """ASGI middleware: `app.add_middleware(SpendMiddleware, tracker=tracker, tags=lambda request: {...})`."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracker: Tracker,
+        tags: TagsCallable | None = None,
+        status_code: int = 402,
+        preflight: bool = True,
+        request_id_header: str = "x-request-id",
+    ) -> None:
+        if tags is not None and not callable(tags):
+            raise ValueError(f"tags must be a callable taking the request, got {tags!r}")
+        if not isinstance(status_code, int) or not 400 <= status_code <= 599:
+            raise ValueError(f"status_code must be an HTTP error status such as 402 or 429, got {status_code!r}")
+        self.app = app
+        self.tracker = tracker
+        self.tags = tags
+        self.status_code = status_code
+        self.preflight = preflight
+        self.request_id_header = request_id_header.lower().encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tags = await self._request_tags(scope) if self.tags is not None else {}
+        tokens = set_request_scope(self._request_id(scope), tags)
+        try:
+            refusal = self.tracker.preflight(current_tags()) if self.preflight else None
+            if refusal is not None:
+                await self._refuse(refusal, send)
+                return
+            started = False
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except BudgetExceeded as exc:
+                if started:
+                    raise
+                await self._refuse(exc, send)
+        finally:
+            reset_request_scope(tokens)
+
+    def _request_id(self, scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == self.request_id_header:
+                text = value.decode("latin-1")
+                if _REQUEST_ID.fullmatch(text):
+                    return text
+                break
+        return uuid.uuid4().hex
+
+    async def _request_tags(self, scope: Scope) -> Mapping[str, str | None]:
+        assert self.tags is not None
+        result: Any = self.tags(Request(scope))
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, Mapping):
+            raise TypeError(f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}")
+        return normalize_tags(result)
+
+    async def _refuse(self, exc: BudgetExceeded, send: Send) -> None:
+        headers = [(b"content-type", b"application/json")]
+        body = exc.to_dict()
+        if exc.window_end is not None:
+            retry_after = max(1, math.ceil((exc.window_end - datetime.now(UTC)).total_seconds()))
+            body["retry_after"] = retry_after
+            headers.append((b"retry-after", str(retry_after).encode()))
+        payload = json.dumps(body).encode()
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})

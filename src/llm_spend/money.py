@@ -1,0 +1,40 @@
+"""Money: `Decimal` USD in Python, integer nano-USD (1e-9 USD) in the database.
+
+SQLite has no decimal type and floats drift, so every amount that is stored or summed by the
+database is an integer count of nano-dollars. Conversions round half-even at the ninth decimal.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+__all__ = ["NANO", "from_nanousd", "to_nanousd", "usd"]
+
+NANO = Decimal("1e-9")
+_PER_USD = 1_000_000_000
+
+
+def usd(value: int | float | str | Decimal, *, field: str = "amount") -> Decimal:
+    """Convert a user-given amount to `Decimal` USD; floats go through `str`, so 0.001 is exact.
+
+    Raises ValueError naming `field` for anything that is not a finite, non-negative number.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be a number of USD, got {value!r}")
+    try:
+        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"{field} must be a number of USD, got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{field} must be a finite, non-negative number of USD, got {value!r}")
+    return amount
+
+
+def to_nanousd(amount: Decimal) -> int:
+    """`Decimal` USD -> integer nano-USD, rounded half-even."""
+    return int((amount * _PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def from_nanousd(nanousd: int) -> Decimal:
+    """Integer nano-USD -> exact `Decimal` USD."""
+    return Decimal(nanousd).scaleb(-9)

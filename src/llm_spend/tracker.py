@@ -1,0 +1,247 @@
+"""Tracker: the composition root and the public async API.
+
+It wires pricing, storage, budgets and capture together, and holds no provider parsing and no SQL.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .budgets import Budget, Guard, resolve_rules
+from .context import current_request_id, current_tags, merge_tags, normalize_tags
+from .exceptions import BudgetExceeded
+from .pricing import Pricer
+from .storage.store import PendingWrite, Store
+from .storage.writer import Writer
+from .usage import CallRecord, Usage, UsageSource, new_event_id
+
+__all__ = ["Tracker"]
+
+logger = logging.getLogger("llm_spend")
+
+Callback = Callable[[Any], Any]
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ValueError(f"timezone must be an IANA time zone name such as 'Europe/Paris', got {name!r}") from None
+
+
+def _text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _optional_text(name: str, value: object, limit: int) -> str | None:
+    return None if value is None else _text(name, value, limit)
+
+
+async def _call(callback: Callback, arg: Any, what: str) -> None:
+    """Run a user callback (sync or async); its failure is logged, never raised."""
+    try:
+        result = callback(arg)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("llm-spend: %s %r failed", what, callback)
+
+
+class Tracker:
+    """Records LLM calls into your database and enforces budgets. Enter it before use."""
+
+    def __init__(
+        self,
+        url: str = "sqlite+aiosqlite:///llm_spend.db",
+        *,
+        budgets: Sequence[Budget] = (),
+        mode: str = "notify",
+        timezone: str = "UTC",
+        on_exceeded: Callback | None = None,
+        auto_migrate: bool = True,
+        max_batch: int = 500,
+        max_queue: int = 10_000,
+    ) -> None:
+        if on_exceeded is not None and not callable(on_exceeded):
+            raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        self.url = url
+        self.timezone = _zone(timezone)
+        self.guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone)
+        self.on_exceeded = on_exceeded
+        self.auto_migrate = auto_migrate
+        self.store = Store(url)
+        self.pricer = Pricer()
+        self._max_batch, self._max_queue = max_batch, max_queue
+        self._writer: Writer | None = None
+        self._entered = 0
+        self._subscribers: list[Callback] = []
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return tuple(rule.budget for rule in self.guard.rules)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Tracker:
+        if self._entered == 0:
+            if self.auto_migrate:
+                await self.store.migrate()
+            self._writer = Writer(self.store, max_batch=self._max_batch, max_queue=self._max_queue)
+            self._writer.start()
+        self._entered += 1
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._entered -= 1
+        if self._entered == 0 and self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.close()
+            await self.store.close()
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """For `FastAPI(lifespan=tracker.lifespan)` / `Starlette(lifespan=...)`."""
+        async with self:
+            yield
+
+    async def migrate(self) -> None:
+        """Bring the database schema to the newest migration (idempotent)."""
+        await self.store.migrate()
+
+    @property
+    def backpressure_waits(self) -> int:
+        """How many track() calls found the write queue full and waited."""
+        return self._writer.waits if self._writer is not None else 0
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callback) -> Callable[[], None]:
+        """Call `callback(record)` (sync or async) after each call is committed; returns an unsubscribe."""
+        if not callable(callback):
+            raise ValueError(f"callback must be callable, got {callback!r}")
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    async def track(
+        self,
+        *,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+        tags: Mapping[str, object] | None = None,
+    ) -> CallRecord:
+        """Record one call after the fact and return its CallRecord (cost None if the price is unknown).
+
+        Raises ValueError naming the field for invalid input (nothing is recorded), and
+        BudgetExceeded(stage="post") when the call takes a raise- or block-mode window over its limit.
+        """
+        usage = Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read_tokens,
+            cache_write_tokens=cache_write_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
+            reasoning_tokens=reasoning_tokens,
+        )
+        if latency_ms is not None and (
+            isinstance(latency_ms, bool) or not isinstance(latency_ms, int) or latency_ms < 0
+        ):
+            raise ValueError(f"latency_ms must be a non-negative integer or None, got {latency_ms!r}")
+        record = self._build(
+            provider=_text("provider", provider, 64),
+            model=_text("model", model, 200),
+            usage=usage,
+            usage_source="manual",
+            latency_ms=latency_ms,
+            service_tier=_optional_text("service_tier", service_tier, 64),
+            provider_response_id=_optional_text("provider_response_id", provider_response_id, 200),
+            tags=tags,
+        )
+        return await self._record(record)
+
+    def _build(
+        self,
+        *,
+        provider: str,
+        model: str,
+        usage: Usage,
+        usage_source: UsageSource,
+        tags: Mapping[str, object] | None,
+        occurred_at: datetime | None = None,
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> CallRecord:
+        merged = current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
+        at = occurred_at or datetime.now(UTC)
+        cost = self.pricer.price(provider, model, usage, at=at, service_tier=service_tier)
+        return CallRecord(
+            event_id=new_event_id(),
+            occurred_at=at,
+            provider=provider,
+            model=model,
+            usage=usage,
+            cost=cost.amount,
+            cost_nanousd=cost.nanousd,
+            pricing_status=cost.status,
+            price_source=cost.source,
+            usage_source=usage_source,
+            stream=stream,
+            latency_ms=latency_ms,
+            service_tier=service_tier,
+            provider_response_id=provider_response_id,
+            request_id=current_request_id(),
+            tags=merged,
+        )
+
+    async def _record(self, record: CallRecord, **settle: Any) -> CallRecord:
+        """Write a record, then apply the budgets: notify crossings, raise for raise/block modes."""
+        writer = self._writer
+        if writer is None:
+            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
+        windows = self.guard.windows(record.tags, record.occurred_at)
+        spent_after = await writer.submit(PendingWrite(record, windows, **settle))
+        if spent_after is None:  # already recorded under this event_id: nothing changed
+            return record
+        to_raise, to_notify = self.guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after)
+        if self.on_exceeded is not None:
+            for crossing in to_notify:
+                await _call(self.on_exceeded, crossing, "on_exceeded callback")
+        for subscriber in tuple(self._subscribers):
+            await _call(subscriber, record, "subscriber")
+        if to_raise is not None:
+            raise to_raise
+        return record
+
+    # -- budgets ------------------------------------------------------------------------------------
+
+    def preflight(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
+        """A block-mode window applying to `tags` known to be exhausted (memory only, no I/O)."""
+        return self.guard.refusal(tags)
+

@@ -1,0 +1,131 @@
+"""Canonical, provider-neutral types: `Usage`, `Estimate`, `CallRecord`.
+
+Token counts follow the OpenTelemetry GenAI convention, whatever the provider reports:
+
+- ``input_tokens`` is ALL input, including cache reads and cache writes.
+- ``cache_read_tokens`` and ``cache_write_tokens`` are subsets of ``input_tokens``;
+  ``cache_write_1h_tokens`` is the part of ``cache_write_tokens`` written with a 1-hour TTL
+  (the rest were written with the default 5-minute TTL).
+- ``output_tokens`` is ALL output, including reasoning; ``reasoning_tokens`` is a subset of it.
+
+Capture adapters convert provider shapes into these types; nothing downstream knows providers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+__all__ = [
+    "MAX_TOKENS",
+    "CallRecord",
+    "Estimate",
+    "PricingStatus",
+    "Usage",
+    "UsageSource",
+    "new_event_id",
+]
+
+MAX_TOKENS = 10**9
+"""Token counts above this are rejected as implausible for one call."""
+
+PricingStatus = Literal["priced", "unknown_model", "unknown_usage"]
+UsageSource = Literal["response", "stream", "manual", "estimate", "unknown"]
+
+
+def check_tokens(name: str, value: object) -> int:
+    """Validate one token count; raises ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+    if value > MAX_TOKENS:
+        raise ValueError(f"{name} of {value} is implausible for one call (limit {MAX_TOKENS})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call, in the canonical convention of this module."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in Usage.__slots__:
+            check_tokens(name, getattr(self, name))
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            raise ValueError(
+                f"cache_read_tokens + cache_write_tokens ({self.cache_read_tokens} + "
+                f"{self.cache_write_tokens}) must not exceed input_tokens ({self.input_tokens})"
+            )
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError(
+                f"cache_write_1h_tokens ({self.cache_write_1h_tokens}) must not exceed "
+                f"cache_write_tokens ({self.cache_write_tokens})"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError(
+                f"reasoning_tokens ({self.reasoning_tokens}) must not exceed "
+                f"output_tokens ({self.output_tokens})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a call may cost at most, known before it is sent: an upper bound on its tokens."""
+
+    provider: str
+    model: str
+    input_tokens: int
+    max_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One recorded LLM call, as stored in the ledger (`llm_calls`)."""
+
+    event_id: str
+    occurred_at: datetime
+    provider: str
+    model: str
+    usage: Usage
+    cost: Decimal | None
+    """USD, or None when the price (or the usage) is unknown. Never a silent $0."""
+    cost_nanousd: int | None
+    pricing_status: PricingStatus
+    price_source: str | None
+    usage_source: UsageSource
+    stream: bool = False
+    latency_ms: int | None = None
+    service_tier: str | None = None
+    provider_response_id: str | None = None
+    request_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def input_tokens(self) -> int:
+        return self.usage.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output_tokens
+
+
+def new_event_id() -> str:
+    """A UUIDv7 (time-ordered, RFC 9562) string: the call's idempotency key."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
