@@ -20,7 +20,7 @@ from .exceptions import BudgetExceeded
 from .money import from_nanousd, to_nanousd, usd
 from .storage.store import WindowKey
 
-__all__ = ["Budget", "BudgetRule", "Guard", "Mode", "Period", "WindowKey", "window_bounds"]
+__all__ = ["Budget", "BudgetRule", "Mode", "Period", "WindowKey", "resolve_rules", "window_bounds"]
 
 Period = Literal["call", "day", "month"]
 Mode = Literal["notify", "raise", "block"]
@@ -135,114 +135,6 @@ def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetR
     for budget in budgets:
         if not isinstance(budget, Budget):
             raise ValueError(f"budgets must be Budget objects, got {budget!r}")
-        mode: Mode = budget.mode or default_mode  # type: ignore[assignment]
+        mode = budget.mode or default_mode
         rules.append(BudgetRule(budget, mode, to_nanousd(budget.limit)))
     return tuple(rules)
-
-
-_MAX_EXHAUSTED = 100_000
-
-
-class Guard:
-    """Applies the budgets to calls: which windows a call counts in, and what its totals mean.
-
-    It also remembers, in memory, which block-mode windows are known to be exhausted, so that
-    `refusal()` can answer without a database read. The database stays the authority.
-    """
-
-    def __init__(self, rules: tuple[BudgetRule, ...], *, tz: ZoneInfo) -> None:
-        self.rules = rules
-        self.tz = tz
-        scopes = {(r.budget.period, r.scope_key) for r in rules if r.budget.per is not None}
-        self._scopes: tuple[tuple[str, str], ...] = (("day", ""), ("month", ""), *sorted(scopes))
-        self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block" and r.budget.period != "call")
-        self._bounds: dict[str, tuple[datetime, datetime]] = {}
-        self._exhausted: dict[tuple[int, str], tuple[datetime, BudgetExceeded]] = {}
-
-    def bounds(self, period: str, at: datetime) -> tuple[datetime, datetime]:
-        """The window of `period` containing `at` (the current window is cached)."""
-        cached = self._bounds.get(period)
-        if cached is not None and cached[0] <= at < cached[1]:
-            return cached
-        bounds = window_bounds(period, at, self.tz)
-        if cached is None or bounds[0] >= cached[0]:
-            self._bounds[period] = bounds
-        return bounds
-
-    def windows(self, tags: Mapping[str, str], at: datetime) -> tuple[WindowKey, ...]:
-        """The rollup rows a call at `at` with `tags` counts in: global day and month, per-tag ones."""
-        keys = []
-        for period, scope_key in self._scopes:
-            value = tags.get(scope_key) if scope_key else ""
-            if value is not None:
-                keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
-        return tuple(keys)
-
-    def after(
-        self, tags: Mapping[str, str], at: datetime, cost: int | None, spent_after: Mapping[WindowKey, int]
-    ) -> tuple[BudgetExceeded | None, list[BudgetExceeded]]:
-        """Judge a recorded call: (the exception to raise or None, the crossings to notify)."""
-        now = datetime.now(UTC)
-        to_raise: BudgetExceeded | None = None
-        to_notify: list[BudgetExceeded] = []
-        amount = cost or 0
-        for index, rule in enumerate(self.rules):
-            value = rule.scope_value(tags)
-            if value is None:
-                continue
-            if rule.budget.period == "call":
-                if amount <= rule.limit_nanousd:
-                    continue
-                exc = rule.exceeded(
-                    window=None, scope_value=value, spent=amount, reserved=0, requested=amount,
-                    stage="post", now=now,
-                )  # fmt: skip
-                crossed = True
-            else:
-                window = self.bounds(rule.budget.period, at)
-                spent = spent_after.get(WindowKey(rule.budget.period, window[0], rule.scope_key, value))
-                if spent is None:
-                    continue
-                if rule.mode == "block" and spent >= rule.limit_nanousd:
-                    self._mark_exhausted(index, value, window, spent, now)
-                if spent <= rule.limit_nanousd:
-                    continue
-                exc = rule.exceeded(
-                    window=window, scope_value=value, spent=spent, reserved=0, requested=amount,
-                    stage="post", now=now,
-                )  # fmt: skip
-                crossed = spent - amount <= rule.limit_nanousd
-            if rule.mode == "notify":
-                if crossed:
-                    to_notify.append(exc)
-            elif to_raise is None:
-                to_raise = exc
-        return to_raise, to_notify
-
-    def _mark_exhausted(
-        self, index: int, value: str, window: tuple[datetime, datetime], spent: int, now: datetime
-    ) -> None:
-        rule = self.rules[index]
-        exc = rule.exceeded(
-            window=window, scope_value=value, spent=spent, reserved=0, requested=0, stage="preflight", now=now
-        )
-        if len(self._exhausted) >= _MAX_EXHAUSTED:
-            self._exhausted.pop(next(iter(self._exhausted)))
-        self._exhausted[(index, value)] = (window[1], exc)
-
-    def refusal(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
-        """A block-mode window that applies to `tags` and is known exhausted, from memory only."""
-        if not self._exhausted:
-            return None
-        now = datetime.now(UTC)
-        for index, rule in self._block:
-            value = rule.scope_value(tags)
-            if value is None:
-                continue
-            entry = self._exhausted.get((index, value))
-            if entry is None:
-                continue
-            if now < entry[0]:
-                return entry[1]
-            del self._exhausted[(index, value)]
-        return None

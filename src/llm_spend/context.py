@@ -47,12 +47,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def current_tags() -> Mapping[str, str]:
     """The tags in effect here, as a read-only mapping."""
-    return _tags.get()
+    tags: Mapping[str, str] = _tags.get()
+    return tags
 
 
 def current_request_id() -> str | None:
     """The id of the HTTP request being served, set by SpendMiddleware, or None."""
-    return request_id_var.get()
+    request_id: str | None = request_id_var.get()
+    return request_id
 
 
 def _value(key: str, value: object) -> str:
@@ -95,7 +97,7 @@ def merge_tags(base: Mapping[str, str], new: Mapping[str, str | None]) -> Mappin
     return MappingProxyType(cast(dict[str, str], merged))
 
 
-class with_tags:  # noqa: N801 - reads as a function at call sites, like contextlib's helpers
+class with_tags:
     """Attach tags to every LLM call made inside: ``with``, ``async with`` or ``@with_tags(...)``."""
 
     __slots__ = ("_new", "_tokens")

@@ -48,7 +48,9 @@ class SpendMiddleware:
         if tags is not None and not callable(tags):
             raise ValueError(f"tags must be a callable taking the request, got {tags!r}")
         if not isinstance(status_code, int) or not 400 <= status_code <= 599:
-            raise ValueError(f"status_code must be an HTTP error status such as 402 or 429, got {status_code!r}")
+            raise ValueError(
+                f"status_code must be an HTTP error status such as 402 or 429, got {status_code!r}"
+            )
         self.app = app
         self.tracker = tracker
         self.tags = tags
@@ -86,7 +88,7 @@ class SpendMiddleware:
     def _request_id(self, scope: Scope) -> str:
         for name, value in scope["headers"]:
             if name == self.request_id_header:
-                text = value.decode("latin-1")
+                text: str = value.decode("latin-1")
                 if _REQUEST_ID.fullmatch(text):
                     return text
                 break
@@ -98,7 +100,9 @@ class SpendMiddleware:
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, Mapping):
-            raise TypeError(f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}")
+            raise TypeError(
+                f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}"
+            )
         return normalize_tags(result)
 
     async def _refuse(self, exc: BudgetExceeded, send: Send) -> None:

@@ -5,24 +5,29 @@ It wires pricing, storage, budgets and capture together, and holds no provider p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .budgets import Budget, Guard, resolve_rules
+from .budgets import Budget, resolve_rules
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
-from .exceptions import BudgetExceeded
+from .exceptions import BudgetExceeded, UnknownPriceError
+from .guard import Guard, Reservation
+from .money import from_nanousd
 from .pricing import Pricer
 from .storage.store import PendingWrite, Store
 from .storage.writer import Writer
-from .usage import CallRecord, Usage, UsageSource, new_event_id
+from .usage import CallRecord, Usage, UsageSource, check_tokens, new_event_id
 
-__all__ = ["Tracker"]
+__all__ = ["GuardedCall", "Tracker"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -33,7 +38,9 @@ def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ValueError(f"timezone must be an IANA time zone name such as 'Europe/Paris', got {name!r}") from None
+        raise ValueError(
+            f"timezone must be an IANA time zone name such as 'Europe/Paris', got {name!r}"
+        ) from None
 
 
 def _text(name: str, value: object, limit: int) -> str:
@@ -70,6 +77,9 @@ class Tracker:
         timezone: str = "UTC",
         on_exceeded: Callback | None = None,
         auto_migrate: bool = True,
+        unknown_price: str = "refuse",
+        reservation_ttl: float = 600.0,
+        sweep_interval: float = 60.0,
         max_batch: int = 500,
         max_queue: int = 10_000,
     ) -> None:
@@ -79,13 +89,22 @@ class Tracker:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        if unknown_price not in ("refuse", "allow"):
+            raise ValueError(f"unknown_price must be 'refuse' or 'allow', got {unknown_price!r}")
+        for name, seconds in (("reservation_ttl", reservation_ttl), ("sweep_interval", sweep_interval)):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
         self.url = url
         self.timezone = _zone(timezone)
-        self.guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone)
         self.on_exceeded = on_exceeded
         self.auto_migrate = auto_migrate
+        self.unknown_price = unknown_price
+        self.lease = timedelta(seconds=reservation_ttl)
+        self.sweep_interval = float(sweep_interval)
         self.store = Store(url)
         self.pricer = Pricer()
+        self.budget_guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone, store=self.store)
+        self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue
         self._writer: Writer | None = None
         self._entered = 0
@@ -93,7 +112,7 @@ class Tracker:
 
     @property
     def budgets(self) -> tuple[Budget, ...]:
-        return tuple(rule.budget for rule in self.guard.rules)
+        return tuple(rule.budget for rule in self.budget_guard.rules)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -101,8 +120,10 @@ class Tracker:
         if self._entered == 0:
             if self.auto_migrate:
                 await self.store.migrate()
+            await self.store.sweep(datetime.now(UTC))
             self._writer = Writer(self.store, max_batch=self._max_batch, max_queue=self._max_queue)
             self._writer.start()
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
         self._entered += 1
         return self
 
@@ -111,9 +132,25 @@ class Tracker:
     ) -> None:
         self._entered -= 1
         if self._entered == 0 and self._writer is not None:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sweeper
             writer, self._writer = self._writer, None
             await writer.close()
             await self.store.close()
+
+    async def _sweep_forever(self) -> None:
+        """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                released = await self.store.sweep(datetime.now(UTC))
+            except Exception:
+                logger.exception("llm-spend: sweeping expired reservations failed")
+            else:
+                if released:
+                    logger.warning("llm-spend: released %d expired reservations", released)
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -180,9 +217,13 @@ class Tracker:
             latency_ms=latency_ms,
             service_tier=_optional_text("service_tier", service_tier, 64),
             provider_response_id=_optional_text("provider_response_id", provider_response_id, 200),
-            tags=tags,
+            tags=self._tags(tags),
         )
         return await self._record(record)
+
+    def _tags(self, tags: Mapping[str, object] | None) -> Mapping[str, str]:
+        """Explicit tags over the context's (with_tags over the middleware's)."""
+        return current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
 
     def _build(
         self,
@@ -191,14 +232,13 @@ class Tracker:
         model: str,
         usage: Usage,
         usage_source: UsageSource,
-        tags: Mapping[str, object] | None,
+        tags: Mapping[str, str],
         occurred_at: datetime | None = None,
         stream: bool = False,
         latency_ms: int | None = None,
         service_tier: str | None = None,
         provider_response_id: str | None = None,
     ) -> CallRecord:
-        merged = current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
         at = occurred_at or datetime.now(UTC)
         cost = self.pricer.price(provider, model, usage, at=at, service_tier=service_tier)
         return CallRecord(
@@ -217,7 +257,7 @@ class Tracker:
             service_tier=service_tier,
             provider_response_id=provider_response_id,
             request_id=current_request_id(),
-            tags=merged,
+            tags=tags,
         )
 
     async def _record(self, record: CallRecord, **settle: Any) -> CallRecord:
@@ -225,11 +265,13 @@ class Tracker:
         writer = self._writer
         if writer is None:
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
-        windows = self.guard.windows(record.tags, record.occurred_at)
+        windows = self.budget_guard.windows(record.tags, record.occurred_at)
         spent_after = await writer.submit(PendingWrite(record, windows, **settle))
         if spent_after is None:  # already recorded under this event_id: nothing changed
             return record
-        to_raise, to_notify = self.guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after)
+        to_raise, to_notify = self.budget_guard.after(
+            record.tags, record.occurred_at, record.cost_nanousd, spent_after
+        )
         if self.on_exceeded is not None:
             for crossing in to_notify:
                 await _call(self.on_exceeded, crossing, "on_exceeded callback")
@@ -243,5 +285,141 @@ class Tracker:
 
     def preflight(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
         """A block-mode window applying to `tags` known to be exhausted (memory only, no I/O)."""
-        return self.guard.refusal(tags)
+        return self.budget_guard.refusal(tags)
 
+    @asynccontextmanager
+    async def guard(
+        self,
+        *,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int | None = None,
+        tags: Mapping[str, object] | None = None,
+    ) -> AsyncIterator[GuardedCall]:
+        """Reserve an upper bound of a call's cost in every block-mode window, then make the call inside.
+
+        Raises BudgetExceeded(stage="preflight") before the call when any window refuses (nothing
+        stays reserved). Inside, `await call.record(usage)` settles; leaving without a record releases.
+        `input_tokens` must bound the input from above (UTF-8 bytes of the text do); without
+        `max_output_tokens` the bound is the model's context window minus the input.
+        """
+        provider, model = _text("provider", provider, 64), _text("model", model, 200)
+        check_tokens("input_tokens", input_tokens)
+        merged = self._tags(tags)
+        reservation = None
+        if self.budget_guard.blocking(merged):
+            estimate = self._estimate(provider, model, input_tokens, max_output_tokens)
+            if estimate is not None:
+                reservation = await self.budget_guard.reserve(
+                    new_event_id(), merged, estimate, lease=self.lease
+                )
+            elif self.unknown_price == "refuse":
+                raise UnknownPriceError(provider, model)
+        call = GuardedCall(self, provider, model, merged, reservation)
+        try:
+            yield call
+        finally:
+            await asyncio.shield(call._finish())
+
+    def _estimate(
+        self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None
+    ) -> int | None:
+        """An upper bound of the call's cost in nano-USD, or None when the model has no price."""
+        if max_output_tokens is None:
+            window = self.pricer.context_window(provider, model)
+            if window is None:
+                raise ValueError(f"max_output_tokens is required: the context window of {model!r} is unknown")
+            max_output_tokens = max(window - input_tokens, 0)
+        check_tokens("max_output_tokens", max_output_tokens)
+        bound = self.pricer.bound(
+            provider, model, input_tokens=input_tokens, output_tokens=max_output_tokens, at=datetime.now(UTC)
+        )
+        nanousd: int | None = bound.nanousd
+        return nanousd
+
+
+class GuardedCall:
+    """A call inside `tracker.guard()`: record its usage once with `await call.record(usage)`."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        provider: str,
+        model: str,
+        tags: Mapping[str, str],
+        reservation: Reservation | None,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.tags = tags
+        self.reservation = reservation
+        self._tracker = tracker
+        self._pending: _Recording | None = None
+
+    @property
+    def estimate(self) -> Decimal | None:
+        """The reserved upper bound in USD, or None when nothing was reserved."""
+        return None if self.reservation is None else from_nanousd(self.reservation.estimate)
+
+    def record(
+        self,
+        usage: Usage,
+        *,
+        usage_source: UsageSource = "manual",
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> _Recording:
+        """Record the call and settle its reservation in the same transaction.
+
+        Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
+        """
+        if self._pending is not None:
+            raise RuntimeError("this guarded call was already recorded")
+        if not isinstance(usage, Usage):
+            raise ValueError(f"usage must be a llm_spend.Usage, got {type(usage).__name__}")
+        tracker, reservation = self._tracker, self.reservation
+        record = tracker._build(
+            provider=self.provider, model=self.model, usage=usage, usage_source=usage_source, tags=self.tags,
+            occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
+            service_tier=service_tier, provider_response_id=provider_response_id,
+        )  # fmt: skip
+        if reservation is None:
+            self._pending = _Recording(tracker._record(record))
+            return self._pending
+        if record.cost_nanousd is not None and record.cost_nanousd > reservation.estimate:
+            tracker.budget_guard.excess_calls += 1
+            logger.warning(
+                "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
+                self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
+            )  # fmt: skip
+        self._pending = _Recording(
+            tracker._record(record, reservation_id=reservation.id, release=reservation.windows)
+        )
+        return self._pending
+
+    async def extend(self) -> None:
+        """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
+        if self.reservation is not None:
+            await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
+
+    async def _finish(self) -> None:
+        if self._pending is not None:
+            if not self._pending.awaited:
+                await self._pending
+        elif self.reservation is not None:
+            await self._tracker.store.release(self.reservation.id)
+
+
+class _Recording:
+    """The write of a guarded call's record, already under way; awaiting it gives the CallRecord."""
+
+    def __init__(self, coro: Coroutine[Any, Any, CallRecord]) -> None:
+        self.task = asyncio.ensure_future(coro)
+        self.awaited = False
+
+    def __await__(self) -> Generator[Any, None, CallRecord]:
+        self.awaited = True
+        return self.task.__await__()

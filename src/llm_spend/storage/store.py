@@ -10,26 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, delete, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from ..usage import CallRecord
-from .schema import calls, rollups
+from .schema import calls, reservations, rollups
 
-__all__ = ["PendingWrite", "Store", "WindowKey"]
+__all__ = ["PendingWrite", "Refusal", "Store", "WindowKey"]
 
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-_TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+_TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
 _SUMS = ("spent_nanousd", "reserved_nanousd", "calls", "unknown_cost_calls", *_TOKEN_COLUMNS)
 
 
@@ -119,10 +125,22 @@ class Store:
         """
         async with self.engine.begin() as conn:
             inserted = await self._insert_calls(conn, batch)
-            fresh = [item for item in batch if item.record.event_id in inserted]
-            deltas = _rollup_deltas(fresh)
+            settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
+            deltas = _rollup_deltas(batch, inserted, settled)
             totals = await self._bump(conn, deltas) if deltas else {}
         return _spent_after(batch, inserted, deltas, totals)
+
+    async def _claim(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+        """Delete these reservations; the ones actually deleted are this transaction's to release.
+
+        Settle, release and the expiry sweep all go through this, so a reservation is released once.
+        """
+        if not ids:
+            return set()
+        result = await conn.execute(
+            delete(reservations).where(reservations.c.id.in_(ids)).returning(reservations.c.id)
+        )
+        return set(result.scalars().all())
 
     async def _insert_calls(self, conn: AsyncConnection, batch: Sequence[PendingWrite]) -> set[str]:
         stmt = (
@@ -136,10 +154,10 @@ class Store:
     async def _bump(
         self, conn: AsyncConnection, deltas: dict[WindowKey, dict[str, int]]
     ) -> dict[WindowKey, int]:
-        stmt = self._insert(rollups)
-        stmt = stmt.on_conflict_do_update(
+        insert = self._insert(rollups)
+        stmt = insert.on_conflict_do_update(
             index_elements=["period", "window_start", "scope_key", "scope_value"],
-            set_={name: rollups.c[name] + stmt.excluded[name] for name in _SUMS},
+            set_={name: rollups.c[name] + insert.excluded[name] for name in _SUMS},
         ).returning(
             rollups.c.period,
             rollups.c.window_start,
@@ -147,13 +165,96 @@ class Store:
             rollups.c.scope_value,
             rollups.c.spent_nanousd,
         )
-        rows = [
-            {"period": k.period, "window_start": k.start, "scope_key": k.scope_key, "scope_value": k.scope_value}
-            | sums
-            for k, sums in sorted(deltas.items())
-        ]
+        rows = [_key_row(k) | sums for k, sums in sorted(deltas.items())]
         result = await conn.execute(stmt, rows)
         return {WindowKey(r[0], r[1], r[2], r[3]): r[4] for r in result.all()}
+
+    # -- reservations -------------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        reservation_id: str,
+        amounts: Sequence[tuple[WindowKey, int, int]],
+        *,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Refusal | None:
+        """Reserve `amount` in each (window, amount, limit), all or nothing, in one transaction.
+
+        Each window takes one conditional UPDATE: ``reserved += x WHERE spent + reserved + x <= limit``.
+        Returns None when every window accepted, else the first window that refused, with its totals
+        before the attempt (and nothing stays reserved anywhere).
+        """
+        ordered = sorted(amounts)
+        async with self.engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(
+                self._insert(rollups).on_conflict_do_nothing(),
+                [_key_row(key) for key, _, _ in ordered],
+            )
+            for key, amount, limit in ordered:
+                result = await conn.execute(
+                    update(rollups)
+                    .where(*_key_match(key))
+                    .where(rollups.c.spent_nanousd + rollups.c.reserved_nanousd + amount <= limit)
+                    .values(reserved_nanousd=rollups.c.reserved_nanousd + amount)
+                )
+                if result.rowcount != 1:
+                    row = (
+                        await conn.execute(
+                            select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(
+                                *_key_match(key)
+                            )
+                        )
+                    ).one()
+                    await conn.rollback()
+                    return Refusal(key, row[0], row[1])
+            await conn.execute(
+                reservations.insert().values(
+                    id=reservation_id,
+                    created_at=now,
+                    expires_at=expires_at,
+                    amount_nanousd=max(amount for _, amount, _ in ordered),
+                    windows=[[*_key_json(key), amount] for key, amount, _ in ordered],
+                )
+            )
+            await conn.commit()
+        return None
+
+    async def release(self, reservation_id: str) -> bool:
+        """Give a reservation's money back to its windows; False if it was already settled or swept."""
+        return bool(await self._release_where(reservations.c.id == reservation_id))
+
+    async def sweep(self, now: datetime) -> int:
+        """Release every reservation that expired before `now` (its process died); returns how many."""
+        return await self._release_where(reservations.c.expires_at < now)
+
+    async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
+        """Push a live reservation's expiry out (a long stream renews its lease)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
+            )
+        return bool(result.rowcount)
+
+    async def _release_where(self, condition: Any) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(reservations).where(condition).returning(reservations.c.windows)
+            )
+            released = result.scalars().all()
+            deltas: dict[WindowKey, int] = {}
+            for windows in released:
+                for period, start, scope_key, scope_value, amount in windows:
+                    key = WindowKey(period, datetime.fromisoformat(start), scope_key, scope_value)
+                    deltas[key] = deltas.get(key, 0) + amount
+            for key, amount in sorted(deltas.items()):
+                await conn.execute(
+                    update(rollups)
+                    .where(*_key_match(key))
+                    .values(reserved_nanousd=rollups.c.reserved_nanousd - amount)
+                )
+        return len(released)
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -164,17 +265,43 @@ class Store:
             for key in keys:
                 row = (
                     await conn.execute(
-                        select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(
-                            rollups.c.period == key.period,
-                            rollups.c.window_start == key.start,
-                            rollups.c.scope_key == key.scope_key,
-                            rollups.c.scope_value == key.scope_value,
-                        )
+                        select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(*_key_match(key))
                     )
                 ).first()
                 if row is not None:
                     found[key] = (row[0], row[1])
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A window that refused a reservation, with its totals (nano-USD) before the attempt."""
+
+    key: WindowKey
+    spent: int
+    reserved: int
+
+
+def _key_row(key: WindowKey) -> dict[str, Any]:
+    return {
+        "period": key.period,
+        "window_start": key.start,
+        "scope_key": key.scope_key,
+        "scope_value": key.scope_value,
+    }
+
+
+def _key_match(key: WindowKey) -> tuple[Any, ...]:
+    return (
+        rollups.c.period == key.period,
+        rollups.c.window_start == key.start,
+        rollups.c.scope_key == key.scope_key,
+        rollups.c.scope_value == key.scope_value,
+    )
+
+
+def _key_json(key: WindowKey) -> list[str]:
+    return [key.period, key.start.isoformat(), key.scope_key, key.scope_value]
 
 
 def _upgrade(sync_conn: Connection) -> None:
@@ -210,10 +337,19 @@ def _call_row(record: CallRecord) -> dict[str, Any]:
     }
 
 
-def _rollup_deltas(items: Sequence[PendingWrite]) -> dict[WindowKey, dict[str, int]]:
+def _rollup_deltas(
+    batch: Sequence[PendingWrite], inserted: set[str], settled: set[str]
+) -> dict[WindowKey, dict[str, int]]:
     deltas: dict[WindowKey, dict[str, int]] = {}
-    for item in items:
+    counted: set[str] = set()
+    for item in batch:
         record, usage = item.record, item.record.usage
+        if item.reservation_id in settled:
+            for key, amount in item.release:
+                deltas.setdefault(key, dict.fromkeys(_SUMS, 0))["reserved_nanousd"] -= amount
+        if record.event_id not in inserted or record.event_id in counted:
+            continue
+        counted.add(record.event_id)
         for key in item.windows:
             d = deltas.get(key)
             if d is None:
@@ -226,11 +362,6 @@ def _rollup_deltas(items: Sequence[PendingWrite]) -> dict[WindowKey, dict[str, i
             d["cache_read_tokens"] += usage.cache_read_tokens
             d["cache_write_tokens"] += usage.cache_write_tokens
             d["reasoning_tokens"] += usage.reasoning_tokens
-        for key, amount in item.release:
-            d = deltas.get(key)
-            if d is None:
-                d = deltas[key] = dict.fromkeys(_SUMS, 0)
-            d["reserved_nanousd"] -= amount
     return deltas
 
 
@@ -243,14 +374,17 @@ def _spent_after(
     """Replay the batch in order from each window's total before it, giving each item's view."""
     running = {key: totals[key] - d["spent_nanousd"] for key, d in deltas.items() if key in totals}
     results: list[dict[WindowKey, int] | None] = []
+    seen: set[str] = set()
     for item in batch:
-        if item.record.event_id not in inserted:
+        event_id = item.record.event_id
+        if event_id not in inserted or event_id in seen:  # a second copy in one batch is a duplicate
             results.append(None)
             continue
+        seen.add(event_id)
         cost = item.record.cost_nanousd or 0
-        seen = {}
+        view = {}
         for key in item.windows:
             running[key] += cost
-            seen[key] = running[key]
-        results.append(seen)
+            view[key] = running[key]
+        results.append(view)
     return results

@@ -77,7 +77,7 @@ class Writer:
         for delay in (*_RETRY_DELAYS, None):
             try:
                 results = await self._store.write(items)
-            except Exception as exc:  # noqa: BLE001 - any database error is retried, then reported
+            except Exception as exc:
                 error = exc
                 if delay is None:
                     break

@@ -1,0 +1,173 @@
+"""Guard: applies budgets to calls, before (reservations) and after (crossings).
+
+Block mode reserves an upper bound of a call's cost in every window that applies, all or nothing,
+with one conditional UPDATE per window in one transaction; so spend cannot pass a limit however
+many tasks, processes and hosts share the database. After the call, settlement (reserved -= estimate,
+spent += actual) rides in the ledger write's transaction. The Guard also remembers which block-mode
+windows are known exhausted, so the middleware can refuse without a database read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .budgets import BudgetRule, window_bounds
+from .exceptions import BudgetExceeded
+from .storage.store import Store, WindowKey
+
+__all__ = ["Guard", "Reservation"]
+
+logger = logging.getLogger("llm_spend")
+
+_MAX_EXHAUSTED = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Money held for one call in flight: settled by its record, else released or swept."""
+
+    id: str
+    at: datetime
+    estimate: int
+    windows: tuple[tuple[WindowKey, int], ...]
+
+
+class Guard:
+    """The budget rules of one tracker, applied to calls."""
+
+    def __init__(self, rules: tuple[BudgetRule, ...], *, tz: ZoneInfo, store: Store) -> None:
+        self.rules = rules
+        self.tz = tz
+        self.store = store
+        scopes = {(r.budget.period, r.scope_key) for r in rules if r.budget.per is not None}
+        self._scopes: tuple[tuple[str, str], ...] = (("day", ""), ("month", ""), *sorted(scopes))
+        self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block")
+        self._bounds: dict[str, tuple[datetime, datetime]] = {}
+        self._exhausted: dict[tuple[int, str], tuple[datetime, BudgetExceeded]] = {}
+        self.excess_calls = 0
+        """Guarded calls whose actual cost came out above their estimate (recorded in full anyway)."""
+
+    def bounds(self, period: str, at: datetime) -> tuple[datetime, datetime]:
+        """The window of `period` containing `at` (the current window is cached)."""
+        cached = self._bounds.get(period)
+        if cached is not None and cached[0] <= at < cached[1]:
+            return cached
+        bounds = window_bounds(period, at, self.tz)
+        if cached is None or bounds[0] >= cached[0]:
+            self._bounds[period] = bounds
+        return bounds
+
+    def windows(self, tags: Mapping[str, str], at: datetime) -> tuple[WindowKey, ...]:
+        """The rollup rows a call at `at` with `tags` counts in: global day and month, per-tag ones."""
+        keys = []
+        for period, scope_key in self._scopes:
+            value = tags.get(scope_key) if scope_key else ""
+            if value is not None:
+                keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
+        return tuple(keys)
+
+    def blocking(self, tags: Mapping[str, str]) -> bool:
+        """Whether any block-mode budget applies to a call with these tags."""
+        return any(rule.scope_value(tags) is not None for _, rule in self._block)
+
+    # -- before the call ----------------------------------------------------------------------------
+
+    async def reserve(
+        self, reservation_id: str, tags: Mapping[str, str], estimate: int, *, lease: timedelta
+    ) -> Reservation:
+        """Hold `estimate` nano-USD in every block-mode window that applies, or raise BudgetExceeded."""
+        at = datetime.now(UTC)
+        limits: dict[WindowKey, int] = {}
+        owners: dict[WindowKey, int] = {}
+        for index, rule in self._block:
+            value = rule.scope_value(tags)
+            if value is None:
+                continue
+            if rule.budget.period == "call":
+                if estimate > rule.limit_nanousd:
+                    raise rule.exceeded(
+                        window=None, scope_value=value, spent=0, reserved=0, requested=estimate,
+                        stage="preflight", now=at,
+                    )  # fmt: skip
+                continue
+            key = WindowKey(rule.budget.period, self.bounds(rule.budget.period, at)[0], rule.scope_key, value)
+            if key not in limits or rule.limit_nanousd < limits[key]:
+                limits[key], owners[key] = rule.limit_nanousd, index
+        amounts = [(key, estimate, limit) for key, limit in limits.items()]
+        if amounts:
+            refusal = await self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
+            if refusal is not None:
+                index = owners[refusal.key]
+                window = self.bounds(refusal.key.period, at)
+                if refusal.spent >= self.rules[index].limit_nanousd:
+                    self._mark_exhausted(index, refusal.key.scope_value, window, refusal.spent, at)
+                raise self.rules[index].exceeded(
+                    window=window, scope_value=refusal.key.scope_value, spent=refusal.spent,
+                    reserved=refusal.reserved, requested=estimate, stage="preflight", now=at,
+                )  # fmt: skip
+        return Reservation(reservation_id, at, estimate, tuple((key, estimate) for key, _, _ in amounts))
+
+    # -- after the call -----------------------------------------------------------------------------
+
+    def after(
+        self, tags: Mapping[str, str], at: datetime, cost: int | None, spent_after: Mapping[WindowKey, int]
+    ) -> tuple[BudgetExceeded | None, list[BudgetExceeded]]:
+        """Judge a recorded call: (the exception to raise or None, the crossings to notify)."""
+        now = datetime.now(UTC)
+        to_raise: BudgetExceeded | None = None
+        to_notify: list[BudgetExceeded] = []
+        amount = cost or 0
+        for index, rule in enumerate(self.rules):
+            value = rule.scope_value(tags)
+            if value is None:
+                continue
+            window = None if rule.budget.period == "call" else self.bounds(rule.budget.period, at)
+            if window is None:
+                spent: int | None = amount
+            else:
+                spent = spent_after.get(WindowKey(rule.budget.period, window[0], rule.scope_key, value))
+                if spent is not None and rule.mode == "block" and spent >= rule.limit_nanousd:
+                    self._mark_exhausted(index, value, window, spent, now)
+            if spent is None or spent <= rule.limit_nanousd:
+                continue
+            exc = rule.exceeded(
+                window=window, scope_value=value, spent=spent, reserved=0, requested=amount,
+                stage="post", now=now,
+            )  # fmt: skip
+            if rule.mode == "notify":
+                if window is None or spent - amount <= rule.limit_nanousd:  # the crossing itself
+                    to_notify.append(exc)
+            elif to_raise is None:
+                to_raise = exc
+        return to_raise, to_notify
+
+    def _mark_exhausted(
+        self, index: int, value: str, window: tuple[datetime, datetime], spent: int, now: datetime
+    ) -> None:
+        exc = self.rules[index].exceeded(
+            window=window, scope_value=value, spent=spent, reserved=0, requested=0, stage="preflight", now=now
+        )
+        if len(self._exhausted) >= _MAX_EXHAUSTED:
+            self._exhausted.pop(next(iter(self._exhausted)))
+        self._exhausted[(index, value)] = (window[1], exc)
+
+    def refusal(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
+        """A block-mode window that applies to `tags` and is known exhausted, from memory only."""
+        if not self._exhausted:
+            return None
+        now = datetime.now(UTC)
+        for index, rule in self._block:
+            value = rule.scope_value(tags)
+            if value is None:
+                continue
+            entry = self._exhausted.get((index, value))
+            if entry is None:
+                continue
+            if now < entry[0]:
+                return entry[1]
+            del self._exhausted[(index, value)]
+        return None

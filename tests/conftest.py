@@ -1,0 +1,102 @@
+"""Shared fixtures: a fresh ledger database per test, on SQLite and on PostgreSQL.
+
+PostgreSQL comes from LLM_SPEND_TEST_PG_URL, else the local server (127.0.0.1:5432, database
+`test`) when it answers. Without a server the PostgreSQL cases skip and say why, unless
+LLM_SPEND_REQUIRE_PG=1 (set by .ci/run), which turns a missing server into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+PG_URL = os.environ.get("LLM_SPEND_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("LLM_SPEND_REQUIRE_PG") == "1"
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    url = make_url(PG_URL)
+    conn = await asyncpg.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        password=url.password,
+        database=url.database or "postgres",
+        timeout=5,
+    )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _pg_unavailable() -> str | None:
+    try:
+        asyncio.run(_pg_admin("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server to test against"
+        return f"PostgreSQL at {make_url(PG_URL).render_as_string(hide_password=True)} unavailable: {exc}"
+    return None
+
+
+_PG_PROBLEM: list[str | None] = []
+
+
+def pg_problem() -> str | None:
+    if not _PG_PROBLEM:
+        _PG_PROBLEM.append(_pg_unavailable())
+    return _PG_PROBLEM[0]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to a brand-new PostgreSQL database, dropped after the test."""
+    problem = pg_problem()
+    if problem:
+        if REQUIRE_PG:
+            pytest.fail(f"LLM_SPEND_REQUIRE_PG=1 but {problem}")
+        pytest.skip(problem)
+    name = f"llm_spend_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The same test against a SQLite file and a PostgreSQL database."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+async def tracker_factory() -> AsyncIterator[object]:
+    """Build Trackers that are entered now and exited at teardown: `await tracker_factory(url, ...)`."""
+    from llm_spend import Tracker
+
+    entered: list[Tracker] = []
+
+    async def make(url: str, **kwargs: object) -> Tracker:
+        tracker = Tracker(url, **kwargs)  # type: ignore[arg-type]
+        await tracker.__aenter__()
+        entered.append(tracker)
+        return tracker
+
+    yield make
+    for tracker in reversed(entered):
+        await tracker.__aexit__(None, None, None)

@@ -1,0 +1,330 @@
+"""with_tags / current_tags: request-scoped attribution held in contextvars."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from llm_spend import current_tags, with_tags
+
+
+def test_sync_context_manager_sets_and_restores_tags() -> None:
+    """Inside `with with_tags(...)` the tags are current; after the block they are gone."""
+    assert dict(current_tags()) == {}
+    with with_tags(user_id="42", feature="chat") as tags:
+        assert dict(current_tags()) == {"user_id": "42", "feature": "chat"}
+        assert dict(tags) == {"user_id": "42", "feature": "chat"}
+    assert dict(current_tags()) == {}
+
+
+async def test_async_context_manager_sets_and_restores_tags() -> None:
+    """`async with with_tags(...)` works like the sync form."""
+    async with with_tags(user_id="7"):
+        await asyncio.sleep(0)
+        assert dict(current_tags()) == {"user_id": "7"}
+    assert dict(current_tags()) == {}
+
+
+def test_decorator_on_sync_function() -> None:
+    """A sync function decorated with @with_tags sees the tags during each call, not after."""
+
+    @with_tags(feature="summarize")
+    def work(x: int) -> tuple[int, dict[str, str]]:
+        return x * 2, dict(current_tags())
+
+    assert work(3) == (6, {"feature": "summarize"})
+    assert work.__name__ == "work"
+    assert dict(current_tags()) == {}
+
+
+async def test_decorator_on_async_function() -> None:
+    """An async function decorated with @with_tags sees the tags while it runs, not after."""
+
+    @with_tags(feature="chat")
+    async def work(x: int) -> tuple[int, dict[str, str]]:
+        await asyncio.sleep(0)
+        return x + 1, dict(current_tags())
+
+    assert await work(1) == (2, {"feature": "chat"})
+    assert asyncio.iscoroutinefunction(work)
+    assert dict(current_tags()) == {}
+
+
+def test_decorated_function_can_be_reentered() -> None:
+    """A decorated function that calls itself keeps its scope and restores cleanly."""
+
+    @with_tags(depth="x")
+    def recurse(n: int) -> int:
+        assert current_tags()["depth"] == "x"
+        return 0 if n == 0 else 1 + recurse(n - 1)
+
+    assert recurse(3) == 3
+    assert dict(current_tags()) == {}
+
+
+def test_same_instance_entered_twice_nested() -> None:
+    """One with_tags object used as nested context manager restores each level correctly."""
+    scope = with_tags(a="1")
+    with with_tags(b="2"):
+        with scope:
+            with scope:
+                assert dict(current_tags()) == {"a": "1", "b": "2"}
+            assert dict(current_tags()) == {"a": "1", "b": "2"}
+        assert dict(current_tags()) == {"b": "2"}
+    assert dict(current_tags()) == {}
+
+
+def test_nested_scopes_merge_and_inner_wins() -> None:
+    """Nested scopes merge; on a shared key the inner value wins, and exiting restores the outer."""
+    with with_tags(user_id="1", feature="chat"):
+        with with_tags(feature="search", team="core"):
+            assert dict(current_tags()) == {"user_id": "1", "feature": "search", "team": "core"}
+        assert dict(current_tags()) == {"user_id": "1", "feature": "chat"}
+    assert dict(current_tags()) == {}
+
+
+def test_previous_state_restored_after_exception() -> None:
+    """An exception escaping a scope still restores the tags that were in effect before it."""
+    with with_tags(user_id="1"):
+        with pytest.raises(RuntimeError, match="boom"), with_tags(user_id="2", extra="x"):
+            raise RuntimeError("boom")
+        assert dict(current_tags()) == {"user_id": "1"}
+    assert dict(current_tags()) == {}
+
+
+async def test_previous_state_restored_after_exception_in_decorated_async_function() -> None:
+    """An exception from a decorated async function restores the caller's tags."""
+
+    @with_tags(feature="fails")
+    async def fail() -> None:
+        raise KeyError("x")
+
+    async with with_tags(user_id="9"):
+        with pytest.raises(KeyError):
+            await fail()
+        assert dict(current_tags()) == {"user_id": "9"}
+
+
+def test_previous_state_restored_after_exception_in_decorated_sync_function() -> None:
+    """An exception from a decorated sync function restores the caller's tags."""
+
+    @with_tags(feature="fails")
+    def fail() -> None:
+        raise ValueError("x")
+
+    with pytest.raises(ValueError, match="x"):
+        fail()
+    assert dict(current_tags()) == {}
+
+
+def test_current_tags_is_read_only() -> None:
+    """The mapping returned by current_tags() cannot be modified, inside or outside a scope."""
+    with pytest.raises(TypeError):
+        current_tags()["x"] = "y"  # type: ignore[index]
+    with with_tags(user_id="1"):
+        tags = current_tags()
+        with pytest.raises(TypeError):
+            tags["user_id"] = "2"  # type: ignore[index]
+        with pytest.raises(TypeError):
+            del tags["user_id"]  # type: ignore[attr-defined]
+        assert dict(current_tags()) == {"user_id": "1"}
+
+
+def test_mapping_returned_earlier_does_not_change_when_scopes_change() -> None:
+    """A mapping obtained from current_tags() is a snapshot: later scopes do not mutate it."""
+    with with_tags(a="1"):
+        outer = current_tags()
+        with with_tags(a="2", b="3"):
+            pass
+        assert dict(outer) == {"a": "1"}
+
+
+async def test_tags_survive_create_task() -> None:
+    """A task created inside a scope sees the creator's tags, even after the creator's scope ended."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[dict[str, str]] = []
+
+    async def child() -> None:
+        started.set()
+        await release.wait()
+        seen.append(dict(current_tags()))
+
+    with with_tags(user_id="1"):
+        task = asyncio.create_task(child())
+    await started.wait()
+    release.set()
+    await task
+    assert seen == [{"user_id": "1"}]
+
+
+async def test_changes_inside_task_do_not_leak_back() -> None:
+    """with_tags inside a child task (even one never exited) does not change the parent's tags."""
+
+    async def child() -> dict[str, str]:
+        with_tags(leak="yes").__enter__()  # never exited on purpose
+        async with with_tags(user_id="child"):
+            return dict(current_tags())
+
+    async with with_tags(user_id="parent"):
+        inner = await asyncio.create_task(child())
+        assert dict(current_tags()) == {"user_id": "parent"}
+    assert inner == {"user_id": "child", "leak": "yes"}
+    assert dict(current_tags()) == {}
+
+
+async def test_concurrent_tasks_keep_their_own_tags() -> None:
+    """Many interleaving tasks each keep their own tags across awaits."""
+
+    async def worker(i: int) -> bool:
+        async with with_tags(user_id=str(i)):
+            for _ in range(5):
+                await asyncio.sleep(0)
+                if current_tags()["user_id"] != str(i):
+                    return False
+        return dict(current_tags()) == {}
+
+    assert all(await asyncio.gather(*(worker(i) for i in range(100))))
+
+
+async def test_tags_survive_to_thread() -> None:
+    """A function run with asyncio.to_thread sees the caller's tags in another thread."""
+    main_thread = threading.get_ident()
+
+    def in_thread() -> tuple[dict[str, str], bool]:
+        with with_tags(inner="t"):
+            pass
+        return dict(current_tags()), threading.get_ident() != main_thread
+
+    async with with_tags(user_id="5"):
+        tags, other_thread = await asyncio.to_thread(in_thread)
+        assert dict(current_tags()) == {"user_id": "5"}
+    assert tags == {"user_id": "5"}
+    assert other_thread
+
+
+async def test_changes_inside_to_thread_do_not_leak_back() -> None:
+    """A scope entered (and left open) in a to_thread function does not reach the caller."""
+
+    def in_thread() -> None:
+        with_tags(leak="yes").__enter__()
+
+    async with with_tags(user_id="5"):
+        await asyncio.to_thread(in_thread)
+        assert dict(current_tags()) == {"user_id": "5"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["a b", "", "k" * 65, "é", "a/b", "a:b", "semi;colon", "new\nline"],
+    ids=["space", "empty", "65-chars", "non-ascii", "slash", "colon", "semicolon", "newline"],
+)
+def test_bad_key_raises_value_error_naming_it_at_with_tags(key: str) -> None:
+    """A key outside [A-Za-z0-9_.-]{1,64} raises ValueError at with_tags() naming the key."""
+    with pytest.raises(ValueError) as info:
+        with_tags(**{key: "v"})
+    assert repr(key) in str(info.value)
+    assert dict(current_tags()) == {}
+
+
+@pytest.mark.parametrize("key", ["a", "A-Z_0.9", "k" * 64, "user.id", "tenant-id"])
+def test_good_keys_are_accepted(key: str) -> None:
+    """Keys of 1 to 64 characters from [A-Za-z0-9_.-] are accepted as given."""
+    with with_tags(**{key: "v"}):
+        assert dict(current_tags()) == {key: "v"}
+
+
+def test_more_than_50_tags_raise() -> None:
+    """51 tags in one with_tags raise ValueError; 50 are accepted."""
+    with with_tags(**{f"k{i}": "v" for i in range(50)}):
+        assert len(current_tags()) == 50
+    with pytest.raises(ValueError, match="50"):
+        with_tags(**{f"k{i}": "v" for i in range(51)})
+
+
+def test_more_than_50_tags_across_nested_scopes_raise() -> None:
+    """Nesting that would hold more than 50 tags raises ValueError and leaves the outer tags intact."""
+    with with_tags(**{f"a{i}": "v" for i in range(30)}):
+        inner = with_tags(**{f"b{i}": "v" for i in range(30)})
+        with pytest.raises(ValueError, match="50"), inner:
+            pass
+        assert len(current_tags()) == 30
+    assert dict(current_tags()) == {}
+
+
+def test_value_truncated_to_256_bytes() -> None:
+    """An ASCII value longer than 256 bytes is cut to its first 256 characters."""
+    with with_tags(note="x" * 1000):
+        assert current_tags()["note"] == "x" * 256
+
+
+def test_value_of_exactly_256_bytes_is_kept() -> None:
+    """A value of exactly 256 UTF-8 bytes is stored unchanged."""
+    value = "é" * 128  # 2 bytes each
+    with with_tags(note=value):
+        assert current_tags()["note"] == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a" + "é" * 200, "€" * 100, "ab" + "😀" * 100, "x" * 255 + "é", "😀" * 64 + "é"],
+    ids=["2-byte-odd", "3-byte", "4-byte", "boundary-2-byte", "65-chars-over"],
+)
+def test_value_truncation_never_splits_a_multibyte_character(value: str) -> None:
+    """Truncation to 256 bytes keeps whole characters: a valid prefix of the value, as long as fits."""
+    with with_tags(note=value):
+        stored = current_tags()["note"]
+    encoded = stored.encode("utf-8")
+    assert len(encoded) <= 256
+    assert value.startswith(stored)
+    next_char = value[len(stored)]
+    assert len(encoded) + len(next_char.encode("utf-8")) > 256
+
+
+def test_short_multibyte_value_kept_whole() -> None:
+    """A multi-byte value well under 256 bytes is not changed."""
+    with with_tags(city="Zürich 東京 😀"):
+        assert current_tags()["city"] == "Zürich 東京 😀"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(42, "42"), (1.5, "1.5"), (True, "True"), (0, "0")],
+)
+def test_non_string_values_are_stored_as_strings(value: object, expected: str) -> None:
+    """Non-str values are converted with str()."""
+    with with_tags(v=value):
+        assert current_tags()["v"] == expected
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["api_key", "Authorization", "password", "client_secret", "access_token", "OPENAI_API_KEY", "x-api-key"],
+)
+def test_secret_looking_keys_are_redacted(key: str) -> None:
+    """A key that looks like a secret keeps the key but its value becomes "[REDACTED]"."""
+    with with_tags(**{key: "sk-live-123456"}):
+        assert current_tags()[key] == "[REDACTED]"
+        assert "sk-live-123456" not in repr(dict(current_tags()))
+
+
+def test_ordinary_keys_are_not_redacted() -> None:
+    """Keys that do not look like secrets keep their values."""
+    with with_tags(user_id="42", feature="chat", model="gpt-4o"):
+        assert dict(current_tags()) == {"user_id": "42", "feature": "chat", "model": "gpt-4o"}
+
+
+def test_none_removes_a_key_in_an_inner_scope() -> None:
+    """A value of None removes the key inside the inner scope; it comes back after."""
+    with with_tags(user_id="1", feature="chat"):
+        with with_tags(user_id=None):
+            assert dict(current_tags()) == {"feature": "chat"}
+        assert dict(current_tags()) == {"user_id": "1", "feature": "chat"}
+
+
+def test_none_for_an_absent_key_is_harmless() -> None:
+    """Removing a key that is not set leaves the tags empty, not holding None."""
+    with with_tags(missing=None):
+        assert dict(current_tags()) == {}
