@@ -41,6 +41,7 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 _tags: ContextVarExt[Mapping[str, str]] = ContextVarExt("llm_spend.tags", default=_EMPTY)
 request_id_var: ContextVarExt[str | None] = ContextVarExt("llm_spend.request_id", default=None)
+_scope_tokens: ContextVarExt[tuple[Any, ...]] = ContextVarExt("llm_spend.scope_tokens", default=())
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,21 +101,24 @@ def merge_tags(base: Mapping[str, str], new: Mapping[str, str | None]) -> Mappin
 class with_tags:
     """Attach tags to every LLM call made inside: ``with``, ``async with`` or ``@with_tags(...)``."""
 
-    __slots__ = ("_new", "_tokens")
+    __slots__ = ("_new",)
 
     def __init__(self, **tags: object) -> None:
         self._new = normalize_tags(tags)
-        self._tokens: list[Any] = []
 
     def __enter__(self) -> Mapping[str, str]:
+        # The token is kept in the context, not on self: one scope object may be entered by many
+        # tasks and threads at once (e.g. a module-level `CHAT = with_tags(feature="chat")`).
         merged = merge_tags(_tags.get(), self._new)
-        self._tokens.append(_tags.set(merged))
+        _scope_tokens.set((*_scope_tokens.get(), _tags.set(merged)))
         return merged
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _tags.reset(self._tokens.pop())
+        tokens = _scope_tokens.get()
+        _scope_tokens.set(tokens[:-1])
+        _tags.reset(tokens[-1])
 
     async def __aenter__(self) -> Mapping[str, str]:
         return self.__enter__()

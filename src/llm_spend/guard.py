@@ -103,7 +103,10 @@ class Guard:
             if refusal is not None:
                 index = owners[refusal.key]
                 window = self.bounds(refusal.key.period, at)
-                if refusal.spent >= self.rules[index].limit_nanousd:
+                if refusal.spent + estimate > self.rules[index].limit_nanousd:
+                    # Settled spend alone leaves no room for a call of this size: remember the window
+                    # as exhausted until it ends. A refusal caused only by concurrent reservations is
+                    # not remembered, as their money may come back.
                     self._mark_exhausted(index, refusal.key.scope_value, window, refusal.spent, at)
                 raise self.rules[index].exceeded(
                     window=window, scope_value=refusal.key.scope_value, spent=refusal.spent,

@@ -22,7 +22,7 @@ from .context import current_request_id, current_tags, merge_tags, normalize_tag
 from .exceptions import BudgetExceeded, UnknownPriceError
 from .guard import Guard, Reservation
 from .money import from_nanousd
-from .pricing import Pricer
+from .pricing import Cost, Pricer
 from .storage.store import PendingWrite, Store
 from .storage.writer import Writer
 from .usage import CallRecord, Usage, UsageSource, check_tokens, new_event_id
@@ -120,7 +120,7 @@ class Tracker:
         if self._entered == 0:
             if self.auto_migrate:
                 await self.store.migrate()
-            await self.store.sweep(datetime.now(UTC))
+            await self._sweep()
             self._writer = Writer(self.store, max_batch=self._max_batch, max_queue=self._max_queue)
             self._writer.start()
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
@@ -144,13 +144,16 @@ class Tracker:
         """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
         while True:
             await asyncio.sleep(self.sweep_interval)
-            try:
-                released = await self.store.sweep(datetime.now(UTC))
-            except Exception:
-                logger.exception("llm-spend: sweeping expired reservations failed")
-            else:
-                if released:
-                    logger.warning("llm-spend: released %d expired reservations", released)
+            await self._sweep()
+
+    async def _sweep(self) -> None:
+        try:
+            released = await self.store.sweep(datetime.now(UTC))
+        except Exception as exc:  # e.g. auto_migrate=False and no schema yet: not fatal
+            logger.warning("llm-spend: sweeping expired reservations failed: %s", exc)
+        else:
+            if released:
+                logger.warning("llm-spend: released %d expired reservations", released)
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
@@ -230,7 +233,7 @@ class Tracker:
         *,
         provider: str,
         model: str,
-        usage: Usage,
+        usage: Usage | None,
         usage_source: UsageSource,
         tags: Mapping[str, str],
         occurred_at: datetime | None = None,
@@ -240,7 +243,11 @@ class Tracker:
         provider_response_id: str | None = None,
     ) -> CallRecord:
         at = occurred_at or datetime.now(UTC)
-        cost = self.pricer.price(provider, model, usage, at=at, service_tier=service_tier)
+        if usage is None:  # billed, but the provider told us nothing: unknown, never $0
+            cost = Cost(None, None, "unknown_usage", None, None)
+            usage, usage_source = Usage(), "unknown"
+        else:
+            cost = self.pricer.price(provider, model, usage, at=at, service_tier=service_tier)
         return CallRecord(
             event_id=new_event_id(),
             occurred_at=at,
@@ -364,8 +371,9 @@ class GuardedCall:
 
     def record(
         self,
-        usage: Usage,
+        usage: Usage | None,
         *,
+        model: str | None = None,
         usage_source: UsageSource = "manual",
         stream: bool = False,
         latency_ms: int | None = None,
@@ -375,14 +383,17 @@ class GuardedCall:
         """Record the call and settle its reservation in the same transaction.
 
         Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
+        `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost).
+        `model` overrides the requested model, e.g. with the dated snapshot the response names.
         """
         if self._pending is not None:
             raise RuntimeError("this guarded call was already recorded")
-        if not isinstance(usage, Usage):
-            raise ValueError(f"usage must be a llm_spend.Usage, got {type(usage).__name__}")
+        if usage is not None and not isinstance(usage, Usage):
+            raise ValueError(f"usage must be a llm_spend.Usage or None, got {type(usage).__name__}")
         tracker, reservation = self._tracker, self.reservation
         record = tracker._build(
-            provider=self.provider, model=self.model, usage=usage, usage_source=usage_source, tags=self.tags,
+            provider=self.provider, model=self.model if model is None else _text("model", model, 200),
+            usage=usage, usage_source=usage_source, tags=self.tags,
             occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
             service_tier=service_tier, provider_response_id=provider_response_id,
         )  # fmt: skip

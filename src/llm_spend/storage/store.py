@@ -89,7 +89,7 @@ class Store:
             if parsed.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            kwargs.update(pool_size=5, max_overflow=5, pool_pre_ping=True)
         self.engine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)

@@ -1,0 +1,302 @@
+"""Block mode: reservations that hold under concurrency, across processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from llm_spend import Budget, BudgetExceeded, SpendMiddleware, Tracker, UnknownPriceError, Usage, with_tags
+from llm_spend.money import from_nanousd
+from llm_spend.storage.schema import calls, reservations, rollups
+
+MODEL = "gpt-4o-mini"
+WORKER = Path(__file__).with_name("guard_worker.py")
+
+
+async def ledger(url: str) -> dict[str, Any]:
+    """What a user would query: ledger sums, the global day rollup, reservations outstanding."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            spent, count = (
+                await conn.execute(select(func.coalesce(func.sum(calls.c.cost_nanousd), 0), func.count()))
+            ).one()
+            day = (
+                await conn.execute(
+                    select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd, rollups.c.calls).where(
+                        rollups.c.period == "day", rollups.c.scope_key == ""
+                    )
+                )
+            ).all()
+            held = (await conn.execute(select(func.count()).select_from(reservations))).scalar_one()
+    finally:
+        await engine.dispose()
+    return {"spent": int(spent), "calls": count, "day": day, "reservations": held}
+
+
+async def test_300_concurrent_guarded_calls_never_overshoot(db_url: str) -> None:
+    """300 concurrent guarded calls against $0.10/day: spend <= limit, refusals preflight, not gratuitous."""
+    limit = Decimal("0.10")
+    reached_provider = 0
+    refused: list[BudgetExceeded] = []
+    async with Tracker(db_url, budgets=[Budget.daily(limit, mode="block")]) as tracker:
+
+        async def one() -> None:
+            nonlocal reached_provider
+            try:
+                async with tracker.guard(
+                    provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500
+                ) as call:
+                    reached_provider += 1
+                    await asyncio.sleep(0.001)
+                    await call.record(Usage(input_tokens=1000, output_tokens=500))
+            except BudgetExceeded as exc:
+                refused.append(exc)
+
+        await asyncio.gather(*(one() for _ in range(300)))
+    state = await ledger(db_url)
+    assert from_nanousd(state["spent"]) <= limit
+    assert from_nanousd(state["spent"]) >= limit / 2
+    assert refused and all(exc.stage == "preflight" for exc in refused)
+    assert reached_provider + len(refused) == 300
+    assert state["calls"] == reached_provider  # refused calls never reached the provider nor the ledger
+    assert state["day"][0][0] == state["spent"] and state["day"][0][1] == 0
+    assert state["reservations"] == 0
+
+
+def _run_workers(url: str, limit: str, processes: int, calls_each: int) -> list[dict[str, Any]]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), url, limit, str(calls_each)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+async def test_four_processes_share_one_budget(db_url: str) -> None:
+    """4 OS processes x 120 guarded calls on one database: spend <= limit, rollups == ledger, no lock errors."""
+    async with Tracker(db_url):  # migrate once, as a deploy would
+        pass
+    limit = Decimal("0.05")
+    results = await asyncio.to_thread(_run_workers, db_url, str(limit), 4, 120)
+    assert all(result["errors"] == [] for result in results), results
+    served = sum(result["served"] for result in results)
+    assert served + sum(result["refused"] for result in results) == 480
+    state = await ledger(db_url)
+    assert from_nanousd(state["spent"]) <= limit
+    assert from_nanousd(state["spent"]) >= limit / 2
+    assert state["calls"] == served
+    assert state["day"][0][0] == state["spent"] and state["day"][0][2] == served
+    assert state["day"][0][1] == 0 and state["reservations"] == 0
+
+
+async def test_killed_process_reservation_is_swept(db_url: str) -> None:
+    """A process SIGKILLed while holding a reservation: after the sweep, reserved is what live callers hold."""
+    async with Tracker(db_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), db_url, "1", "0", "hold"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()) == {"holding": True}
+            async with tracker.guard(
+                provider="openai", model=MODEL, input_tokens=10, max_output_tokens=10
+            ) as call:
+                ours = call.reservation
+                assert ours is not None
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                before = (await ledger(db_url))["day"][0][1]
+                assert before > ours.estimate  # the dead process's money is still held
+                await asyncio.sleep(1.2)  # its lease (1 s) runs out
+                from datetime import UTC, datetime
+
+                assert await tracker.store.sweep(datetime.now(UTC)) == 1
+                state = await ledger(db_url)
+                assert state["day"][0][1] == ours.estimate
+                assert state["reservations"] == 1
+                await call.record(Usage(input_tokens=10, output_tokens=10))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    state = await ledger(db_url)
+    assert state["day"][0][1] == 0 and state["reservations"] == 0
+
+
+async def test_per_user_budget_refuses_one_user_and_serves_another(db_url: str) -> None:
+    """A per-user daily block budget: user a is refused while user b is served, in the same second."""
+    budget = Budget.daily("0.001", per="user_id", mode="block")
+    async with Tracker(db_url, budgets=[budget]) as tracker:
+        with with_tags(user_id="a"):
+            async with tracker.guard(
+                provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500
+            ) as c:
+                await c.record(Usage(input_tokens=1000, output_tokens=500))
+            with pytest.raises(BudgetExceeded) as refused:
+                async with tracker.guard(
+                    provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500
+                ):
+                    pytest.fail("user a should have been refused before the call")
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500, tags={"user_id": "b"}
+        ) as call:
+            record = await call.record(Usage(input_tokens=1000, output_tokens=500))
+    exc = refused.value
+    assert exc.budget is budget and exc.stage == "preflight"
+    assert exc.scope == "user_id" and exc.scope_value == "a"
+    assert exc.spent == record.cost and exc.reserved == 0
+    assert exc.requested > 0 and exc.spent + exc.requested > exc.limit
+    assert exc.window_start is not None and exc.window_end is not None and exc.retry_after is not None
+    assert record.tags["user_id"] == "b"
+
+
+async def test_cancelled_guarded_call_releases_its_reservation(db_url: str) -> None:
+    """Cancelling a guarded call mid-flight releases what it reserved; nothing is recorded."""
+    async with Tracker(db_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
+        entered = asyncio.Event()
+
+        async def slow_call() -> None:
+            async with tracker.guard(provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100):
+                entered.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(slow_call())
+        await entered.wait()
+        assert (await ledger(db_url))["day"][0][1] > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        state = await ledger(db_url)
+        assert state["day"][0][1] == 0 and state["reservations"] == 0 and state["calls"] == 0
+
+
+async def test_error_inside_guard_releases_and_propagates(db_url: str) -> None:
+    """An exception in the guarded block releases the reservation and reaches the caller unchanged."""
+    async with Tracker(db_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
+        with pytest.raises(RuntimeError, match="provider down"):
+            async with tracker.guard(provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100):
+                raise RuntimeError("provider down")
+    state = await ledger(db_url)
+    assert state["day"][0][1] == 0 and state["reservations"] == 0 and state["calls"] == 0
+
+
+async def test_unknown_model_is_refused_by_default(sqlite_url: str) -> None:
+    """A model without a price under a block budget: UnknownPriceError before the call, nothing recorded."""
+    async with Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
+        with pytest.raises(UnknownPriceError, match="no-such-model"):
+            async with tracker.guard(
+                provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1
+            ):
+                pytest.fail("should not be reached")
+    assert (await ledger(sqlite_url))["calls"] == 0
+
+
+async def test_unknown_model_allowed_is_recorded_unpriced(sqlite_url: str) -> None:
+    """unknown_price='allow': the call goes out unreserved and is stored with NULL cost, flagged."""
+    tracker = Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")], unknown_price="allow")
+    async with tracker, tracker.guard(
+        provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1
+    ) as c:
+        assert c.reservation is None
+        record = await c.record(Usage(input_tokens=1, output_tokens=1))
+    assert record.cost is None and record.pricing_status == "unknown_model"
+    state = await ledger(sqlite_url)
+    assert state["calls"] == 1 and state["spent"] == 0
+
+
+async def test_per_call_block_budget_refuses_a_large_estimate(sqlite_url: str) -> None:
+    """A per-call block budget refuses a call whose upper-bound estimate is over the limit, without I/O."""
+    async with Tracker(sqlite_url, budgets=[Budget.per_call("0.0001", mode="block")]) as tracker:
+        with pytest.raises(BudgetExceeded) as refused:
+            async with tracker.guard(
+                provider="openai", model=MODEL, input_tokens=10, max_output_tokens=100_000
+            ):
+                pytest.fail("should not be reached")
+    assert refused.value.period == "call" and refused.value.window_end is None
+
+
+async def test_cost_above_estimate_is_recorded_in_full(sqlite_url: str) -> None:
+    """When the actual cost exceeds the estimate, the call is recorded in full and the excess counted."""
+    async with Tracker(sqlite_url, budgets=[Budget.daily(10, mode="block")]) as tracker:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=10, max_output_tokens=10
+        ) as call:
+            record = await call.record(Usage(input_tokens=100_000, output_tokens=10_000))
+        assert tracker.budget_guard.excess_calls == 1
+    state = await ledger(sqlite_url)
+    assert state["spent"] == record.cost_nanousd and state["day"][0][1] == 0
+
+
+async def test_unrecorded_record_is_awaited_on_exit(sqlite_url: str) -> None:
+    """`call.record(usage)` without await is completed when the block exits."""
+    async with Tracker(sqlite_url, budgets=[Budget.daily(10, mode="block")]) as tracker:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=10, max_output_tokens=10
+        ) as call:
+            call.record(Usage(input_tokens=10, output_tokens=10))
+        assert (await ledger(sqlite_url))["calls"] == 1
+
+
+async def test_middleware_refuses_exhausted_window_without_running_endpoint(db_url: str) -> None:
+    """After a window is exhausted, the middleware refuses that user's next request before the endpoint."""
+    tracker = Tracker(db_url, budgets=[Budget.daily("0.0006", per="user_id", mode="block")])
+    runs: list[str] = []
+
+    async def endpoint(request: Request) -> JSONResponse:
+        runs.append(request.headers["x-user"])
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=300, max_output_tokens=300
+        ) as c:
+            await c.record(Usage(input_tokens=300, output_tokens=300))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/", endpoint, methods=["POST"])],
+        middleware=[
+            Middleware(
+                SpendMiddleware,
+                tracker=tracker,
+                tags=lambda r: {"user_id": r.headers["x-user"]},
+                status_code=429,
+            )
+        ],
+    )
+    async with (
+        tracker,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        codes = [(await client.post("/", headers={"x-user": "a"})).status_code for _ in range(4)]
+        runs_before = len(runs)
+        refused = await client.post("/", headers={"x-user": "a"})
+        served = await client.post("/", headers={"x-user": "b"})
+    assert 200 in codes and 429 in codes
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert refused.json()["stage"] == "preflight"
+    assert len(runs) == runs_before + 1 and runs[-1] == "b"  # a's endpoint did not run; b's did
+    assert served.status_code == 200
