@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,12 +20,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .budgets import Budget, resolve_rules
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
-from .exceptions import BudgetExceeded, UnknownPriceError
+from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
 from .money import from_nanousd
 from .pricing import Cost, Pricer
+from .storage.spool import Spool, default_spool_path
 from .storage.store import PendingWrite, Store
-from .storage.writer import Writer
+from .storage.writer import SPOOLED, Writer
 from .usage import CallRecord, Usage, UsageSource, check_tokens, new_event_id
 
 __all__ = ["GuardedCall", "Tracker"]
@@ -78,6 +80,9 @@ class Tracker:
         on_exceeded: Callback | None = None,
         auto_migrate: bool = True,
         unknown_price: str = "refuse",
+        on_storage_error: str = "fail_closed",
+        spool_path: str | os.PathLike[str] | None = None,
+        shutdown_timeout: float = 10.0,
         reservation_ttl: float = 600.0,
         sweep_interval: float = 60.0,
         max_batch: int = 500,
@@ -91,7 +96,15 @@ class Tracker:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
         if unknown_price not in ("refuse", "allow"):
             raise ValueError(f"unknown_price must be 'refuse' or 'allow', got {unknown_price!r}")
-        for name, seconds in (("reservation_ttl", reservation_ttl), ("sweep_interval", sweep_interval)):
+        if on_storage_error not in ("fail_closed", "fail_open"):
+            raise ValueError(
+                f"on_storage_error must be 'fail_closed' or 'fail_open', got {on_storage_error!r}"
+            )
+        for name, seconds in (
+            ("reservation_ttl", reservation_ttl),
+            ("sweep_interval", sweep_interval),
+            ("shutdown_timeout", shutdown_timeout),
+        ):
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
         self.url = url
@@ -101,7 +114,10 @@ class Tracker:
         self.unknown_price = unknown_price
         self.lease = timedelta(seconds=reservation_ttl)
         self.sweep_interval = float(sweep_interval)
+        self.on_storage_error = on_storage_error
+        self.shutdown_timeout = float(shutdown_timeout)
         self.store = Store(url)
+        self.spool = Spool(spool_path if spool_path is not None else default_spool_path(self.store))
         self.pricer = Pricer()
         self.budget_guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone, store=self.store)
         self._sweeper: asyncio.Task[None] | None = None
@@ -120,8 +136,14 @@ class Tracker:
         if self._entered == 0:
             if self.auto_migrate:
                 await self.store.migrate()
+            self._writer = Writer(
+                self.store, self.spool, max_batch=self._max_batch, max_queue=self._max_queue
+            )
+            try:
+                await self._writer.replay()  # calls spooled during an outage or by a killed process
+            except Exception as exc:
+                logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
             await self._sweep()
-            self._writer = Writer(self.store, max_batch=self._max_batch, max_queue=self._max_queue)
             self._writer.start()
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
         self._entered += 1
@@ -137,7 +159,7 @@ class Tracker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._sweeper
             writer, self._writer = self._writer, None
-            await writer.close()
+            await writer.close(self.shutdown_timeout)
             await self.store.close()
 
     async def _sweep_forever(self) -> None:
@@ -274,8 +296,9 @@ class Tracker:
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
         spent_after = await writer.submit(PendingWrite(record, windows, **settle))
-        if spent_after is None:  # already recorded under this event_id: nothing changed
-            return record
+        if spent_after is None or spent_after is SPOOLED:
+            return record  # already recorded under this event_id, or waiting in the spool for replay
+        assert isinstance(spent_after, dict)
         to_raise, to_notify = self.budget_guard.after(
             record.tags, record.occurred_at, record.cost_nanousd, spent_after
         )
@@ -318,9 +341,7 @@ class Tracker:
         if self.budget_guard.blocking(merged):
             estimate = self._estimate(provider, model, input_tokens, max_output_tokens)
             if estimate is not None:
-                reservation = await self.budget_guard.reserve(
-                    new_event_id(), merged, estimate, lease=self.lease
-                )
+                reservation = await self._reserve(merged, estimate)
             elif self.unknown_price == "refuse":
                 raise UnknownPriceError(provider, model)
         call = GuardedCall(self, provider, model, merged, reservation)
@@ -328,6 +349,23 @@ class Tracker:
             yield call
         finally:
             await asyncio.shield(call._finish())
+
+    async def _reserve(self, tags: Mapping[str, str], estimate: int) -> Reservation | None:
+        """Reserve, or, when the database fails, refuse (fail_closed) or go unreserved (fail_open)."""
+        try:
+            return await self.budget_guard.reserve(new_event_id(), tags, estimate, lease=self.lease)
+        except LLMSpendError:
+            raise
+        except Exception as exc:
+            if self.on_storage_error == "fail_closed":
+                raise StorageError(
+                    f"cannot reserve for a block-mode budget, the database failed: {exc} "
+                    "(on_storage_error='fail_closed')"
+                ) from exc
+            logger.warning(
+                "llm-spend: reservation failed (%s); the call goes out unreserved (fail_open)", exc
+            )
+            return None
 
     def _estimate(
         self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None
@@ -421,7 +459,10 @@ class GuardedCall:
             if not self._pending.awaited:
                 await self._pending
         elif self.reservation is not None:
-            await self._tracker.store.release(self.reservation.id)
+            try:
+                await self._tracker.store.release(self.reservation.id)
+            except Exception as exc:  # the sweep releases it when its lease runs out
+                logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
 
 
 class _Recording:

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["calls", "metadata", "reservations", "rollups"]
+__all__ = ["calls", "meta", "metadata", "reservations", "rollups"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -113,4 +113,11 @@ reservations = Table(
     Column("amount_nanousd", BigInteger, nullable=False),
     Column("windows", JSON, nullable=False),
     Index("ix_llm_spend_reservations_expires_at", "expires_at"),
+)
+
+meta = Table(
+    "llm_spend_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(300), nullable=False),
 )

@@ -8,6 +8,8 @@ read-then-write. Rows are touched in key order so concurrent writers on PostgreS
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from ..usage import CallRecord
-from .schema import calls, reservations, rollups
+from .schema import calls, meta, reservations, rollups
 
 __all__ = ["PendingWrite", "Refusal", "Store", "WindowKey"]
 
@@ -102,7 +104,7 @@ class Store:
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration; safe to call again and from many processes."""
-        async with self.engine.connect() as conn:
+        async with _migration_lock(), self.engine.connect() as conn:
             await conn.run_sync(_upgrade)
             await conn.commit()
 
@@ -114,6 +116,12 @@ class Store:
                     sync, opts={"version_table": "llm_spend_alembic_version"}
                 ).get_current_revision()
             )
+
+    async def identity(self) -> str:
+        """The database's random id (created by the migrations): what a spool file belongs to."""
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(select(meta.c.value).where(meta.c.key == "database_id"))).scalar_one()
+        return str(value)
 
     # -- recording ----------------------------------------------------------------------------------
 
@@ -148,7 +156,7 @@ class Store:
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(calls.c.event_id)
         )
-        result = await conn.execute(stmt, [_call_row(item.record) for item in batch])
+        result = await conn.execute(stmt, [call_row(item.record) for item in batch])
         return set(result.scalars().all())
 
     async def _bump(
@@ -304,6 +312,21 @@ def _key_json(key: WindowKey) -> list[str]:
     return [key.period, key.start.isoformat(), key.scope_key, key.scope_value]
 
 
+# Alembic keeps the running migration in process-global state (`alembic.context`), so two
+# migrations interleaved on one event loop would clobber each other: they take turns.
+_MIGRATION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _migration_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _MIGRATION_LOCKS.get(loop)
+    if lock is None:
+        lock = _MIGRATION_LOCKS[loop] = asyncio.Lock()
+    return lock
+
+
 def _upgrade(sync_conn: Connection) -> None:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
@@ -311,7 +334,7 @@ def _upgrade(sync_conn: Connection) -> None:
     command.upgrade(config, "head")
 
 
-def _call_row(record: CallRecord) -> dict[str, Any]:
+def call_row(record: CallRecord) -> dict[str, Any]:
     usage = record.usage
     return {
         "event_id": record.event_id,

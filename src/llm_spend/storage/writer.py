@@ -1,60 +1,132 @@
-"""Writer: group commit. One task writes everything pending in one transaction.
+"""Writer: group commit, retries, and the spool. One task writes everything pending in one transaction.
 
 `await writer.submit(item)` returns after the transaction holding that item committed, with the
-item's window totals. Under load the queue fills while a transaction runs, and the next transaction
+item's window totals. Under load the queue fills while a transaction runs and the next transaction
 takes all of it (up to `max_batch`): one commit per call caps out near 1,000 calls/s on SQLite;
-batches reach tens of thousands. The queue is bounded, so callers wait rather than pile up memory.
+batches reach tens of thousands. The queue is bounded: when it is full, callers wait.
+
+When the database fails, a batch is retried with backoff; if it still fails, the writer enters an
+outage: batches are tried once and spooled when they fail, so callers are not held up, and a probe
+replays the spool in order once the database answers again. Nothing accepted is dropped, short of a
+full spool, which is logged as an error with the number of calls lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 
-from ..exceptions import StorageError
+from .spool import Spool
 from .store import PendingWrite, Store, WindowKey
 
-__all__ = ["Writer"]
+__all__ = ["SPOOLED", "Writer"]
 
 logger = logging.getLogger("llm_spend")
 
-Result = dict[WindowKey, int] | None
-_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+class _Spooled:
+    def __repr__(self) -> str:
+        return "SPOOLED"
+
+
+SPOOLED = _Spooled()
+"""The result of a submission that the database could not take now and that waits in the spool."""
+
+Result = dict[WindowKey, int] | None | _Spooled
+_RETRY_DELAYS = (0.05, 0.25, 1.0)
+_PROBE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class Writer:
     """Batches submitted writes into transactions on one background task."""
 
-    def __init__(self, store: Store, *, max_batch: int = 500, max_queue: int = 10_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        *,
+        max_batch: int = 500,
+        max_queue: int = 10_000,
+    ) -> None:
         self._store = store
+        self._spool = spool
+        self._database_id: str | None = None
         self._max_batch = max_batch
         self._queue: asyncio.Queue[tuple[PendingWrite, asyncio.Future[Result]] | None] = asyncio.Queue(
             max_queue
         )
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._replaying = asyncio.Lock()
+        self.outage = False
         self.waits = 0
         """How many submissions found the queue full and waited (backpressure)."""
+        self.spooled = 0
+        """How many calls went to the spool because the database failed."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llm-spend-writer")
 
     async def submit(self, item: PendingWrite) -> Result:
         if self._task is None or self._task.done():
-            raise StorageError("the tracker is not running: use `async with tracker:` or its lifespan")
+            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if self._queue.full():
             self.waits += 1
         await self._queue.put((item, future))
         return await future
 
-    async def close(self) -> None:
-        """Write everything submitted so far, then stop."""
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline, not a cancel
+        """Write what was submitted, within `timeout` seconds; what remains goes to the spool."""
         if self._task is None:
             return
+        if self._probe is not None:
+            self._probe.cancel()
         await self._queue.put(None)
-        await self._task
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            left = []
+            while not self._queue.empty():
+                entry = self._queue.get_nowait()
+                if entry is not None:
+                    left.append(entry)
+            spooled = await self._to_spool(left)
+            logger.warning(
+                "llm-spend: shutdown drain timed out after %.1f s; %d calls went to the spool %s",
+                timeout, spooled, self._spool.path,
+            )  # fmt: skip
         self._task = None
+
+    async def replay(self) -> int:
+        """Write the spool's calls for this database, in order; returns how many were replayed."""
+        async with self._replaying:
+            done = 0
+            if not (await asyncio.to_thread(self._spool.backlog))[0]:
+                return 0
+            database_id = await self._identity()
+            for path in await asyncio.to_thread(self._spool.claim):
+                items, foreign = await asyncio.to_thread(self._spool.read, path, database_id)
+                for start in range(0, len(items), self._max_batch):
+                    await self._store.write(items[start : start + self._max_batch])
+                    done += min(self._max_batch, len(items) - start)
+                if foreign:  # never replayed into this database; kept for its own
+                    logger.error(
+                        "llm-spend: %d spool lines in %s belong to another database", len(foreign), path
+                    )
+                    with path.open("w") as handle:
+                        handle.write("\n".join(foreign) + "\n")
+                else:
+                    path.unlink()
+            if done:
+                logger.warning("llm-spend: replayed %d spooled calls into the database", done)
+            return done
 
     async def _run(self) -> None:
         stopping = False
@@ -73,22 +145,61 @@ class Writer:
 
     async def _commit(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
         items = [item for item, _ in batch]
-        error: BaseException | None = None
-        for delay in (*_RETRY_DELAYS, None):
+        delays = () if self.outage else _RETRY_DELAYS
+        for attempt in range(len(delays) + 1):
             try:
                 results = await self._store.write(items)
             except Exception as exc:
-                error = exc
-                if delay is None:
-                    break
+                if attempt == len(delays):
+                    logger.error("llm-spend: writing %d calls failed (%s); spooling them", len(items), exc)
+                    await self._to_spool(batch)
+                    self._enter_outage()
+                    return
                 logger.warning("llm-spend: writing %d calls failed (%s); retrying", len(items), exc)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delays[attempt])
             else:
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
+                if self.outage:
+                    self.outage = False
+                    self._start_probe()  # the database is back: replay what waited
                 return
-        logger.error("llm-spend: could not write %d calls: %s", len(items), error)
+
+    async def _identity(self) -> str:
+        """The database's id (cached); it raises while the database is unreachable."""
+        if self._database_id is None:
+            self._database_id = await self._store.identity()
+        return self._database_id
+
+    async def _to_spool(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> int:
+        # Written before this database's id could be read, a line is marked for this URL's database.
+        owner = self._database_id
+        kept = await asyncio.to_thread(self._spool.append, [item for item, _ in batch], owner)
+        self.spooled += kept
         for _, future in batch:
             if not future.done():
-                future.set_exception(StorageError(f"could not record the call: {error}"))
+                future.set_result(SPOOLED)
+        return kept
+
+    def _enter_outage(self) -> None:
+        self.outage = True
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_until_replayed(), name="llm-spend-replay")
+
+    async def _probe_until_replayed(self) -> None:
+        for attempt in itertools.count():
+            if attempt:
+                await asyncio.sleep(_PROBE_DELAYS[min(attempt, len(_PROBE_DELAYS)) - 1])
+            try:
+                await self.replay()
+            except Exception as exc:
+                logger.warning("llm-spend: the database is still failing (%s); calls wait in the spool", exc)
+            else:
+                if (await asyncio.to_thread(self._spool.backlog))[0]:
+                    continue  # calls were spooled while we replayed
+                self.outage = False
+                return

@@ -1,0 +1,188 @@
+"""What every provider adapter gives the transport, and the helpers they share.
+
+An adapter turns one provider's request and response shapes into provider-neutral facts: a `CallInfo`
+before the call (model, stream, an upper bound of the input tokens, the max output tokens) and an
+`Outcome` after it (canonical `Usage`, the model the response names, its id and service tier). Only
+the adapters know field names; the transport knows none.
+
+The input bound is the byte length of the JSON request body: UTF-8 bytes of text bound its BPE tokens,
+the JSON keys around each message outweigh the chat template's few tokens per message, and tool
+schemas count as their JSON bytes. Inline or linked media (images, audio, files) cannot be bounded by
+bytes: each such part counts as `media_allowance` tokens instead, the documented limit of the
+guarantee, and a request with tools gets `TOOLS_ALLOWANCE` more for the provider's tool-use prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..usage import MAX_TOKENS, Usage
+
+__all__ = [
+    "MEDIA_ALLOWANCE",
+    "TOOLS_ALLOWANCE",
+    "Accumulator",
+    "Adapter",
+    "CallInfo",
+    "Outcome",
+    "input_bound",
+    "integer",
+    "limit",
+    "load_json",
+    "make_usage",
+    "text",
+]
+
+logger = logging.getLogger("llm_spend")
+
+MEDIA_ALLOWANCE = 3_000
+"""Tokens counted for each image, audio or file part of a request (its bytes bound nothing)."""
+TOOLS_ALLOWANCE = 1_000
+"""Tokens counted once for a request with tools: the provider's own tool-use instructions."""
+_TEMPLATE_ALLOWANCE = 16
+"""Tokens counted once per request for the chat template around the reply."""
+_MEDIA_MARKERS = (b"image", b"audio", b"file", b"document", b"inlineData", b"inline_data", b"fileData")
+_MEDIA_TYPES = frozenset(
+    ("image", "image_url", "input_image", "audio", "input_audio", "file", "input_file", "document")
+)
+_MEDIA_KEYS = frozenset(("inlineData", "inline_data", "fileData", "file_data"))
+_TOOL_KEYS = ("tools", "functions")
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What the request body says about the call, before it is sent."""
+
+    model: str | None
+    """None when the body names none (an Azure deployment path may, a Gemini path always does)."""
+    stream: bool
+    max_output_tokens: int | None
+    """All choices together; None when the request sets no limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the response says about the call. `usage` is None when no usage arrived."""
+
+    usage: Usage | None = None
+    model: str | None = None
+    response_id: str | None = None
+    service_tier: str | None = None
+
+
+class Accumulator(Protocol):
+    """Collects one stream's events (as `SSEParser` delivers them) into an `Outcome`."""
+
+    def __call__(self, event: bytes, data: bytes) -> None: ...
+
+    def outcome(self) -> Outcome: ...
+
+
+class Adapter(Protocol):
+    """One provider's request and response shapes. Stateless; one instance serves every call."""
+
+    name: str
+    default_provider: str
+    """The provider id recorded (and priced) when the configuration names none."""
+
+    def kind(self, method: str, path: str) -> str | None:
+        """The billed endpoint this request goes to, or None (then the request passes untouched)."""
+        ...
+
+    def call_info(self, kind: str, path: str, body: Mapping[str, Any]) -> CallInfo:
+        """Read the parsed request body (and the path, for models named there)."""
+        ...
+
+    def with_stream_usage(self, kind: str, body: dict[str, Any]) -> bool:
+        """Ask a stream to report its usage at the end when it would not; True if `body` changed."""
+        ...
+
+    def set_max_output(self, kind: str, body: dict[str, Any], tokens: int) -> bool:
+        """Lower the request's max output tokens (for `clamp_max_tokens`); True if `body` changed."""
+        ...
+
+    def outcome(self, kind: str, body: Any) -> Outcome:
+        """Read a complete (non-stream) response body."""
+        ...
+
+    def accumulator(self, kind: str) -> Accumulator:
+        """A fresh collector for one streamed response."""
+        ...
+
+
+def load_json(data: bytes) -> Any:
+    """Decode JSON, or None when it is not JSON (a stream chunk cut short, an HTML error page)."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def integer(value: object) -> int:
+    """A token count from a payload: non-negative ints as they are, anything else as 0."""
+    return value if type(value) is int and value >= 0 else 0
+
+
+def limit(value: object) -> int | None:
+    """A max-tokens setting from a request: a non-negative int, else None (no limit)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def text(value: object, limit: int = 200) -> str | None:
+    """A short identifier from a payload (model, id, tier), or None."""
+    return value if isinstance(value, str) and 0 < len(value) <= limit and value.strip() else None
+
+
+def make_usage(
+    provider: str,
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    cache_read_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> Usage | None:
+    """A canonical Usage, or None (logged) when the provider's numbers contradict each other."""
+    try:
+        return Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read_tokens,
+            cache_write_tokens=cache_write_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
+            reasoning_tokens=reasoning_tokens,
+        )
+    except ValueError as error:
+        logger.warning(
+            "llm-spend: %s reported usage that does not add up (%s); usage unknown", provider, error
+        )
+        return None
+
+
+def input_bound(body: bytes, parsed: Mapping[str, Any], media_allowance: int) -> int:
+    """An upper bound of the input tokens of a JSON request (see the module docstring)."""
+    size = len(body) + _TEMPLATE_ALLOWANCE
+    if any(parsed.get(key) for key in _TOOL_KEYS):
+        size += TOOLS_ALLOWANCE
+    if any(marker in body for marker in _MEDIA_MARKERS):
+        media_bytes, parts = _media(parsed)
+        size += parts * media_allowance - media_bytes
+    return min(max(size, 0), MAX_TOKENS)
+
+
+def _media(value: Any) -> tuple[int, int]:
+    """(bytes of JSON the media parts take, number of media parts) in a parsed request body."""
+    if isinstance(value, list):
+        found = [_media(item) for item in value]
+        return sum(item[0] for item in found), sum(item[1] for item in found)
+    if not isinstance(value, dict):
+        return 0, 0
+    if value.get("type") in _MEDIA_TYPES or any(key in value for key in _MEDIA_KEYS):
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()), 1
+    found = [_media(item) for item in value.values() if isinstance(item, list | dict)]
+    return sum(item[0] for item in found), sum(item[1] for item in found)

@@ -1,0 +1,203 @@
+"""One captured call: what the tracker must provide, the request's plan, and recording the outcome.
+
+`TrackerLike` is all that capture needs from the tracker: ``guard(...)``, an async context manager that
+reserves before the call when a block-mode budget applies (raising `BudgetExceeded` or
+`UnknownPriceError` before any byte leaves) and yields a `GuardedCallLike` to record on. Leaving the
+guard without a record releases the reservation (a non-2xx answer, a failed send).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..exceptions import BudgetExceeded
+from ..usage import Usage, UsageSource
+from .base import Adapter, Outcome, input_bound
+
+__all__ = ["GuardedCallLike", "Plan", "TrackerLike", "decode_body", "leave", "plan_call", "settle"]
+
+logger = logging.getLogger("llm_spend")
+
+Guard = AbstractAsyncContextManager["GuardedCallLike"]
+
+
+class GuardedCallLike(Protocol):
+    """A call inside ``tracker.guard()`` (llm_spend.tracker.GuardedCall)."""
+
+    def record(
+        self,
+        usage: Usage | None,
+        *,
+        model: str | None = None,
+        usage_source: UsageSource = "manual",
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> Awaitable[object]: ...
+
+    def extend(self) -> Awaitable[None]: ...
+
+
+class TrackerLike(Protocol):
+    """What capture needs from the tracker (llm_spend.Tracker has it)."""
+
+    def guard(
+        self,
+        *,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int | None = None,
+        tags: Mapping[str, object] | None = None,
+    ) -> AbstractAsyncContextManager[GuardedCallLike]: ...
+
+
+@dataclass(slots=True)
+class Plan:
+    """A captured request, read once: where it goes and what it may cost."""
+
+    adapter: Adapter
+    kind: str
+    provider: str
+    model: str
+    stream: bool
+    input_bound: int
+    max_output_tokens: int | None
+    body: dict[str, Any] | None
+    """The parsed JSON body, when it parsed (for rewrites)."""
+    rewritten: bytes | None = None
+    """The body to send instead of the caller's, when it was changed."""
+
+
+def plan_call(
+    adapter: Adapter,
+    kind: str,
+    provider: str,
+    path: str,
+    raw: bytes,
+    *,
+    include_stream_usage: bool,
+    media_allowance: int,
+) -> Plan:
+    """Read the request body once: model, stream flag, max output tokens and an input bound."""
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = None
+    info = adapter.call_info(kind, path, body or {})
+    plan = Plan(
+        adapter,
+        kind,
+        provider,
+        info.model or "unknown",
+        info.stream,
+        input_bound(raw, body or {}, media_allowance),
+        info.max_output_tokens,
+        body,
+    )
+    if body is not None and include_stream_usage and info.stream and adapter.with_stream_usage(kind, body):
+        plan.rewritten = encode(body)
+    return plan
+
+
+def clamp(plan: Plan, call: GuardedCallLike) -> None:
+    """The `clamp_max_tokens` hook: a guard that grants fewer output tokens than asked lowers them.
+
+    A guarded call that carries ``max_output_tokens`` (an int) below the request's has the request
+    body rewritten to ask for that many; a guard without the attribute changes nothing.
+    """
+    granted = getattr(call, "max_output_tokens", None)
+    if type(granted) is not int or plan.body is None:
+        return
+    if plan.max_output_tokens is not None and granted >= plan.max_output_tokens:
+        return
+    if plan.adapter.set_max_output(plan.kind, plan.body, granted):
+        plan.rewritten = encode(plan.body)
+        plan.max_output_tokens = granted
+
+
+def encode(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_body(raw: bytes, encoding: str | None) -> bytes | None:
+    """A response body without its Content-Encoding (gzip, deflate), or None when it cannot be."""
+    if not encoding or encoding == "identity":
+        return raw
+    try:
+        if encoding == "gzip":
+            return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(raw)
+            except zlib.error:
+                return zlib.decompress(raw, -zlib.MAX_WBITS)
+    except zlib.error:
+        pass
+    logger.warning("llm-spend: cannot read a %s-encoded provider response; its usage is unknown", encoding)
+    return None
+
+
+def read_outcome(plan: Plan, body: bytes | None) -> Outcome:
+    """The outcome of a complete JSON response; a body that cannot be read gives unknown usage."""
+    if body is None:
+        return Outcome()
+    try:
+        return plan.adapter.outcome(plan.kind, json.loads(body))
+    except Exception:  # a provider sending something unexpected must not break the caller's call
+        logger.warning("llm-spend: unreadable %s response; usage unknown", plan.provider, exc_info=True)
+        return Outcome()
+
+
+async def settle(
+    guard: Guard,
+    call: GuardedCallLike,
+    outcome: Outcome,
+    *,
+    source: UsageSource,
+    stream: bool,
+    latency_ms: int,
+    raise_budget: bool,
+) -> None:
+    """Record the call and leave its guard (which writes the record and settles the reservation).
+
+    A `BudgetExceeded` (a raise- or block-mode window crossed, stage "post") is raised when
+    `raise_budget`, else logged; any other failure to record is logged, never raised.
+    """
+    try:
+        call.record(
+            outcome.usage,
+            model=outcome.model,
+            usage_source=source,
+            stream=stream,
+            latency_ms=latency_ms,
+            service_tier=outcome.service_tier,
+            provider_response_id=outcome.response_id,
+        )
+    except Exception:
+        logger.exception("llm-spend: recording a captured call failed")
+    await leave(guard, None, raise_budget=raise_budget)
+
+
+async def leave(guard: Guard, error: BaseException | None, *, raise_budget: bool = True) -> None:
+    """Exit a guard entered by hand; without a record this releases its reservation."""
+    try:
+        if error is None:
+            await guard.__aexit__(None, None, None)
+        else:
+            await guard.__aexit__(type(error), error, error.__traceback__)
+    except BudgetExceeded as exceeded:
+        if raise_budget:
+            raise
+        logger.warning("llm-spend: a captured stream took a budget over its limit: %s", exceeded)
+    except Exception:
+        logger.exception("llm-spend: recording a captured call failed")

@@ -1,0 +1,177 @@
+"""OpenAI (and OpenAI-compatible) shapes: chat completions, responses, embeddings.
+
+Usage, into the canonical convention:
+
+- chat: ``prompt_tokens`` already includes ``prompt_tokens_details.cached_tokens`` (cache reads) and
+  ``cache_write_tokens``; ``completion_tokens`` includes ``completion_tokens_details.reasoning_tokens``.
+  DeepSeek's ``prompt_cache_hit_tokens`` stands in for ``cached_tokens`` when that is absent.
+- responses: ``input_tokens`` with ``input_tokens_details.cached_tokens`` / ``cache_write_tokens``,
+  ``output_tokens`` with ``output_tokens_details.reasoning_tokens``.
+- embeddings: ``prompt_tokens`` is all there is.
+
+Streams. Chat completions report usage only when the request sets ``stream_options.include_usage``;
+the transport adds it when absent (``include_stream_usage=True``), so the stream then ends with one
+extra chunk whose ``choices`` list is EMPTY and whose ``usage`` holds the totals (code that reads
+``chunk.choices[0]`` on every chunk must skip it). Every other chunk has ``"usage": null`` and is not
+decoded. Responses streams end with ``response.completed``, ``response.incomplete`` or
+``response.failed``, whose ``response.usage`` holds the totals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..usage import Usage
+from .base import CallInfo, Outcome, integer, limit, load_json, make_usage, text
+
+__all__ = ["ADAPTER", "OpenAIAdapter"]
+
+_KINDS = (("/chat/completions", "chat"), ("/responses", "responses"), ("/embeddings", "embeddings"))
+_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
+_TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
+_USAGE = b'"usage"'
+
+
+class OpenAIAdapter:
+    """Chat completions, responses and embeddings, on api.openai.com or an OpenAI-compatible host."""
+
+    name = "openai"
+    default_provider = "openai"
+
+    def kind(self, method: str, path: str) -> str | None:
+        if method != "POST":
+            return None
+        for suffix, kind in _KINDS:
+            if path.endswith(suffix):
+                return kind
+        return None
+
+    def call_info(self, kind: str, path: str, body: Mapping[str, Any]) -> CallInfo:
+        model = text(body.get("model"))
+        if model is None and (deployment := _DEPLOYMENT.search(path)) is not None:
+            model = deployment.group(1)  # Azure OpenAI names the deployment in the path
+        if kind == "embeddings":
+            return CallInfo(model, False, 0)
+        if kind == "chat":
+            most = limit(body.get("max_completion_tokens"))
+            if most is None:
+                most = limit(body.get("max_tokens"))
+            choices = body.get("n")
+            if most is not None and type(choices) is int and choices > 1:
+                most *= choices
+        else:
+            most = limit(body.get("max_output_tokens"))
+        return CallInfo(model, body.get("stream") is True, most)
+
+    def with_stream_usage(self, kind: str, body: dict[str, Any]) -> bool:
+        if kind != "chat" or body.get("stream") is not True:
+            return False
+        options = body.get("stream_options")
+        if isinstance(options, dict):
+            if "include_usage" in options:
+                return False  # the caller decided, either way
+            body["stream_options"] = {**options, "include_usage": True}
+        else:
+            body["stream_options"] = {"include_usage": True}
+        return True
+
+    def set_max_output(self, kind: str, body: dict[str, Any], tokens: int) -> bool:
+        if kind == "embeddings":
+            return False
+        if kind == "responses":
+            body["max_output_tokens"] = tokens
+            return True
+        choices = body.get("n")
+        per_choice = tokens // choices if type(choices) is int and choices > 1 else tokens
+        key = "max_tokens" if "max_tokens" in body and "max_completion_tokens" not in body else None
+        body[key or "max_completion_tokens"] = per_choice
+        return True
+
+    def outcome(self, kind: str, body: Any) -> Outcome:
+        if not isinstance(body, dict):
+            return Outcome()
+        usage = body.get("usage")
+        return Outcome(
+            usage=_usage(kind, usage) if isinstance(usage, dict) else None,
+            model=text(body.get("model")),
+            response_id=text(body.get("id")),
+            service_tier=text(body.get("service_tier"), 64),
+        )
+
+    def accumulator(self, kind: str) -> ChatStream | ResponsesStream:
+        return ResponsesStream() if kind == "responses" else ChatStream()
+
+
+class ChatStream:
+    """A chat completions stream: the last chunk with a non-null usage, else the first chunk's ids."""
+
+    __slots__ = ("_first", "_usage")
+
+    def __init__(self) -> None:
+        self._first = b""
+        self._usage = b""
+
+    def __call__(self, event: bytes, data: bytes) -> None:
+        at = data.find(_USAGE)
+        if at >= 0 and data[at + 7 : at + 16].lstrip(b" \t\r\n:")[:1] == b"{":
+            self._usage = data
+        elif not self._first and data[:1] == b"{":
+            self._first = data
+
+    def outcome(self) -> Outcome:
+        return ADAPTER.outcome("chat", load_json(self._usage or self._first))
+
+
+class ResponsesStream:
+    """A responses stream: the terminal event's response, else the first event's response ids."""
+
+    __slots__ = ("_first", "_last")
+
+    def __init__(self) -> None:
+        self._first = b""
+        self._last = b""
+
+    def __call__(self, event: bytes, data: bytes) -> None:
+        if not event:  # a host that sends no `event:` lines: the type is the first field
+            end = data.find(b'"', 9)
+            event = data[9:end] if data[:9] == b'{"type":"' and end > 0 else b""
+        if event in _TERMINAL:
+            self._last = data
+        elif not self._first and event == b"response.created":
+            self._first = data
+
+    def outcome(self) -> Outcome:
+        event = load_json(self._last or self._first)
+        response = event.get("response") if isinstance(event, dict) else None
+        return ADAPTER.outcome("responses", response)
+
+
+def _usage(kind: str, usage: Mapping[str, Any]) -> Usage | None:
+    if kind == "responses":
+        details = usage.get("input_tokens_details")
+        output_details = usage.get("output_tokens_details")
+        input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+    else:
+        details = usage.get("prompt_tokens_details")
+        output_details = usage.get("completion_tokens_details")
+        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(input_tokens) is not int:
+        return None
+    details = details if isinstance(details, dict) else {}
+    output_details = output_details if isinstance(output_details, dict) else {}
+    cache_read = details.get("cached_tokens")
+    if cache_read is None:
+        cache_read = usage.get("prompt_cache_hit_tokens")  # DeepSeek
+    return make_usage(
+        "openai",
+        input_tokens=integer(input_tokens),
+        output_tokens=integer(output_tokens),
+        cache_read_tokens=integer(cache_read),
+        cache_write_tokens=integer(details.get("cache_write_tokens")),
+        reasoning_tokens=integer(output_details.get("reasoning_tokens")),
+    )
+
+
+ADAPTER = OpenAIAdapter()

@@ -1,0 +1,257 @@
+"""Tapped response streams: chunks pass through as they arrive, and the call is recorded exactly once.
+
+Each chunk is handed to the caller unchanged after `SSEParser.feed` has looked at it (no buffering
+beyond the current line). The call is recorded when the stream ends, when the caller closes it early
+(``break`` then ``aclose()``, or the SDK closing its response), when the read is cancelled or fails
+(a client disconnect in an ASGI StreamingResponse cancels it), and, as a last resort, when the stream
+object is garbage collected without being closed. Whatever comes first records; the rest do nothing.
+A stream that ended without its final usage event is recorded with unknown usage (usage=None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from .base import Accumulator, Outcome
+from .calls import Guard, GuardedCallLike, settle
+from .sse import SSEParser
+
+__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream"]
+
+logger = logging.getLogger("llm_spend")
+
+
+class _Nothing:
+    """The accumulator of a stream that cannot be read (not SSE, or an unknown encoding)."""
+
+    def __call__(self, event: bytes, data: bytes) -> None:
+        pass
+
+    def outcome(self) -> Outcome:
+        return Outcome()
+
+
+class Finisher:
+    """Records one streamed call exactly once, from whichever path ends the stream first."""
+
+    __slots__ = (
+        "_accumulator", "_background", "_call", "_context", "_done", "_guard", "_loop", "_next_extend",
+        "_parser", "_renewal", "_started", "feed",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        guard: Guard,
+        call: GuardedCallLike,
+        accumulator: Accumulator | None,
+        *,
+        encoding: str | None,
+        started: float,
+        loop: asyncio.AbstractEventLoop,
+        background: set[asyncio.Task[None]],
+        renewal: float,
+    ) -> None:
+        self._guard, self._call, self._loop, self._background = guard, call, loop, background
+        self._started, self._renewal = started, renewal
+        self._next_extend = time.monotonic() + renewal
+        self._context = contextvars.copy_context()
+        self._done = False
+        self._accumulator: Accumulator = accumulator or _Nothing()
+        self._parser = SSEParser(self._accumulator)
+        self.feed: Callable[[bytes], None] = self._parser.feed
+        """Look at one raw chunk of the body."""
+        if accumulator is not None and encoding not in (None, "identity"):
+            self.feed = self._decoding_feed(encoding)
+
+    def _decoding_feed(self, encoding: str) -> Callable[[bytes], None]:
+        if encoding not in ("gzip", "deflate"):
+            logger.warning("llm-spend: cannot read a %s-encoded stream; its usage is unknown", encoding)
+            self._accumulator = _Nothing()
+            return self._parser.feed
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        feed = self._parser.feed
+
+        def decoding_feed(chunk: bytes) -> None:
+            feed(decoder.decompress(chunk))
+
+        return decoding_feed
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def extend_due(self) -> bool:
+        """True once per `renewal` seconds of streaming: time to renew the reservation's lease."""
+        now = time.monotonic()
+        if now < self._next_extend:
+            return False
+        self._next_extend = now + self._renewal
+        return True
+
+    def broken(self) -> None:
+        """The tap itself failed (a bug): stop looking at chunks, record unknown usage."""
+        logger.exception("llm-spend: reading a captured stream failed; its usage is unknown")
+        self._accumulator = _Nothing()
+        self.feed = _ignore
+
+    async def extend(self) -> None:
+        try:
+            await self._call.extend()
+        except Exception:
+            logger.exception("llm-spend: renewing a stream's reservation failed")
+
+    async def finish(self, *, raise_budget: bool = False) -> None:
+        """Record now (on the loop, awaited, shielded from cancellation); a no-op after the first."""
+        if self._done:
+            return
+        self._done = True
+        task = self._spawn(raise_budget)
+        await asyncio.shield(task)
+
+    def finish_later(self) -> None:
+        """Record soon, from any thread, without waiting (a stream collected without being closed)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._loop.call_soon_threadsafe(self._spawn, False)
+        except RuntimeError:
+            logger.warning("llm-spend: a captured stream outlived its event loop; its call is not recorded")
+
+    def _spawn(self, raise_budget: bool) -> asyncio.Task[None]:
+        task = self._loop.create_task(self._record(raise_budget), context=self._context)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _record(self, raise_budget: bool) -> None:
+        try:
+            self._parser.close()
+            outcome = self._accumulator.outcome()
+        except Exception:
+            logger.exception("llm-spend: reading a captured stream failed; its usage is unknown")
+            outcome = Outcome()
+        latency_ms = round((time.perf_counter() - self._started) * 1000)
+        await settle(
+            self._guard,
+            self._call,
+            outcome,
+            source="stream",
+            stream=True,
+            latency_ms=latency_ms,
+            raise_budget=raise_budget,
+        )
+
+
+def _ignore(chunk: bytes) -> None:
+    pass
+
+
+class TappedAsyncStream:
+    """The body of an async streamed response, tapped (mixed with the package's AsyncByteStream)."""
+
+    def __init__(self, inner: Any, finisher: Finisher) -> None:
+        self._inner = inner
+        self._iterator: AsyncIterator[bytes] | None = None
+        self._finisher = finisher
+
+    def __aiter__(self) -> TappedAsyncStream:
+        self._iterator = self._inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        finisher = self._finisher
+        try:
+            chunk: bytes = await self._iterator.__anext__()  # type: ignore[union-attr]
+        except StopAsyncIteration:
+            await finisher.finish(raise_budget=True)
+            raise
+        except BaseException:
+            await finisher.finish()
+            raise
+        try:
+            finisher.feed(chunk)
+        except Exception:
+            finisher.broken()
+        if finisher.extend_due():
+            await finisher.extend()
+        return chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._finisher.finish()
+
+    def __del__(self) -> None:
+        self._finisher.finish_later()
+
+
+class TappedSyncStream:
+    """The body of a sync streamed response, tapped (mixed with the package's SyncByteStream).
+
+    Recording runs on the tracker's event loop; this thread waits for it.
+    """
+
+    def __init__(self, inner: Any, finisher: Finisher) -> None:
+        self._inner = inner
+        self._iterator: Iterator[bytes] | None = None
+        self._finisher = finisher
+
+    def __iter__(self) -> TappedSyncStream:
+        self._iterator = iter(self._inner)
+        return self
+
+    def __next__(self) -> bytes:
+        finisher = self._finisher
+        try:
+            chunk: bytes = next(self._iterator)  # type: ignore[arg-type]
+        except StopIteration:
+            self._finish(raise_budget=True)
+            raise
+        except BaseException:
+            self._finish()
+            raise
+        try:
+            finisher.feed(chunk)
+        except Exception:
+            finisher.broken()
+        if finisher.extend_due():
+            run_on(finisher._loop, finisher.extend())
+        return chunk
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._finish()
+
+    def _finish(self, *, raise_budget: bool = False) -> None:
+        finisher = self._finisher
+        if finisher.done:
+            return
+        if _running_loop() is finisher._loop:  # never block the loop's own thread
+            finisher.finish_later()
+            return
+        run_on(finisher._loop, finisher.finish(raise_budget=raise_budget))
+
+    def __del__(self) -> None:
+        self._finisher.finish_later()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def run_on(loop: asyncio.AbstractEventLoop, coroutine: Any) -> Any:
+    """Run a coroutine on the tracker's loop from another thread and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()

@@ -1,0 +1,359 @@
+"""Pricing: what one LLM call cost, from the price table bundled with genai-prices (never updated online).
+
+`Pricer.price` gives, to the nano-dollar, what ``genai_prices.calc_price`` gives for the same call, but
+resolves each (provider, model) once and compiles its prices into a small rate table, so that pricing a
+call after the first takes microseconds. A `Usage` reaches genai-prices as: input, output, cache read and
+cache write tokens as they are; with ``cache_write_1h_tokens``, 1-hour writes and the rest as 5-minute
+writes; reasoning tokens as ``output_reasoning_tokens``, still part of output (only a few Perplexity
+models price them apart). Price context, matched exactly against ``PriceVariant.when``: ``service_tier=t``
+sets ``{"service_tier": t}`` (the table knows "default", "flex", "priority", "fast") and ``batch=True``
+sets ``{"processing": "batch"}``; the table's keys ``speed``, ``search_type`` and ``route`` are not set.
+As in genai-prices, a variant applies only from its start date, and not to a model that the provider
+borrows from another provider's list (Azure pricing OpenAI's models).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from decimal import Decimal, Inexact, localcontext
+from importlib.metadata import version
+from operator import attrgetter
+from typing import NamedTuple, TypeVar
+
+from genai_prices.data_units import unit_data
+from genai_prices.types import (
+    ModelInfo,
+    ModelPrice,
+    Provider,
+    StartDateConstraint,
+    TieredPrices,
+    TimeOfDateConstraint,
+)
+from genai_prices.units import UnitDef, UnitRegistry
+from genai_prices.validation import validate_priced_units
+
+from .money import to_nanousd
+from .usage import PricingStatus, Usage
+
+__all__ = ["Cost", "Pricer"]
+
+logger = logging.getLogger("llm_spend")
+
+_RAW_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "output_reasoning_tokens",
+    "cache_write_5m_tokens",
+    "requests",
+)
+"""The genai-prices usage keys a `Usage` fills, in the order of the vector that `_total` builds."""
+_USAGE_FIELDS = attrgetter(*_RAW_KEYS[:5], "reasoning_tokens")
+_ZERO = Decimal(0)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_Rates = tuple[tuple[int, Decimal], ...]
+"""A price per single unit as (tier start, rate), tiers in genai-prices' order; the base starts at -1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """The price of one call, or why there is none (never a silent $0)."""
+
+    amount: Decimal | None
+    """USD; None when unknown."""
+    nanousd: int | None
+    """`money.to_nanousd(amount)`; None when unknown."""
+    status: PricingStatus
+    source: str | None
+    """The price table that priced the call, e.g. "genai-prices 0.2.3"."""
+    model_id: str | None
+    """The model id matched in the price table, e.g. "gpt-4o-mini" for "gpt-4o-mini-2024-07-18"."""
+
+
+class _Term(NamedTuple):
+    """One priced unit: its billed count as integer coefficients over the usage vector, and its rates."""
+
+    counts: tuple[tuple[int, int], ...]
+    rates: _Rates
+
+
+class _Limits(NamedTuple):
+    """Every input-side and output-side token rate of a model, and its highest per-request fee."""
+
+    inputs: _Rates
+    outputs: _Rates
+    fixed: Decimal
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Entry:
+    """A resolved (provider, model) pair and the constraints its prices depend on besides the usage."""
+
+    provider: Provider
+    model: ModelInfo
+    own: bool
+    """The provider lists the model itself (not by fallback), so price variants apply."""
+    constraints: tuple[StartDateConstraint | TimeOfDateConstraint, ...]
+    by_time: bool
+    """Some constraint depends on the time of day, not only on the UTC date."""
+
+
+class Pricer:
+    """Prices calls from genai-prices' bundled table; its caches live on the instance and are bounded."""
+
+    def __init__(self, *, max_entries: int = 4096) -> None:
+        from genai_prices.data import providers  # the bundled table, as genai-prices' own snapshot uses it
+
+        self._providers: list[Provider] = providers
+        self._registry = UnitRegistry(unit_data)
+        self._source = f"genai-prices {version('genai-prices')}"
+        self._max_entries = max_entries
+        self._entries: dict[tuple[str, str], _Entry | None] = {}
+        self._rates: dict[tuple[object, ...], tuple[_Term, ...] | None] = {}
+        self._limits: dict[tuple[object, ...], _Limits | None] = {}
+        self._warned: dict[tuple[str, str, str], None] = {}
+
+    def price(
+        self,
+        provider: str,
+        model: str,
+        usage: Usage,
+        *,
+        at: datetime,
+        service_tier: str | None = None,
+        batch: bool = False,
+    ) -> Cost:
+        """The cost of one call made at `at`; an unknown model or rejected usage gives a None amount."""
+        entry = self._entry(provider, model)
+        if entry is None:
+            return self._unknown("unknown_model", provider, model)
+        if not entry.own:
+            service_tier, batch = None, False
+        key = (entry, service_tier, batch, _when(entry, at) if entry.constraints else None)
+        try:
+            terms = self._rates[key]
+        except KeyError:
+            terms = self._compile(entry, key, at, service_tier, batch)
+        if terms is None:
+            return self._unknown("unknown_model", provider, model)
+        amount = _total(terms, usage)
+        if amount is None:
+            return self._unknown("unknown_usage", provider, model)
+        return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
+
+    def bound(
+        self, provider: str, model: str, *, input_tokens: int, output_tokens: int, at: datetime
+    ) -> Cost:
+        """An upper bound of what a call with at most these input and output tokens can cost.
+
+        Whatever part of the input is cache reads or writes and whatever tier or batch price applies:
+        input tokens at the highest input-side token rate of the model on the UTC date of `at` (input,
+        cache writes of any TTL, every price variant, every long-context tier that `input_tokens` can
+        reach), output tokens at the highest output-side rate, plus any per-request fee. Other units
+        (searches, images, audio seconds) are not covered; a model priced only in those is "unknown_model".
+        """
+        entry = self._entry(provider, model)
+        if entry is None:
+            return self._unknown("unknown_model", provider, model)
+        day = _utc(at).date()
+        key = (entry, day if isinstance(entry.model.prices, list) else None)
+        try:
+            limits = self._limits[key]
+        except KeyError:
+            limits = _remember(self._limits, key, self._bound_rates(entry, day), self._max_entries)
+        if limits is None:
+            return self._unknown("unknown_model", provider, model)
+        amount = limits.fixed + input_tokens * _max_rate(limits.inputs, input_tokens)
+        amount += output_tokens * _max_rate(limits.outputs, input_tokens)
+        return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
+
+    def context_window(self, provider: str, model: str) -> int | None:
+        """The model's context window in tokens, when the price table knows it."""
+        entry = self._entry(provider, model)
+        return None if entry is None else entry.model.context_window
+
+    def _entry(self, provider: str, model: str) -> _Entry | None:
+        """Resolve (provider, model) with genai-prices' matchers once; misses are remembered too."""
+        try:
+            return self._entries[(provider, model)]
+        except KeyError:
+            pass
+        from genai_prices.data_snapshot import find_provider_by_id
+
+        found = find_provider_by_id(self._providers, provider)
+        info = found.find_model(model, all_providers=self._providers) if found is not None else None
+        entry = None if found is None or info is None else _make_entry(found, info)
+        return _remember(self._entries, (provider, model), entry, self._max_entries)
+
+    def _compile(
+        self, entry: _Entry, key: tuple[object, ...], at: datetime, service_tier: str | None, batch: bool
+    ) -> tuple[_Term, ...] | None:
+        """Compile the prices that apply under `key`; None, with a warning, for an unusable price set."""
+        context = {"service_tier": service_tier} if service_tier is not None else {}
+        if batch:
+            context["processing"] = "batch"
+        model_price = entry.model.get_prices(at, context or None)
+        try:
+            terms: tuple[_Term, ...] | None = _terms(model_price, self._registry)
+        except (ValueError, ArithmeticError) as error:
+            logger.warning("llm-spend: unusable price for %s in genai-prices: %s", entry.model.id, error)
+            terms = None
+        return _remember(self._rates, key, terms, self._max_entries)
+
+    def _bound_rates(self, entry: _Entry, day: date) -> _Limits | None:
+        """Every rate the model can charge on `day`, all price variants included, for `bound`."""
+        prices = _standard_prices(entry.model, day)
+        if entry.own:
+            prices += [variant.prices for variant in entry.model.price_variants or ()]
+        inputs: list[tuple[int, Decimal]] = []
+        outputs: list[tuple[int, Decimal]] = []
+        fixed, other = [_ZERO], False
+        for unit, value in (item for model_price in prices for item in _priced(model_price, self._registry)):
+            family, direction = unit.dimensions.get("family"), unit.dimensions.get("direction")
+            if family == "tokens" and direction in ("input", "output"):
+                (inputs if direction == "input" else outputs).extend(_rates(value, unit.per))
+            elif family == "requests":
+                fixed.extend(rate for _, rate in _rates(value, unit.per))
+            else:
+                other = True
+        if other and not inputs and not outputs:
+            return None
+        return _Limits(tuple(inputs), tuple(outputs), max(fixed))
+
+    def _unknown(self, status: PricingStatus, provider: str, model: str) -> Cost:
+        """A cost without amount; warns once per (status, provider, model)."""
+        if (status, provider, model) not in self._warned:
+            _remember(self._warned, (status, provider, model), None, self._max_entries)
+            what = "no price" if status == "unknown_model" else "usage that genai-prices rejects"
+            logger.warning("llm-spend: %s for model %r of provider %r; cost unknown", what, model, provider)
+        return Cost(None, None, status, None, None)
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V, limit: int) -> _V:
+    """Store `value`, first evicting the oldest entry of a full cache, so memory stays bounded."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)), None)
+    cache[key] = value
+    return value
+
+
+def _make_entry(provider: Provider, model: ModelInfo) -> _Entry:
+    """Note whether variants apply and which date or time-of-day constraints the price depends on."""
+    own = any(model is listed for listed in provider.models)
+    constraints = [price.constraint for price in model.prices] if isinstance(model.prices, list) else []
+    if own:
+        constraints += [variant.constraint for variant in model.price_variants or ()]
+    kept = tuple(constraint for constraint in constraints if constraint is not None)
+    return _Entry(provider, model, own, kept, any(isinstance(c, TimeOfDateConstraint) for c in kept))
+
+
+def _utc(at: datetime) -> datetime:
+    """`at` in UTC; naive datetimes are UTC, as genai-prices reads them."""
+    return at if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _when(entry: _Entry, at: datetime) -> object:
+    """What of `at` the price depends on: the UTC date, or which constraints hold at that instant."""
+    if entry.by_time:
+        return tuple(constraint.active(at) for constraint in entry.constraints)
+    return _utc(at).date()
+
+
+def _priced(model_price: ModelPrice, registry: UnitRegistry) -> list[tuple[UnitDef, Decimal | TieredPrices]]:
+    """The (unit, price) pairs of a price set; like genai-prices, ignore keys it does not know."""
+    priced: list[tuple[UnitDef, Decimal | TieredPrices]] = []
+    for key, value in model_price.__dict__.items():
+        if not key.startswith("_") and value is not None:
+            try:
+                priced.append((registry.unit_for_price_key(key), value))
+            except KeyError:
+                continue
+    return priced
+
+
+def _rates(value: Decimal | TieredPrices, per: int) -> _Rates:
+    """A price divided by `per`, with its tiers highest start first, as genai-prices tries them.
+
+    The division must be exact (per is a power of ten for every unit a `Usage` fills), so that
+    rate * count equals genai-prices' price * count / per; otherwise decimal.Inexact is raised.
+    """
+    tiers = (
+        [(tier.start, tier.price) for tier in reversed(value.tiers)]
+        if isinstance(value, TieredPrices)
+        else []
+    )
+    base = value.base if isinstance(value, TieredPrices) else value
+    with localcontext() as context:
+        context.traps[Inexact] = True
+        return tuple((start, price / per) for start, price in [*tiers, (-1, base)])
+
+
+def _terms(model_price: ModelPrice, registry: UnitRegistry) -> tuple[_Term, ...]:
+    """Compile a price set with genai-prices' leaf decomposition (`decompose.compute_leaf_values`).
+
+    A unit's billed count is its usage minus the billed counts of its priced descendants (the units whose
+    dimensions include its own), so each count is a fixed integer combination of the usage vector.
+    Raises ValueError, as genai-prices does, when the price set lacks an ancestor or join price.
+    """
+    priced = _priced(model_price, registry)
+    validate_priced_units([unit for unit, _ in priced], registry)
+    priced.sort(key=lambda item: (-len(item[0].dimensions), item[0].usage_key))
+    counts: list[dict[int, int]] = []
+    terms: list[_Term] = []
+    for position, (unit, value) in enumerate(priced):
+        count = {_RAW_KEYS.index(unit.usage_key): 1} if unit.usage_key in _RAW_KEYS else {}
+        for other, (descendant, _) in zip(counts, priced[:position], strict=True):
+            if unit.dimensions.items() <= descendant.dimensions.items():
+                for index, coefficient in other.items():
+                    count[index] = count.get(index, 0) - coefficient
+        counts.append({index: coefficient for index, coefficient in count.items() if coefficient})
+        if counts[-1]:
+            terms.append(_Term(tuple(counts[-1].items()), _rates(value, unit.per)))
+    return tuple(terms)
+
+
+def _total(terms: Sequence[_Term], usage: Usage) -> Decimal | None:
+    """Sum rate * count over the terms, exactly as genai-prices sums; None for a negative count.
+
+    Every product and sum is exact in the default 28-digit context, so the order of terms does not matter.
+    """
+    raw: tuple[int, ...] = _USAGE_FIELDS(usage)
+    raw += (raw[3] - raw[4] if raw[4] else 0, 1)  # 5-minute writes are passed only beside 1-hour ones
+    input_tokens = raw[0]
+    total = _ZERO
+    for counts, rates in terms:
+        count = 0
+        for index, coefficient in counts:
+            count += coefficient * raw[index]
+        if count:
+            if count < 0:
+                return None
+            for start, rate in rates:  # the base starts at -1: a rate is always found
+                if input_tokens > start:
+                    total += rate * count
+                    break
+    return total
+
+
+def _max_rate(rates: _Rates, input_tokens: int) -> Decimal:
+    """The highest of the rates that a call with at most `input_tokens` input tokens can reach."""
+    return max((rate for start, rate in rates if input_tokens > start), default=_ZERO)
+
+
+def _standard_prices(model: ModelInfo, day: date) -> list[ModelPrice]:
+    """Every standard (not variant) price set in force at some instant of the UTC `day`."""
+    if isinstance(model.prices, ModelPrice):
+        return [model.prices]
+    instants = {datetime.combine(day, time(), UTC)}
+    for conditional in model.prices:
+        if isinstance(conditional.constraint, TimeOfDateConstraint):
+            for edge in (conditional.constraint.start_time, conditional.constraint.end_time):
+                utc_edge = datetime.combine(day, edge).astimezone(UTC).timetz() if edge.tzinfo else edge
+                instants.add(datetime.combine(day, utc_edge.replace(tzinfo=UTC)))
+    return [model.get_prices(instant) for instant in sorted(instants)]
