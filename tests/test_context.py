@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -328,3 +329,68 @@ def test_none_for_an_absent_key_is_harmless() -> None:
     """Removing a key that is not set leaves the tags empty, not holding None."""
     with with_tags(missing=None):
         assert dict(current_tags()) == {}
+
+
+async def test_one_with_tags_object_shared_by_concurrent_tasks() -> None:
+    """A with_tags object kept at module level and entered by many tasks at once works in each task."""
+    chat_scope = with_tags(feature="chat")
+
+    async def handler(i: int) -> dict[str, str]:
+        async with with_tags(user_id=str(i)), chat_scope:
+            await asyncio.sleep(0.001 * (i % 3))
+            inside = dict(current_tags())
+        assert dict(current_tags()) == {}
+        return inside
+
+    results = await asyncio.gather(*(handler(i) for i in range(10)), return_exceptions=True)
+    assert results == [{"user_id": str(i), "feature": "chat"} for i in range(10)]
+
+
+def test_one_with_tags_object_shared_by_threads() -> None:
+    """A with_tags object entered in several threads at once restores each thread's own tags."""
+    shared = with_tags(feature="batch")
+    barrier = threading.Barrier(4)
+    results: list[object] = []
+
+    def worker(i: int) -> None:
+        try:
+            with with_tags(worker=str(i)):
+                with shared:
+                    barrier.wait(timeout=10)
+                    inside = dict(current_tags())
+                    barrier.wait(timeout=10)
+                results.append((inside, dict(current_tags())))
+        except Exception as exc:  # reported through results
+            results.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(map(repr, results)) == sorted(
+        repr(({"worker": str(i), "feature": "batch"}, {"worker": str(i)})) for i in range(4)
+    )
+
+
+def test_token_count_keys_are_not_mistaken_for_secrets() -> None:
+    """Only whole secret words redact: `max_tokens` and `tokenizer` keep their values, `x-api-key` not."""
+    with with_tags(max_tokens=512, tokenizer="o200k", **{"x-api-key": "sk-1"}) as tags:
+        assert tags["max_tokens"] == "512"
+        assert tags["tokenizer"] == "o200k"
+        assert tags["x-api-key"] == "[REDACTED]"
+
+
+def test_decorating_a_generator_is_refused() -> None:
+    """A generator's body runs in its consumer's context, so decorating one raises TypeError."""
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    with pytest.raises(TypeError, match="numbers"):
+        with_tags(a="1")(numbers)
+    with pytest.raises(TypeError, match="chunks"):
+        with_tags(a="1")(chunks)

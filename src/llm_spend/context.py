@@ -33,10 +33,12 @@ MAX_TAGS: Final = 50
 MAX_VALUE_BYTES: Final = 256
 REDACTED: Final = "[REDACTED]"
 _KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_SECRET_MARKERS: Final = (
-    "api_key", "apikey", "api-key", "authorization", "auth_token", "bearer", "password", "passwd",
-    "secret", "token", "cookie", "credential", "private_key", "access_key",
-)  # fmt: skip
+# A key is secret-looking when one of its words (split on _ . -) is one of these: `api_key`,
+# `X-API-Key`, `client_secret`, `session_token` and `token_count` are; `max_tokens` and `author` not.
+_SECRET = re.compile(
+    r"(?:^|[_.\-])(?:api[_.\-]?key|apikey|authorization|auth|bearer|password|passwd|secret|token|cookie"
+    r"|credentials?|private[_.\-]?key|access[_.\-]?key)(?:$|[_.\-])"
+)
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 _tags: ContextVarExt[Mapping[str, str]] = ContextVarExt("llm_spend.tags", default=_EMPTY)
@@ -59,8 +61,7 @@ def current_request_id() -> str | None:
 
 
 def _value(key: str, value: object) -> str:
-    lowered = key.lower()
-    if any(marker in lowered for marker in _SECRET_MARKERS):
+    if _SECRET.search(key.lower()):
         return REDACTED
     text = value if isinstance(value, str) else str(value)
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
@@ -130,6 +131,11 @@ class with_tags:
 
     def __call__(self, func: F) -> F:
         """Decorate a sync or async function: each call runs in its own scope."""
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"with_tags cannot decorate the generator {func.__qualname__}: its body runs in its "
+                "consumer's context; use `with with_tags(...)` inside it instead"
+            )
         new = self._new
         if inspect.iscoroutinefunction(func):
 

@@ -1,0 +1,342 @@
+"""Storage: the schema Alembic creates, the CLI that runs it, and idempotent, consistent writes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import BigInteger, Integer, text
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import llm_spend
+from llm_spend import CallRecord, Tracker, Usage
+from llm_spend.budgets import window_bounds
+from llm_spend.money import from_nanousd
+from llm_spend.storage.store import PendingWrite, Store, WindowKey
+from llm_spend.usage import new_event_id
+
+CLI = Path(sys.executable).with_name("llm-spend")
+
+LEDGER_COLUMNS = {
+    "event_id", "occurred_at", "provider", "model", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "pricing_status", "price_source",
+    "usage_source", "stream", "latency_ms", "service_tier", "provider_response_id", "request_id", "tags",
+}  # fmt: skip
+ROLLUP_COLUMNS = {
+    "period", "window_start", "scope_key", "scope_value", "spent_nanousd", "reserved_nanousd", "calls",
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+}  # fmt: skip
+
+
+def newest_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(Path(llm_spend.__file__).parent / "migrations"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+async def inspect_db(url: str, fn: Any) -> Any:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda sync: fn(sa_inspect(sync)))
+    finally:
+        await engine.dispose()
+
+
+async def scalar_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(r) for r in (await conn.execute(text(sql))).all()]
+    finally:
+        await engine.dispose()
+
+
+async def test_revision_is_newest_after_migrate(db_url: str) -> None:
+    """After migrate(), Store.revision() is the newest Alembic revision; before, it is None."""
+    store = Store(db_url)
+    try:
+        assert await store.revision() is None
+        await store.migrate()
+        assert await store.revision() == newest_revision()
+        await store.migrate()
+        assert await store.revision() == newest_revision()
+    finally:
+        await store.close()
+
+
+async def test_tracker_enter_migrates_to_newest(db_url: str) -> None:
+    """Entering a Tracker brings the schema to the newest revision."""
+    async with Tracker(db_url) as tracker:
+        assert await tracker.store.revision() == newest_revision()
+
+
+async def _enter_together(*trackers: Tracker) -> list[BaseException]:
+    """Enter the trackers concurrently; exit the ones that came up, return the errors of the others."""
+    results = await asyncio.gather(*(t.__aenter__() for t in trackers), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    for tracker, result in zip(trackers, results, strict=True):
+        if isinstance(result, BaseException):
+            await tracker.store.close()
+        else:
+            await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)
+            await tracker.__aexit__(None, None, None)
+    return errors
+
+
+async def test_trackers_on_two_databases_can_start_at_the_same_time(tmp_path: Path) -> None:
+    """Two trackers for two different databases, entered concurrently in one process, both migrate."""
+    urls = [f"sqlite+aiosqlite:///{tmp_path / name}" for name in ("a.db", "b.db")]
+    errors = await _enter_together(*(Tracker(url) for url in urls))
+    assert errors == []
+    for url in urls:
+        assert await scalar_rows(url, "SELECT COUNT(*) FROM llm_calls") == [(1,)]
+
+
+async def test_two_trackers_on_one_postgresql_database_can_start_at_the_same_time(pg_url: str) -> None:
+    """Two trackers entering at once on one fresh PostgreSQL database both come up (one migrates)."""
+    errors = await _enter_together(Tracker(pg_url), Tracker(pg_url))
+    assert errors == []
+    assert await scalar_rows(pg_url, "SELECT COUNT(*) FROM llm_calls") == [(2,)]
+
+
+def test_cli_db_upgrade_creates_the_tables(db_url: str) -> None:
+    """`llm-spend db upgrade --url URL` exits 0, reports the revision and creates the tables."""
+    result = subprocess.run(
+        [str(CLI), "db", "upgrade", "--url", db_url], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert newest_revision() in result.stdout
+    names = asyncio.run(inspect_db(db_url, lambda insp: insp.get_table_names()))
+    assert {"llm_calls", "llm_spend_rollups", "llm_spend_reservations"} <= set(names)
+    current = subprocess.run(
+        [str(CLI), "db", "current", "--url", db_url], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert current.returncode == 0, current.stderr
+    assert newest_revision() in current.stdout
+
+
+def test_cli_reads_url_from_environment(tmp_path: Path) -> None:
+    """Without --url, `llm-spend db upgrade` uses $LLM_SPEND_URL."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'env.db'}"
+    result = subprocess.run(
+        [str(CLI), "db", "upgrade"],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "LLM_SPEND_URL": url},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "llm_calls" in asyncio.run(inspect_db(url, lambda insp: insp.get_table_names()))
+
+
+def test_cli_rejects_a_url_that_is_not_sqlite_or_postgresql(tmp_path: Path) -> None:
+    """A URL for another database is refused with a non-zero exit and a message, no traceback."""
+    result = subprocess.run(
+        [str(CLI), "db", "upgrade", "--url", "mysql+aiomysql://u@h/db"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "url" in result.stderr.lower()
+
+
+async def test_tables_and_columns_from_the_design_exist(db_url: str) -> None:
+    """llm_calls, llm_spend_rollups and llm_spend_reservations have the columns DESIGN.md names."""
+    store = Store(db_url)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+
+    def describe(insp: Any) -> dict[str, Any]:
+        return {
+            name: {c["name"]: c for c in insp.get_columns(name)}
+            for name in ("llm_calls", "llm_spend_rollups", "llm_spend_reservations")
+        } | {
+            "indexes": insp.get_indexes("llm_calls"),
+            "unique": insp.get_unique_constraints("llm_calls"),
+            "rollup_pk": insp.get_pk_constraint("llm_spend_rollups"),
+        }
+
+    info = await inspect_db(db_url, describe)
+    assert set(info["llm_calls"]) >= LEDGER_COLUMNS
+    assert set(info["llm_spend_rollups"]) >= ROLLUP_COLUMNS
+    assert any("expire" in name for name in info["llm_spend_reservations"])
+    assert info["llm_calls"]["cost_nanousd"]["nullable"] is True
+    assert set(info["rollup_pk"]["constrained_columns"]) == {
+        "period",
+        "window_start",
+        "scope_key",
+        "scope_value",
+    }
+    unique_sets = [set(u["column_names"]) for u in info["unique"]]
+    unique_sets += [set(i["column_names"]) for i in info["indexes"] if i.get("unique")]
+    assert {"event_id"} in unique_sets
+    leading = {i["column_names"][0] for i in info["indexes"] if i["column_names"]}
+    assert "occurred_at" in leading
+    assert "model" in leading
+    if make_url(db_url).get_backend_name() == "postgresql":
+        assert type(info["llm_calls"]["tags"]["type"]).__name__ == "JSONB"
+        tag_indexes = [i for i in info["indexes"] if i["column_names"] == ["tags"]]
+        assert tag_indexes, "PostgreSQL needs an index for tag queries"
+        assert tag_indexes[0].get("dialect_options", {}).get("postgresql_using") == "gin"
+
+
+async def test_money_columns_are_integers(db_url: str) -> None:
+    """Every money column is an integer (nano-USD BIGINT), never a float or decimal."""
+    async with Tracker(db_url):
+        pass
+
+    def types(insp: Any) -> dict[str, Any]:
+        found = {}
+        for table in ("llm_calls", "llm_spend_rollups", "llm_spend_reservations"):
+            for column in insp.get_columns(table):
+                if column["name"].endswith("nanousd"):
+                    found[f"{table}.{column['name']}"] = column["type"]
+        return found
+
+    money = await inspect_db(db_url, types)
+    assert {
+        "llm_calls.cost_nanousd",
+        "llm_spend_rollups.spent_nanousd",
+        "llm_spend_rollups.reserved_nanousd",
+    } <= set(money)
+    for name, column_type in money.items():
+        assert isinstance(column_type, Integer), name
+        if make_url(db_url).get_backend_name() == "postgresql":
+            assert isinstance(column_type, BigInteger), name
+
+
+def _record(cost_nanousd: int | None = 6_000_000, **tags: str) -> CallRecord:
+    return CallRecord(
+        event_id=new_event_id(),
+        occurred_at=datetime.now(UTC),
+        provider="openai",
+        model="gpt-4o",
+        usage=Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=100, reasoning_tokens=20),
+        cost=None if cost_nanousd is None else from_nanousd(cost_nanousd),
+        cost_nanousd=cost_nanousd,
+        pricing_status="priced" if cost_nanousd is not None else "unknown_model",
+        price_source="genai-prices test",
+        usage_source="manual",
+        tags=tags,
+    )
+
+
+def _windows(record: CallRecord) -> tuple[WindowKey, ...]:
+    return tuple(
+        WindowKey(period, window_bounds(period, record.occurred_at, UTC)[0], "", "")  # type: ignore[arg-type]
+        for period in ("day", "month")
+    )
+
+
+async def _snapshot(url: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    calls = await scalar_rows(
+        url, "SELECT event_id, cost_nanousd, input_tokens FROM llm_calls ORDER BY event_id"
+    )
+    rollups = await scalar_rows(
+        url,
+        "SELECT period, scope_key, scope_value, spent_nanousd, reserved_nanousd, calls, input_tokens, "
+        "output_tokens, cache_read_tokens, reasoning_tokens FROM llm_spend_rollups ORDER BY period",
+    )
+    return calls, rollups
+
+
+@pytest.fixture
+async def store(db_url: str) -> Any:
+    store = Store(db_url)
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+async def test_writing_the_same_event_twice_changes_nothing(db_url: str, store: Store) -> None:
+    """A PendingWrite written again (same event_id) leaves ledger rows and rollups unchanged."""
+    record = _record()
+    item = PendingWrite(record, _windows(record))
+    first = await store.write([item])
+    assert first[0] is not None
+    before = await _snapshot(db_url)
+    assert len(before[0]) == 1
+    assert [r[3] for r in before[1]] == [6_000_000, 6_000_000]
+    second = await store.write([item])
+    assert second == [None]
+    assert await _snapshot(db_url) == before
+
+
+async def test_same_event_twice_in_one_batch_is_counted_once(db_url: str, store: Store) -> None:
+    """A batch holding one event twice writes one ledger row and counts it once in the rollups."""
+    record = _record()
+    item = PendingWrite(record, _windows(record))
+    other = _record(cost_nanousd=1_000)
+    await store.write([item, PendingWrite(other, _windows(other)), item])
+    calls, rollups = await _snapshot(db_url)
+    assert len(calls) == 2
+    assert {(r[0], r[3], r[5]) for r in rollups} == {("day", 6_001_000, 2), ("month", 6_001_000, 2)}
+
+
+async def test_write_returns_each_items_running_spend(db_url: str, store: Store) -> None:
+    """write() returns, per item in batch order, each window's spent total right after that item."""
+    a, b = _record(cost_nanousd=100), _record(cost_nanousd=250)
+    results = await store.write([PendingWrite(a, _windows(a)), PendingWrite(b, _windows(b))])
+    day = next(k for k in _windows(a) if k.period == "day")
+    assert results[0] is not None and results[1] is not None
+    assert results[0][day] == 100
+    assert results[1][day] == 350
+    c = _record(cost_nanousd=None)
+    (result,) = await store.write([PendingWrite(c, _windows(c))])
+    assert result is not None and result[day] == 350
+
+
+async def test_stored_times_come_back_as_aware_utc(db_url: str, store: Store) -> None:
+    """occurred_at and window_start are aware UTC datetimes when read back, on every backend."""
+    from llm_spend.storage.schema import calls, rollups
+
+    record = _record()
+    await store.write([PendingWrite(record, _windows(record))])
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            occurred = (await conn.execute(calls.select())).mappings().one()["occurred_at"]
+            starts = [r["window_start"] for r in (await conn.execute(rollups.select())).mappings().all()]
+    finally:
+        await engine.dispose()
+    assert occurred == record.occurred_at
+    assert occurred.utcoffset().total_seconds() == 0
+    assert set(starts) == {k.start for k in _windows(record)}
+
+
+async def test_ledger_cost_is_exact_nano_usd(db_url: str, store: Store) -> None:
+    """A cost with nine decimals survives the database exactly."""
+    record = _record(cost_nanousd=123_456_789_012)
+    await store.write([PendingWrite(record, _windows(record))])
+    rows = await scalar_rows(db_url, "SELECT cost_nanousd FROM llm_calls")
+    assert rows == [(123_456_789_012,)]
+    assert from_nanousd(rows[0][0]) == Decimal("123.456789012")
+
+
+def test_sqlite_uses_wal(sqlite_url: str) -> None:
+    """A SQLite ledger is in WAL journal mode once the tracker has run."""
+
+    async def run() -> None:
+        async with Tracker(sqlite_url) as tracker:
+            await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)
+
+    asyncio.run(run())
+    path = make_url(sqlite_url).database
+    assert path is not None
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"

@@ -1,0 +1,649 @@
+"""Tracker: manual capture with track(), the ledger rows and rollups it writes, lifecycle, subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal
+from importlib.metadata import version
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import genai_prices
+import httpx
+import pytest
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from llm_spend import Budget, CallRecord, SpendMiddleware, Tracker, current_tags, with_tags
+from llm_spend.budgets import window_bounds
+from llm_spend.money import from_nanousd, to_nanousd
+
+Factory = Callable[..., Awaitable[Tracker]]
+
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+# -- helpers: read the database the way a user would, with a separate engine -------------------------
+
+
+async def query(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(text(sql), params)
+            return [dict(row) for row in result.mappings().all()]
+    finally:
+        await engine.dispose()
+
+
+async def count(url: str, table: str) -> int:
+    rows = await query(url, f"SELECT COUNT(*) AS n FROM {table}")
+    return int(rows[0]["n"])
+
+
+async def table_names(url: str) -> list[str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+
+
+def as_dict(tags: Any) -> dict[str, str]:
+    return json.loads(tags) if isinstance(tags, str) else dict(tags)
+
+
+def genai_cost(model: str, provider: str = "openai", **tokens: int) -> Decimal:
+    calc = genai_prices.calc_price(genai_prices.Usage(**tokens), model, provider_id=provider)
+    return calc.total_price
+
+
+# -- pricing and the returned record -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        {"input_tokens": 1200, "output_tokens": 300},
+        {"input_tokens": 1200, "output_tokens": 300, "cache_read_tokens": 1000},
+        {"input_tokens": 7, "output_tokens": 0},
+        {"input_tokens": 123_457, "output_tokens": 9_876},
+    ],
+    ids=["plain", "cache-read", "tiny", "large"],
+)
+async def test_track_cost_equals_genai_prices_to_the_nano_dollar(
+    sqlite_url: str, tracker_factory: Factory, tokens: dict[str, int]
+) -> None:
+    """track() returns a CallRecord whose Decimal cost is genai-prices' calc_price to the nano-dollar."""
+    tracker = await tracker_factory(sqlite_url)
+    record = await tracker.track(provider="openai", model="gpt-4o", **tokens)
+    expected = to_nanousd(genai_cost("gpt-4o", **tokens))
+    assert isinstance(record, CallRecord)
+    assert isinstance(record.cost, Decimal)
+    assert record.cost_nanousd == expected
+    assert to_nanousd(record.cost) == expected
+    assert record.pricing_status == "priced"
+    assert record.usage_source == "manual"
+    assert record.input_tokens == tokens["input_tokens"]
+    assert record.output_tokens == tokens["output_tokens"]
+
+
+async def test_track_stores_the_priced_row(db_url: str, tracker_factory: Factory) -> None:
+    """The ledger row holds the call's tokens, integer nano-USD cost, status, source and tags."""
+    tracker = await tracker_factory(db_url)
+    with with_tags(user_id="42", feature="chat"):
+        record = await tracker.track(
+            provider="openai", model="gpt-4o", input_tokens=1200, output_tokens=300,
+            cache_read_tokens=200, reasoning_tokens=50, latency_ms=321, service_tier="default",
+            provider_response_id="chatcmpl-1",
+        )  # fmt: skip
+    rows = await query(db_url, "SELECT * FROM llm_calls")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["event_id"] == record.event_id
+    assert row["provider"] == "openai"
+    assert row["model"] == "gpt-4o"
+    assert (row["input_tokens"], row["output_tokens"]) == (1200, 300)
+    assert (row["cache_read_tokens"], row["cache_write_tokens"], row["reasoning_tokens"]) == (200, 0, 50)
+    assert (
+        row["cost_nanousd"]
+        == record.cost_nanousd
+        == to_nanousd(genai_cost("gpt-4o", input_tokens=1200, output_tokens=300, cache_read_tokens=200))
+    )
+    assert isinstance(row["cost_nanousd"], int)
+    assert from_nanousd(row["cost_nanousd"]) == record.cost
+    assert row["pricing_status"] == "priced"
+    assert row["usage_source"] == "manual"
+    assert row["latency_ms"] == 321
+    assert row["service_tier"] == "default"
+    assert row["provider_response_id"] == "chatcmpl-1"
+    assert row["request_id"] is None
+    assert as_dict(row["tags"]) == {"user_id": "42", "feature": "chat"}
+
+
+async def test_row_stamps_price_source_with_genai_prices_version(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """Each priced row says which price table priced it, e.g. "genai-prices 0.2.3"."""
+    tracker = await tracker_factory(db_url)
+    record = await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=10)
+    rows = await query(db_url, "SELECT price_source FROM llm_calls")
+    assert record.price_source is not None
+    assert record.price_source.startswith("genai-prices")
+    assert version("genai-prices") in record.price_source
+    assert rows == [{"price_source": record.price_source}]
+
+
+async def test_unknown_model_is_stored_with_null_cost(db_url: str, tracker_factory: Factory) -> None:
+    """An unknown model: cost None, pricing_status "unknown_model", a row with NULL cost (never $0)."""
+    tracker = await tracker_factory(db_url)
+    record = await tracker.track(
+        provider="openai", model="no-such-model-xyz-1", input_tokens=100, output_tokens=10
+    )
+    assert record.cost is None
+    assert record.cost_nanousd is None
+    assert record.pricing_status == "unknown_model"
+    rows = await query(db_url, "SELECT cost_nanousd, pricing_status FROM llm_calls")
+    assert rows == [{"cost_nanousd": None, "pricing_status": "unknown_model"}]
+    rollups = await query(db_url, "SELECT calls, spent_nanousd, unknown_cost_calls FROM llm_spend_rollups")
+    assert rollups and all(r == {"calls": 1, "spent_nanousd": 0, "unknown_cost_calls": 1} for r in rollups)
+
+
+async def test_track_outside_a_running_tracker_raises(sqlite_url: str) -> None:
+    """track() on a tracker that was never entered raises instead of losing the call silently."""
+    tracker = Tracker(sqlite_url)
+    with pytest.raises(Exception, match=r"(?i)not running|async with"):
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)
+
+
+# -- invalid input --------------------------------------------------------------------------------------
+
+VALID: dict[str, Any] = {"provider": "openai", "model": "gpt-4o", "input_tokens": 100, "output_tokens": 50}
+
+INVALID = [
+    pytest.param({"input_tokens": -1}, "input_tokens", id="negative-input"),
+    pytest.param({"output_tokens": -5}, "output_tokens", id="negative-output"),
+    pytest.param({"input_tokens": 1.5}, "input_tokens", id="float-input"),
+    pytest.param({"output_tokens": 2.0}, "output_tokens", id="float-output"),
+    pytest.param({"input_tokens": True}, "input_tokens", id="bool-input"),
+    pytest.param({"output_tokens": "10"}, "output_tokens", id="str-output"),
+    pytest.param({"cache_read_tokens": -1}, "cache_read_tokens", id="negative-cache-read"),
+    pytest.param(
+        {"input_tokens": 100, "cache_read_tokens": 60, "cache_write_tokens": 41},
+        "cache_read_tokens",
+        id="cache-exceeds-input",
+    ),
+    pytest.param(
+        {"input_tokens": 100, "cache_write_tokens": 101}, "cache_write_tokens", id="cache-write-gt-input"
+    ),
+    pytest.param({"output_tokens": 50, "reasoning_tokens": 51}, "reasoning_tokens", id="reasoning-gt-output"),
+    pytest.param({"provider": ""}, "provider", id="empty-provider"),
+    pytest.param({"provider": "   "}, "provider", id="blank-provider"),
+    pytest.param({"model": ""}, "model", id="empty-model"),
+    pytest.param({"model": None}, "model", id="none-model"),
+    pytest.param({"input_tokens": 10**9 + 1}, "input_tokens", id="input-over-1e9"),
+    pytest.param({"output_tokens": 10**12}, "output_tokens", id="output-over-1e9"),
+    pytest.param({"latency_ms": -3}, "latency_ms", id="negative-latency"),
+    pytest.param({"tags": {"bad key": "x"}}, "bad key", id="bad-tag-key"),
+    pytest.param({"tags": ["user_id", "1"]}, "tags", id="tags-not-a-mapping"),
+    pytest.param({"tags": {f"k{i}": "v" for i in range(51)}}, "50", id="too-many-tags"),
+]
+
+
+@pytest.mark.parametrize(("override", "field"), INVALID)
+async def test_invalid_input_raises_value_error_naming_the_field(
+    sqlite_url: str, tracker_factory: Factory, override: dict[str, Any], field: str
+) -> None:
+    """Each invalid input raises ValueError whose message names the field, and records nothing."""
+    tracker = await tracker_factory(sqlite_url)
+    with pytest.raises(ValueError) as info:
+        await tracker.track(**(VALID | override))
+    assert field in str(info.value)
+    await tracker.track(**VALID)  # committed after anything the bad call could have queued
+    assert await count(sqlite_url, "llm_calls") == 1
+    rollup = await query(sqlite_url, "SELECT calls FROM llm_spend_rollups WHERE scope_key = ''")
+    assert rollup and all(r["calls"] == 1 for r in rollup)
+
+
+async def test_invalid_inputs_write_nothing(db_url: str, tracker_factory: Factory) -> None:
+    """After every kind of invalid call, the ledger and rollups are empty on every backend."""
+    tracker = await tracker_factory(db_url, budgets=[Budget.daily(100, per="user_id")])
+    for param in INVALID:
+        override, field = param.values
+        with pytest.raises(ValueError, match=field), with_tags(user_id="u1"):
+            await tracker.track(**(VALID | override))
+    assert await count(db_url, "llm_calls") == 0
+    assert await count(db_url, "llm_spend_rollups") == 0
+
+
+def test_token_limit_of_exactly_1e9_is_accepted_as_input() -> None:
+    """10**9 tokens is the largest accepted count (the limit is inclusive); Usage accepts it."""
+    from llm_spend import Usage
+
+    assert Usage(input_tokens=10**9, output_tokens=0).input_tokens == 10**9
+    with pytest.raises(ValueError, match="input_tokens"):
+        Usage(input_tokens=10**9 + 1)
+
+
+# -- tags: explicit > with_tags > middleware ----------------------------------------------------------
+
+
+async def test_explicit_tags_win_over_with_tags_which_win_over_middleware(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """Row tags merge middleware, with_tags and tags=; on a shared key tags= wins, then with_tags."""
+    tracker = await tracker_factory(db_url)
+
+    async def endpoint(request: Request) -> JSONResponse:
+        with with_tags(feature="ctx", team="ctx"):
+            record = await tracker.track(**VALID, tags={"team": "explicit", "extra": 1})
+        return JSONResponse({"event_id": record.event_id, "tags": dict(record.tags)})
+
+    app = Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[
+            Middleware(
+                SpendMiddleware,
+                tracker=tracker,
+                tags=lambda request: {"user_id": "mw", "feature": "mw", "team": "mw"},
+            )
+        ],
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/", headers={"X-Request-ID": "req-abc"})
+    assert response.status_code == 200
+    expected = {"user_id": "mw", "feature": "ctx", "team": "explicit", "extra": "1"}
+    assert response.json()["tags"] == expected
+    rows = await query(db_url, "SELECT tags, request_id, event_id FROM llm_calls")
+    assert len(rows) == 1
+    assert as_dict(rows[0]["tags"]) == expected
+    assert rows[0]["request_id"] == "req-abc"
+    assert rows[0]["event_id"] == response.json()["event_id"]
+
+
+async def test_explicit_tags_are_normalized_like_with_tags(sqlite_url: str, tracker_factory: Factory) -> None:
+    """tags= values are stored as strings, truncated, secrets redacted, and None removes a context key."""
+    tracker = await tracker_factory(sqlite_url)
+    with with_tags(user_id="1", feature="chat"):
+        record = await tracker.track(
+            **VALID, tags={"n": 5, "long": "x" * 300, "api_key": "sk-123", "feature": None}
+        )
+    expected = {"user_id": "1", "n": "5", "long": "x" * 256, "api_key": "[REDACTED]"}
+    assert dict(record.tags) == expected
+    rows = await query(sqlite_url, "SELECT tags FROM llm_calls")
+    assert as_dict(rows[0]["tags"]) == expected
+
+
+async def test_explicit_tags_over_50_with_context_tags_raise(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """tags= that bring the merged tags above 50 raise ValueError and record nothing."""
+    tracker = await tracker_factory(sqlite_url)
+    with with_tags(**{f"a{i}": "v" for i in range(30)}), pytest.raises(ValueError, match="50"):
+        await tracker.track(**VALID, tags={f"b{i}": "v" for i in range(30)})
+    await tracker.track(**VALID)
+    assert await count(sqlite_url, "llm_calls") == 1
+
+
+async def test_explicit_tags_do_not_change_the_context(sqlite_url: str, tracker_factory: Factory) -> None:
+    """Passing tags= to track() leaves current_tags() as it was."""
+    tracker = await tracker_factory(sqlite_url)
+    with with_tags(user_id="1"):
+        await tracker.track(**VALID, tags={"user_id": "2"})
+        assert dict(current_tags()) == {"user_id": "1"}
+
+
+# -- rollups equal the ledger ---------------------------------------------------------------------------
+
+
+async def test_rollups_equal_ledger_sums_after_concurrent_tracking(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """After 500 concurrent track() calls, every rollup row equals the ledger's sums for its window."""
+    tz_name = "America/New_York"
+    tracker = await tracker_factory(
+        db_url,
+        timezone=tz_name,
+        budgets=[Budget.daily(10_000, per="user_id"), Budget.monthly(10_000, per="team")],
+    )
+    rng = random.Random(7)
+    models = ["gpt-4o", "gpt-4o-mini", "no-such-model-xyz"]
+
+    async def one(i: int) -> CallRecord:
+        input_tokens = rng.randint(0, 5000)
+        output_tokens = rng.randint(0, 2000)
+        tags: dict[str, str] = {"user_id": f"u{i % 7}"}
+        if i % 3:
+            tags["team"] = f"t{i % 4}"
+        await asyncio.sleep(0)
+        with with_tags(**tags):
+            return await tracker.track(
+                provider="openai",
+                model=models[i % 3],
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_read_tokens=rng.randint(0, input_tokens),
+                reasoning_tokens=rng.randint(0, output_tokens),
+            )
+
+    records = await asyncio.gather(*(one(i) for i in range(500)))
+    assert len({r.event_id for r in records}) == 500
+
+    from llm_spend.storage.schema import calls, rollups  # decoded datetimes and JSON
+
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            ledger = (await conn.execute(calls.select())).mappings().all()
+            stored = (await conn.execute(rollups.select())).mappings().all()
+    finally:
+        await engine.dispose()
+    assert len(ledger) == 500
+
+    tz = ZoneInfo(tz_name)
+    expected: dict[tuple[str, datetime, str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    scopes = [("day", ""), ("month", ""), ("day", "user_id"), ("month", "team")]
+    for row in ledger:
+        tags = as_dict(row["tags"])
+        for period, scope_key in scopes:
+            value = tags.get(scope_key) if scope_key else ""
+            if value is None:
+                continue
+            sums = expected[(period, window_bounds(period, row["occurred_at"], tz)[0], scope_key, value)]
+            sums["spent_nanousd"] += row["cost_nanousd"] or 0
+            sums["calls"] += 1
+            sums["unknown_cost_calls"] += row["cost_nanousd"] is None
+            for column in TOKEN_COLUMNS:
+                sums[column] += row[column]
+
+    got = {
+        (r["period"], r["window_start"], r["scope_key"], r["scope_value"]): {
+            name: r[name] for name in ("spent_nanousd", "calls", "unknown_cost_calls", *TOKEN_COLUMNS)
+        }
+        for r in stored
+    }
+    assert got == {key: dict(value) for key, value in expected.items()}
+    assert all(r["reserved_nanousd"] == 0 for r in stored)
+
+    totals = (await query(db_url, "SELECT SUM(cost_nanousd) AS s, COUNT(*) AS n FROM llm_calls"))[0]
+    day_global = [v for k, v in got.items() if k[0] == "day" and k[2] == ""]
+    assert sum(v["spent_nanousd"] for v in day_global) == int(totals["s"])
+    assert sum(v["calls"] for v in day_global) == int(totals["n"]) == 500
+    assert int(totals["s"]) == sum(r.cost_nanousd or 0 for r in records)
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------
+
+
+async def test_async_with_writes_every_accepted_call_before_exit(db_url: str) -> None:
+    """After `async with tracker` exits, all 300 tracked calls are in the database, seen by a new engine."""
+    async with Tracker(db_url) as tracker:
+        tasks = [asyncio.create_task(tracker.track(**VALID, tags={"i": i})) for i in range(300)]
+        records = await asyncio.gather(*tasks)
+    assert len({r.event_id for r in records}) == 300
+    assert await count(db_url, "llm_calls") == 300
+    rows = await query(db_url, "SELECT calls FROM llm_spend_rollups WHERE scope_key = '' AND period = 'day'")
+    assert sum(r["calls"] for r in rows) == 300
+
+
+async def test_lifespan_writes_every_accepted_call_before_exit(sqlite_url: str) -> None:
+    """tracker.lifespan(app) runs the tracker; on exit all 300 calls are durably in the SQLite file."""
+    tracker = Tracker(sqlite_url)
+    async with tracker.lifespan(None):
+        records = await asyncio.gather(*(tracker.track(**VALID) for _ in range(300)))
+    assert len(records) == 300
+    reopened = Tracker(sqlite_url)
+    async with reopened:
+        assert await count(sqlite_url, "llm_calls") == 300
+
+
+async def test_calls_in_flight_when_the_tracker_exits_are_written_or_refused(sqlite_url: str) -> None:
+    """Calls still queued when the tracker exits are all written; none hangs, none is silently lost."""
+    tracker = Tracker(sqlite_url, max_queue=5, max_batch=3)
+    await tracker.__aenter__()
+    tasks = [asyncio.create_task(tracker.track(**VALID)) for _ in range(100)]
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(tracker.__aexit__(None, None, None))
+    # a hang guard, not a timing assertion: the whole thing takes well under a second
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+    await asyncio.wait_for(closing, timeout=30)
+    recorded = [r for r in results if isinstance(r, CallRecord)]
+    failed = [r for r in results if not isinstance(r, CallRecord)]
+    assert all(isinstance(e, Exception) and not isinstance(e, ValueError) for e in failed)
+    assert await count(sqlite_url, "llm_calls") == len(recorded)
+    assert len(recorded) == 100
+
+
+async def test_calls_are_written_when_the_block_exits_with_an_error(sqlite_url: str) -> None:
+    """An exception leaving `async with tracker` still leaves every tracked call in the database."""
+    with pytest.raises(RuntimeError, match="app crashed"):
+        async with Tracker(sqlite_url) as tracker:
+            await asyncio.gather(*(tracker.track(**VALID) for _ in range(50)))
+            raise RuntimeError("app crashed")
+    assert await count(sqlite_url, "llm_calls") == 50
+
+
+async def test_cancelled_caller_still_gets_its_call_recorded(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """A track() whose caller is cancelled after submitting is still written, and later calls work."""
+    tracker = await tracker_factory(sqlite_url)
+    task = asyncio.create_task(tracker.track(**VALID))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await tracker.track(**VALID)
+    assert await count(sqlite_url, "llm_calls") == 2
+
+
+async def test_two_trackers_on_one_database_keep_rollups_equal_to_ledger(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """Two trackers (as two processes) writing concurrently to one database keep rollups == ledger sums."""
+    budgets = [Budget.daily(10_000, per="user_id")]
+    a = await tracker_factory(db_url, budgets=budgets)
+    b = await tracker_factory(db_url, budgets=budgets)
+
+    async def one(tracker: Tracker, i: int) -> CallRecord:
+        return await tracker.track(**VALID, tags={"user_id": f"u{i % 5}"})
+
+    records = await asyncio.gather(*(one(t, i) for i in range(150) for t in (a, b)))
+    total = sum(r.cost_nanousd or 0 for r in records)
+    ledger = (await query(db_url, "SELECT SUM(cost_nanousd) AS s, COUNT(*) AS n FROM llm_calls"))[0]
+    assert (int(ledger["s"]), int(ledger["n"])) == (total, 300)
+    rollups = await query(
+        db_url, "SELECT period, scope_key, scope_value, spent_nanousd, calls FROM llm_spend_rollups"
+    )
+    for period in ("day", "month"):
+        glob = [r for r in rollups if r["period"] == period and r["scope_key"] == ""]
+        assert [(r["spent_nanousd"], r["calls"]) for r in glob] == [(total, 300)]
+    per_user = {r["scope_value"]: r["calls"] for r in rollups if r["scope_key"] == "user_id"}
+    assert per_user == {f"u{i}": 60 for i in range(5)}
+
+
+async def test_in_memory_sqlite_database_works(tracker_factory: Factory) -> None:
+    """An in-memory SQLite URL migrates and records (one shared connection)."""
+    tracker = await tracker_factory("sqlite+aiosqlite://")
+    seen: list[CallRecord] = []
+    tracker.subscribe(seen.append)
+    record = await tracker.track(**VALID)
+    assert seen == [record]
+    assert record.cost is not None
+
+
+def test_starlette_lifespan_runs_the_tracker(db_url: str) -> None:
+    """Starlette(lifespan=tracker.lifespan) migrates, serves tracking endpoints and flushes on shutdown."""
+    tracker = Tracker(db_url)
+
+    async def endpoint(request: Request) -> JSONResponse:
+        record = await tracker.track(**VALID)
+        return JSONResponse({"cost": str(record.cost)})
+
+    app = Starlette(routes=[Route("/", endpoint)], lifespan=tracker.lifespan)
+    with TestClient(app) as client:
+        for _ in range(5):
+            assert client.get("/").status_code == 200
+    assert asyncio.run(count(db_url, "llm_calls")) == 5
+
+
+async def test_tracker_can_be_entered_again_after_exit(sqlite_url: str) -> None:
+    """A tracker that exited can be entered again and keeps recording into the same ledger."""
+    tracker = Tracker(sqlite_url)
+    async with tracker:
+        await tracker.track(**VALID)
+    async with tracker:
+        await tracker.track(**VALID)
+    assert await count(sqlite_url, "llm_calls") == 2
+
+
+async def test_nested_enter_keeps_tracker_running_until_outermost_exit(sqlite_url: str) -> None:
+    """Entering twice (lifespan plus async with) keeps it running until the last exit."""
+    tracker = Tracker(sqlite_url)
+    async with tracker.lifespan(None):
+        async with tracker:
+            await tracker.track(**VALID)
+        await tracker.track(**VALID)
+    assert await count(sqlite_url, "llm_calls") == 2
+
+
+async def test_auto_migrate_false_leaves_database_empty_until_migrate(db_url: str) -> None:
+    """With auto_migrate=False entering creates no tables; `await tracker.migrate()` then creates them."""
+    tracker = Tracker(db_url, auto_migrate=False)
+    async with tracker:
+        assert [t for t in await table_names(db_url) if t.startswith("llm_")] == []
+        await tracker.migrate()
+        names = set(await table_names(db_url))
+        assert {"llm_calls", "llm_spend_rollups", "llm_spend_reservations"} <= names
+        record = await tracker.track(**VALID)
+    assert (await query(db_url, "SELECT event_id FROM llm_calls")) == [{"event_id": record.event_id}]
+
+
+async def test_migrate_twice_is_fine(db_url: str) -> None:
+    """migrate() is idempotent: twice before and once more while running changes nothing and keeps data."""
+    tracker = Tracker(db_url)
+    await tracker.migrate()
+    await tracker.migrate()
+    async with tracker:
+        await tracker.track(**VALID)
+        await tracker.migrate()
+        await tracker.track(**VALID)
+    assert await count(db_url, "llm_calls") == 2
+
+
+@pytest.mark.parametrize("timezone", ["Not/AZone", "", "UTC+5"])
+def test_bad_timezone_raises_value_error_naming_timezone(sqlite_url: str, timezone: str) -> None:
+    """Tracker(timezone=...) with a name that is not an IANA zone raises ValueError naming timezone."""
+    with pytest.raises(ValueError, match="timezone"):
+        Tracker(sqlite_url, timezone=timezone)
+
+
+def test_bad_mode_raises_value_error_naming_mode(sqlite_url: str) -> None:
+    """Tracker(mode=...) outside notify/raise/block raises ValueError naming mode."""
+    with pytest.raises(ValueError, match="mode"):
+        Tracker(sqlite_url, mode="loud")
+
+
+# -- subscribers ----------------------------------------------------------------------------------------
+
+
+async def test_sync_and_async_subscribers_get_each_record_after_commit(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """Sync and async subscribers receive each CallRecord, and the row is already committed then."""
+    tracker = await tracker_factory(db_url)
+    sync_seen: list[CallRecord] = []
+    async_seen: list[tuple[CallRecord, int]] = []
+
+    async def on_async(record: CallRecord) -> None:
+        rows = await query(
+            db_url, "SELECT COUNT(*) AS n FROM llm_calls WHERE event_id = :e", e=record.event_id
+        )
+        async_seen.append((record, int(rows[0]["n"])))
+
+    tracker.subscribe(sync_seen.append)
+    tracker.subscribe(on_async)
+    first = await tracker.track(**VALID)
+    second = await tracker.track(**VALID, tags={"x": "y"})
+    assert [r.event_id for r in sync_seen] == [first.event_id, second.event_id]
+    assert [(r.event_id, n) for r, n in async_seen] == [(first.event_id, 1), (second.event_id, 1)]
+    assert sync_seen[1].tags == {"x": "y"}
+
+
+async def test_subscribers_get_the_record_of_a_call_that_raised_budget_exceeded(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """A call recorded and then refused by a raise-mode budget is still delivered to subscribers."""
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.per_call("0.0001", mode="raise")])
+    seen: list[CallRecord] = []
+    tracker.subscribe(seen.append)
+    from llm_spend import BudgetExceeded
+
+    with pytest.raises(BudgetExceeded):
+        await tracker.track(**VALID)
+    assert len(seen) == 1
+    assert (await query(sqlite_url, "SELECT event_id FROM llm_calls")) == [{"event_id": seen[0].event_id}]
+
+
+async def test_unsubscribe_stops_delivery(sqlite_url: str, tracker_factory: Factory) -> None:
+    """The callable returned by subscribe() stops further deliveries."""
+    tracker = await tracker_factory(sqlite_url)
+    seen: list[CallRecord] = []
+    unsubscribe = tracker.subscribe(seen.append)
+    await tracker.track(**VALID)
+    unsubscribe()
+    await tracker.track(**VALID)
+    assert len(seen) == 1
+
+
+async def test_raising_subscriber_is_logged_and_recording_continues(
+    sqlite_url: str, tracker_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber that raises is logged; track() still returns, the row is stored, others still get it."""
+    tracker = await tracker_factory(sqlite_url)
+    seen: list[CallRecord] = []
+
+    def broken(record: CallRecord) -> None:
+        raise RuntimeError("subscriber exploded")
+
+    async def broken_async(record: CallRecord) -> None:
+        raise KeyError("async subscriber exploded")
+
+    tracker.subscribe(broken)
+    tracker.subscribe(broken_async)
+    tracker.subscribe(seen.append)
+    with caplog.at_level(logging.ERROR, logger="llm_spend"):
+        first = await tracker.track(**VALID)
+        second = await tracker.track(**VALID)
+    assert [r.event_id for r in seen] == [first.event_id, second.event_id]
+    assert await count(sqlite_url, "llm_calls") == 2
+    messages = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "subscriber exploded" in caplog.text or "subscriber exploded" in messages
+    assert "async subscriber exploded" in caplog.text or "async subscriber exploded" in messages
+    assert sum(1 for r in caplog.records if r.levelno >= logging.ERROR) >= 4
+
+
+def test_subscribe_rejects_non_callable(sqlite_url: str) -> None:
+    """subscribe() with something that is not callable raises ValueError."""
+    with pytest.raises(ValueError, match="callback"):
+        Tracker(sqlite_url).subscribe("nope")  # type: ignore[arg-type]
