@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 __all__ = ["NANO", "from_nanousd", "to_nanousd", "usd"]
 
 NANO = Decimal("1e-9")
-_PER_USD = 1_000_000_000
+_PER_USD = Decimal(1_000_000_000)
 
 
 def usd(value: int | float | str | Decimal, *, field: str = "amount") -> Decimal:

@@ -23,6 +23,8 @@ from importlib.metadata import version
 from operator import attrgetter
 from typing import NamedTuple, TypeVar
 
+from genai_prices.data import providers as bundled_providers
+from genai_prices.data_snapshot import find_provider_by_id
 from genai_prices.data_units import unit_data
 from genai_prices.types import (
     ModelInfo,
@@ -108,9 +110,7 @@ class Pricer:
     """Prices calls from genai-prices' bundled table; its caches live on the instance and are bounded."""
 
     def __init__(self, *, max_entries: int = 4096) -> None:
-        from genai_prices.data import providers  # the bundled table, as genai-prices' own snapshot uses it
-
-        self._providers: list[Provider] = providers
+        self._providers: list[Provider] = bundled_providers  # what genai-prices' bundled snapshot reads
         self._registry = UnitRegistry(unit_data)
         self._source = f"genai-prices {version('genai-prices')}"
         self._max_entries = max_entries
@@ -129,7 +129,10 @@ class Pricer:
         service_tier: str | None = None,
         batch: bool = False,
     ) -> Cost:
-        """The cost of one call made at `at`; an unknown model or rejected usage gives a None amount."""
+        """The cost of one call made at `at`; an unknown model or a rejected usage gives a None amount.
+
+        Never raises for a data problem: those are logged once per (provider, model) and flagged in `status`.
+        """
         entry = self._entry(provider, model)
         if entry is None:
             return self._unknown("unknown_model", provider, model)
@@ -184,8 +187,6 @@ class Pricer:
             return self._entries[(provider, model)]
         except KeyError:
             pass
-        from genai_prices.data_snapshot import find_provider_by_id
-
         found = find_provider_by_id(self._providers, provider)
         info = found.find_model(model, all_providers=self._providers) if found is not None else None
         entry = None if found is None or info is None else _make_entry(found, info)
@@ -283,15 +284,13 @@ def _rates(value: Decimal | TieredPrices, per: int) -> _Rates:
     The division must be exact (per is a power of ten for every unit a `Usage` fills), so that
     rate * count equals genai-prices' price * count / per; otherwise decimal.Inexact is raised.
     """
-    tiers = (
-        [(tier.start, tier.price) for tier in reversed(value.tiers)]
-        if isinstance(value, TieredPrices)
-        else []
-    )
-    base = value.base if isinstance(value, TieredPrices) else value
+    if isinstance(value, TieredPrices):
+        prices = [(tier.start, tier.price) for tier in reversed(value.tiers)] + [(-1, value.base)]
+    else:
+        prices = [(-1, value)]
     with localcontext() as context:
         context.traps[Inexact] = True
-        return tuple((start, price / per) for start, price in [*tiers, (-1, base)])
+        return tuple((start, price / per) for start, price in prices)
 
 
 def _terms(model_price: ModelPrice, registry: UnitRegistry) -> tuple[_Term, ...]:
