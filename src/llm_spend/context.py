@@ -60,8 +60,16 @@ def current_request_id() -> str | None:
     return request_id
 
 
-def _value(key: str, value: object) -> str:
-    if _SECRET.search(key.lower()):
+@functools.lru_cache(maxsize=4096)
+def _key_kind(key: str) -> bool | None:
+    """None for an invalid key, else whether it looks like a secret (cached: keys repeat)."""
+    if not _KEY.fullmatch(key):
+        return None
+    return _SECRET.search(key.lower()) is not None
+
+
+def _value(key: str, value: object, secret: bool) -> str:
+    if secret:
         return REDACTED
     text = value if isinstance(value, str) else str(value)
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
@@ -81,9 +89,10 @@ def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
         raise ValueError(f"at most {MAX_TAGS} tags are allowed, got {len(tags)}")
     normalized: dict[str, str | None] = {}
     for key, value in tags.items():
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
+        kind = _key_kind(key) if isinstance(key, str) else None
+        if kind is None:
             raise ValueError(f"tag key {key!r} must match [A-Za-z0-9_.-]{{1,64}}")
-        normalized[key] = None if value is None else _value(key, value)
+        normalized[key] = None if value is None else _value(key, value, kind)
     return normalized
 
 

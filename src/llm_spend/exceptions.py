@@ -15,6 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
+from .money import format_usd
+
 if TYPE_CHECKING:
     from .budgets import Budget
 
@@ -29,7 +31,8 @@ class BudgetExceeded(LLMSpendError):
     """A budget refused a call before it went out, or a recorded call took a window over its limit.
 
     At stage "post", `spent` includes the call that crossed. At stage "preflight", `spent` and
-    `reserved` are the window's before the refused estimate, and `requested` is that estimate.
+    `reserved` are the window's before the refused estimate, and `requested` is that estimate (0 when
+    the middleware refused a request from memory, before any call was estimated).
     """
 
     def __init__(
@@ -65,8 +68,8 @@ class BudgetExceeded(LLMSpendError):
         where = "" if scope is None else f" for {scope}={scope_value!r}"
         window = "call" if period == "call" else f"{period} starting {window_start:%Y-%m-%d}"
         super().__init__(
-            f"{period} budget of ${limit}{where} exceeded at {stage} "
-            f"({window}: spent ${spent}, reserved ${reserved}, requested ${requested})"
+            f"{period} budget of ${format_usd(limit)}{where} exceeded at {stage} ({window}: spent "
+            f"${format_usd(spent)}, reserved ${format_usd(reserved)}, requested ${format_usd(requested)})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,10 +79,10 @@ class BudgetExceeded(LLMSpendError):
             "period": self.period,
             "scope": self.scope,
             "scope_value": self.scope_value,
-            "limit": str(self.limit),
-            "spent": str(self.spent),
-            "reserved": str(self.reserved),
-            "requested": str(self.requested),
+            "limit": format_usd(self.limit),
+            "spent": format_usd(self.spent),
+            "reserved": format_usd(self.reserved),
+            "requested": format_usd(self.requested),
             "stage": self.stage,
             "window_start": self.window_start.isoformat() if self.window_start else None,
             "window_end": self.window_end.isoformat() if self.window_end else None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
-__all__ = ["NANO", "from_nanousd", "to_nanousd", "usd"]
+__all__ = ["NANO", "format_usd", "from_nanousd", "to_nanousd", "usd"]
 
 NANO = Decimal("1e-9")
 _PER_USD = Decimal(1_000_000_000)
@@ -38,3 +38,9 @@ def to_nanousd(amount: Decimal) -> int:
 def from_nanousd(nanousd: int) -> Decimal:
     """Integer nano-USD -> exact `Decimal` USD."""
     return Decimal(nanousd).scaleb(-9)
+
+
+def format_usd(amount: Decimal) -> str:
+    """Plain notation without trailing zeros: 0.1, 0.106305, 0 (never 0E-9 or 1E+2)."""
+    text = format(amount, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
