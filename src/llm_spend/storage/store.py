@@ -9,10 +9,11 @@ read-then-write. Rows are touched in key order so concurrent writers on PostgreS
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -131,8 +132,16 @@ class Store:
         Returns, per item, each window's spent nano-USD right after that item (items in batch
         order), or None for an item whose event_id was already recorded (nothing changed for it).
         """
+        try:
+            return await self._write(batch, fast=self.dialect == "sqlite")
+        except _Duplicates:  # a replay or retry: redo the batch, asking which rows are new
+            return await self._write(batch, fast=False)
+
+    async def _write(self, batch: Sequence[PendingWrite], *, fast: bool) -> list[dict[WindowKey, int] | None]:
         async with self.engine.begin() as conn:
-            inserted = await self._insert_calls(conn, batch)
+            inserted = await (
+                self._insert_new_calls(conn, batch) if fast else self._insert_calls(conn, batch)
+            )
             settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
             deltas = _rollup_deltas(batch, inserted, settled)
             totals = await self._bump(conn, deltas) if deltas else {}
@@ -149,6 +158,17 @@ class Store:
             delete(reservations).where(reservations.c.id.in_(ids)).returning(reservations.c.id)
         )
         return set(result.scalars().all())
+
+    async def _insert_new_calls(self, conn: AsyncConnection, batch: Sequence[PendingWrite]) -> set[str]:
+        """SQLite fast path: the driver's executemany, no per-row SQLAlchemy processing.
+
+        Event ids are fresh UUIDv7s, so normally every row is new; when the row count says some were
+        not (a replay), the transaction is rolled back and redone with RETURNING.
+        """
+        result = await conn.exec_driver_sql(_SQLITE_INSERT_CALLS, [_sqlite_row(i.record) for i in batch])
+        if result.rowcount != len(batch):
+            raise _Duplicates
+        return {item.record.event_id for item in batch}
 
     async def _insert_calls(self, conn: AsyncConnection, batch: Sequence[PendingWrite]) -> set[str]:
         stmt = (
@@ -279,6 +299,30 @@ class Store:
                 if row is not None:
                     found[key] = (row[0], row[1])
         return found
+
+
+class _Duplicates(Exception):
+    """Some rows of a fast-path batch were already recorded."""
+
+
+_CALL_COLUMNS = tuple(column.name for column in calls.columns if column.name != "id")
+_SQLITE_INSERT_CALLS = (
+    f"INSERT INTO llm_calls ({', '.join(_CALL_COLUMNS)}) VALUES ({', '.join('?' * len(_CALL_COLUMNS))}) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def _sqlite_row(record: CallRecord) -> tuple[Any, ...]:
+    """A ledger row as SQLite stores it through SQLAlchemy (UTC text datetimes, JSON text tags)."""
+    usage = record.usage
+    occurred = record.occurred_at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return (
+        record.event_id, occurred, record.provider, record.model,
+        usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+        usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
+        record.price_source, record.usage_source, int(record.stream), record.latency_ms, record.service_tier,
+        record.provider_response_id, record.request_id, json.dumps(dict(record.tags)),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
