@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,14 +21,14 @@ from typing import Any, NamedTuple
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, delete, event, select, update
+from sqlalchemy import Connection, bindparam, delete, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from ..usage import CallRecord
-from .schema import calls, meta, reservations, rollups
+from .schema import UTCDateTime, calls, meta, reservations, rollups
 
 __all__ = ["PendingWrite", "Refusal", "Store", "WindowKey"]
 
@@ -86,20 +87,40 @@ class Store:
         self.dialect = parsed.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"url must be a SQLite or PostgreSQL SQLAlchemy async URL, got {parsed!r}")
-        kwargs: dict[str, Any] = {}
+        # Transactions always end explicitly (commit or rollback), so the pool need not reset
+        # connections on return: that would be one more round trip per transaction.
+        kwargs: dict[str, Any] = {"pool_reset_on_return": None}
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
             if parsed.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool
         else:
-            kwargs.update(pool_size=5, max_overflow=5, pool_pre_ping=True)
+            kwargs.update(pool_size=5, max_overflow=5)
         self.engine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
-        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. On SQLite, this process's writers take turns in memory first, so
+        they never sleep in SQLite's busy handler waiting for each other (other processes still do)."""
+        if self.dialect != "sqlite":
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock, self.engine.begin() as conn:
+            yield conn
 
     # -- schema -------------------------------------------------------------------------------------
 
@@ -138,10 +159,9 @@ class Store:
             return await self._write(batch, fast=False)
 
     async def _write(self, batch: Sequence[PendingWrite], *, fast: bool) -> list[dict[WindowKey, int] | None]:
-        async with self.engine.begin() as conn:
-            inserted = await (
-                self._insert_new_calls(conn, batch) if fast else self._insert_calls(conn, batch)
-            )
+        async with self._begin() as conn:
+            insert = self._insert_new_calls if fast else self._insert_calls
+            inserted = await insert(conn, batch)
             settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
             deltas = _rollup_deltas(batch, inserted, settled)
             totals = await self._bump(conn, deltas) if deltas else {}
@@ -154,9 +174,7 @@ class Store:
         """
         if not ids:
             return set()
-        result = await conn.execute(
-            delete(reservations).where(reservations.c.id.in_(ids)).returning(reservations.c.id)
-        )
+        result = await conn.execute(self._sql.claim, {"ids": list(ids)})
         return set(result.scalars().all())
 
     async def _insert_new_calls(self, conn: AsyncConnection, batch: Sequence[PendingWrite]) -> set[str]:
@@ -171,30 +189,14 @@ class Store:
         return {item.record.event_id for item in batch}
 
     async def _insert_calls(self, conn: AsyncConnection, batch: Sequence[PendingWrite]) -> set[str]:
-        stmt = (
-            self._insert(calls)
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(calls.c.event_id)
-        )
-        result = await conn.execute(stmt, [call_row(item.record) for item in batch])
+        result = await conn.execute(self._sql.insert_calls, [call_row(item.record) for item in batch])
         return set(result.scalars().all())
 
     async def _bump(
         self, conn: AsyncConnection, deltas: dict[WindowKey, dict[str, int]]
     ) -> dict[WindowKey, int]:
-        insert = self._insert(rollups)
-        stmt = insert.on_conflict_do_update(
-            index_elements=["period", "window_start", "scope_key", "scope_value"],
-            set_={name: rollups.c[name] + insert.excluded[name] for name in _SUMS},
-        ).returning(
-            rollups.c.period,
-            rollups.c.window_start,
-            rollups.c.scope_key,
-            rollups.c.scope_value,
-            rollups.c.spent_nanousd,
-        )
         rows = [_key_row(k) | sums for k, sums in sorted(deltas.items())]
-        result = await conn.execute(stmt, rows)
+        result = await conn.execute(self._sql.bump, rows)
         return {WindowKey(r[0], r[1], r[2], r[3]): r[4] for r in result.all()}
 
     # -- reservations -------------------------------------------------------------------------------
@@ -209,44 +211,34 @@ class Store:
     ) -> Refusal | None:
         """Reserve `amount` in each (window, amount, limit), all or nothing, in one transaction.
 
-        Each window takes one conditional UPDATE: ``reserved += x WHERE spent + reserved + x <= limit``.
-        Returns None when every window accepted, else the first window that refused, with its totals
-        before the attempt (and nothing stays reserved anywhere).
+        Each window takes one conditional statement: ``reserved += x WHERE spent + reserved + x <=
+        limit`` (an upsert, so a window's first reservation creates its row). Returns None when every
+        window accepted, else the first window that refused with its totals before the attempt, and
+        nothing stays reserved anywhere.
         """
         ordered = sorted(amounts)
-        async with self.engine.connect() as conn:
-            await conn.begin()
-            await conn.execute(
-                self._insert(rollups).on_conflict_do_nothing(),
-                [_key_row(key) for key, _, _ in ordered],
-            )
-            for key, amount, limit in ordered:
-                result = await conn.execute(
-                    update(rollups)
-                    .where(*_key_match(key))
-                    .where(rollups.c.spent_nanousd + rollups.c.reserved_nanousd + amount <= limit)
-                    .values(reserved_nanousd=rollups.c.reserved_nanousd + amount)
+        refusal: Refusal | None = None
+        try:
+            async with self._begin() as conn:
+                await conn.execute(
+                    self._sql.insert_reservation,
+                    {
+                        "id": reservation_id,
+                        "created_at": now,
+                        "expires_at": expires_at,
+                        "amount_nanousd": max(amount for _, amount, _ in ordered),
+                        "windows": [[*_key_json(key), amount] for key, amount, _ in ordered],
+                    },
                 )
-                if result.rowcount != 1:
-                    row = (
-                        await conn.execute(
-                            select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(
-                                *_key_match(key)
-                            )
-                        )
-                    ).one()
-                    await conn.rollback()
-                    return Refusal(key, row[0], row[1])
-            await conn.execute(
-                reservations.insert().values(
-                    id=reservation_id,
-                    created_at=now,
-                    expires_at=expires_at,
-                    amount_nanousd=max(amount for _, amount, _ in ordered),
-                    windows=[[*_key_json(key), amount] for key, amount, _ in ordered],
-                )
-            )
-            await conn.commit()
+                for key, amount, limit in ordered:
+                    params = _key_row(key) | {"reserved_nanousd": amount, "lim": limit}
+                    accepted = amount <= limit and (await conn.execute(self._sql.reserve, params)).first()
+                    if not accepted:
+                        row = (await conn.execute(self._sql.totals, _key_params(key))).first()
+                        refusal = Refusal(key, *(row or (0, 0)))
+                        raise _Refused
+        except _Refused:  # the transaction rolled back: nothing is reserved
+            return refusal
         return None
 
     async def release(self, reservation_id: str) -> bool:
@@ -259,14 +251,14 @@ class Store:
 
     async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
         """Push a live reservation's expiry out (a long stream renews its lease)."""
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
             )
         return bool(result.rowcount)
 
     async def _release_where(self, condition: Any) -> int:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 delete(reservations).where(condition).returning(reservations.c.windows)
             )
@@ -276,11 +268,10 @@ class Store:
                 for period, start, scope_key, scope_value, amount in windows:
                     key = WindowKey(period, datetime.fromisoformat(start), scope_key, scope_value)
                     deltas[key] = deltas.get(key, 0) + amount
-            for key, amount in sorted(deltas.items()):
+            if deltas:
                 await conn.execute(
-                    update(rollups)
-                    .where(*_key_match(key))
-                    .values(reserved_nanousd=rollups.c.reserved_nanousd - amount)
+                    self._sql.unreserve,
+                    [_key_params(key) | {"amount": amount} for key, amount in sorted(deltas.items())],
                 )
         return len(released)
 
@@ -291,14 +282,53 @@ class Store:
         found: dict[WindowKey, tuple[int, int]] = {}
         async with self.engine.connect() as conn:
             for key in keys:
-                row = (
-                    await conn.execute(
-                        select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(*_key_match(key))
-                    )
-                ).first()
+                row = (await conn.execute(self._sql.totals, _key_params(key))).first()
                 if row is not None:
                     found[key] = (row[0], row[1])
         return found
+
+
+class _Statements:
+    """Every statement the store runs, built once (building them per call costs more than running)."""
+
+    def __init__(self, insert: Any) -> None:
+        key = (
+            (rollups.c.period == bindparam("k_period"))
+            & (rollups.c.window_start == bindparam("k_start", type_=UTCDateTime()))
+            & (rollups.c.scope_key == bindparam("k_scope"))
+            & (rollups.c.scope_value == bindparam("k_value"))
+        )
+        pk = ["period", "window_start", "scope_key", "scope_value"]
+        self.insert_calls = (
+            insert(calls).on_conflict_do_nothing(index_elements=["event_id"]).returning(calls.c.event_id)
+        )
+        bump = insert(rollups)
+        self.bump = bump.on_conflict_do_update(
+            index_elements=pk, set_={name: rollups.c[name] + bump.excluded[name] for name in _SUMS}
+        ).returning(*(rollups.c[name] for name in pk), rollups.c.spent_nanousd)
+        reserve = insert(rollups)
+        self.reserve = reserve.on_conflict_do_update(
+            index_elements=pk,
+            set_={"reserved_nanousd": rollups.c.reserved_nanousd + reserve.excluded.reserved_nanousd},
+            where=rollups.c.spent_nanousd + rollups.c.reserved_nanousd + reserve.excluded.reserved_nanousd
+            <= bindparam("lim"),
+        ).returning(rollups.c.reserved_nanousd)
+        self.totals = select(rollups.c.spent_nanousd, rollups.c.reserved_nanousd).where(key)
+        self.unreserve = (
+            update(rollups)
+            .where(key)
+            .values(reserved_nanousd=rollups.c.reserved_nanousd - bindparam("amount"))
+        )
+        self.insert_reservation = reservations.insert()
+        self.claim = (
+            delete(reservations)
+            .where(reservations.c.id.in_(bindparam("ids", expanding=True)))
+            .returning(reservations.c.id)
+        )
+
+
+class _Refused(Exception):
+    """A window refused a reservation: roll the transaction back."""
 
 
 class _Duplicates(Exception):
@@ -343,13 +373,13 @@ def _key_row(key: WindowKey) -> dict[str, Any]:
     }
 
 
-def _key_match(key: WindowKey) -> tuple[Any, ...]:
-    return (
-        rollups.c.period == key.period,
-        rollups.c.window_start == key.start,
-        rollups.c.scope_key == key.scope_key,
-        rollups.c.scope_value == key.scope_value,
-    )
+def _key_params(key: WindowKey) -> dict[str, Any]:
+    return {
+        "k_period": key.period,
+        "k_start": key.start,
+        "k_scope": key.scope_key,
+        "k_value": key.scope_value,
+    }
 
 
 def _key_json(key: WindowKey) -> list[str]:
