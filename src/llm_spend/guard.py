@@ -9,6 +9,8 @@ windows are known exhausted, so the middleware can refuse without a database rea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from .budgets import BudgetRule, window_bounds
 from .exceptions import BudgetExceeded
-from .storage.store import Store, WindowKey
+from .storage.store import Refusal, Store, WindowKey
 
 __all__ = ["Guard", "Reservation"]
 
@@ -99,7 +101,7 @@ class Guard:
                 limits[key], owners[key] = rule.limit_nanousd, index
         amounts = [(key, estimate, limit) for key, limit in limits.items()]
         if amounts:
-            refusal = await self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
+            refusal = await self._reserve(reservation_id, amounts, at, lease)
             if refusal is not None:
                 index = owners[refusal.key]
                 window = self.bounds(refusal.key.period, at)
@@ -113,6 +115,21 @@ class Guard:
                     reserved=refusal.reserved, requested=estimate, stage="preflight", now=at,
                 )  # fmt: skip
         return Reservation(reservation_id, at, estimate, tuple((key, estimate) for key, _, _ in amounts))
+
+    async def _reserve(
+        self, reservation_id: str, amounts: list[tuple[WindowKey, int, int]], at: datetime, lease: timedelta
+    ) -> Refusal | None:
+        """The store's reservation; cancelled midway, it still ends, and what it took is given back."""
+        task = asyncio.ensure_future(
+            self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                if await task is None:
+                    await self.store.release(reservation_id)
+            raise
 
     # -- after the call -----------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 
 from ..money import from_nanousd
 from ..usage import CallRecord, Usage
-from .store import PendingWrite, Store, WindowKey, call_row
+from .rows import PendingWrite, WindowKey, call_row
+from .store import Store
 
 __all__ = ["Spool", "default_spool_path"]
 

@@ -9,14 +9,12 @@ read-then-write. Rows are touched in key order so concurrent writers on PostgreS
 from __future__ import annotations
 
 import asyncio
-import json
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -27,39 +25,24 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from ..usage import CallRecord
+from .rows import (
+    CALL_COLUMNS,
+    SUMS,
+    PendingWrite,
+    Refusal,
+    WindowKey,
+    call_row,
+    rollup_deltas,
+    spent_after,
+    sqlite_call_row,
+    window_json,
+)
 from .schema import UTCDateTime, calls, meta, reservations, rollups
+from .sqlite_file import SQLiteFile, text_time
 
 __all__ = ["PendingWrite", "Refusal", "Store", "WindowKey"]
 
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-_TOKEN_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-)
-_SUMS = ("spent_nanousd", "reserved_nanousd", "calls", "unknown_cost_calls", *_TOKEN_COLUMNS)
-
-
-class WindowKey(NamedTuple):
-    """The key of one rollup row: a calendar window of one scope value ("" and "" when global)."""
-
-    period: str
-    start: datetime
-    scope_key: str
-    scope_value: str
-
-
-@dataclass(frozen=True, slots=True)
-class PendingWrite:
-    """A call to record: its ledger row, the rollup windows it counts in, and what it releases."""
-
-    record: CallRecord
-    windows: tuple[WindowKey, ...]
-    reservation_id: str | None = None
-    release: tuple[tuple[WindowKey, int], ...] = ()
 
 
 def _sqlite_setup(engine: AsyncEngine) -> None:
@@ -97,6 +80,8 @@ class Store:
         else:
             kwargs.update(pool_size=5, max_overflow=5)
         self.engine = create_async_engine(url, **kwargs)
+        memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
+        self._file = SQLiteFile(str(parsed.database)) if self.dialect == "sqlite" and not memory else None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
@@ -105,6 +90,8 @@ class Store:
         )
 
     async def close(self) -> None:
+        if self._file is not None:
+            await self._file.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -153,6 +140,8 @@ class Store:
         Returns, per item, each window's spent nano-USD right after that item (items in batch
         order), or None for an item whose event_id was already recorded (nothing changed for it).
         """
+        if self._file is not None:
+            return await self._file.write(batch)
         try:
             return await self._write(batch, fast=self.dialect == "sqlite")
         except _Duplicates:  # a replay or retry: redo the batch, asking which rows are new
@@ -163,9 +152,9 @@ class Store:
             insert = self._insert_new_calls if fast else self._insert_calls
             inserted = await insert(conn, batch)
             settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
-            deltas = _rollup_deltas(batch, inserted, settled)
+            deltas = rollup_deltas(batch, inserted, settled)
             totals = await self._bump(conn, deltas) if deltas else {}
-        return _spent_after(batch, inserted, deltas, totals)
+        return spent_after(batch, inserted, deltas, totals)
 
     async def _claim(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
         """Delete these reservations; the ones actually deleted are this transaction's to release.
@@ -183,7 +172,7 @@ class Store:
         Event ids are fresh UUIDv7s, so normally every row is new; when the row count says some were
         not (a replay), the transaction is rolled back and redone with RETURNING.
         """
-        result = await conn.exec_driver_sql(_SQLITE_INSERT_CALLS, [_sqlite_row(i.record) for i in batch])
+        result = await conn.exec_driver_sql(_SQLITE_INSERT_CALLS, [sqlite_call_row(i.record) for i in batch])
         if result.rowcount != len(batch):
             raise _Duplicates
         return {item.record.event_id for item in batch}
@@ -217,6 +206,8 @@ class Store:
         nothing stays reserved anywhere.
         """
         ordered = sorted(amounts)
+        if self._file is not None:
+            return await self._file.reserve(reservation_id, ordered, now, expires_at)
         refusal: Refusal | None = None
         try:
             async with self._begin() as conn:
@@ -227,7 +218,7 @@ class Store:
                         "created_at": now,
                         "expires_at": expires_at,
                         "amount_nanousd": max(amount for _, amount, _ in ordered),
-                        "windows": [[*_key_json(key), amount] for key, amount, _ in ordered],
+                        "windows": [[*window_json(key), amount] for key, amount, _ in ordered],
                     },
                 )
                 for key, amount, limit in ordered:
@@ -243,14 +234,20 @@ class Store:
 
     async def release(self, reservation_id: str) -> bool:
         """Give a reservation's money back to its windows; False if it was already settled or swept."""
+        if self._file is not None:
+            return bool(await self._file.release("id = ?", (reservation_id,)))
         return bool(await self._release_where(reservations.c.id == reservation_id))
 
     async def sweep(self, now: datetime) -> int:
         """Release every reservation that expired before `now` (its process died); returns how many."""
+        if self._file is not None:
+            return await self._file.release("expires_at < ?", (text_time(now),))
         return await self._release_where(reservations.c.expires_at < now)
 
     async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
         """Push a live reservation's expiry out (a long stream renews its lease)."""
+        if self._file is not None:
+            return await self._file.extend(reservation_id, expires_at)
         async with self._begin() as conn:
             result = await conn.execute(
                 update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
@@ -304,7 +301,7 @@ class _Statements:
         )
         bump = insert(rollups)
         self.bump = bump.on_conflict_do_update(
-            index_elements=pk, set_={name: rollups.c[name] + bump.excluded[name] for name in _SUMS}
+            index_elements=pk, set_={name: rollups.c[name] + bump.excluded[name] for name in SUMS}
         ).returning(*(rollups.c[name] for name in pk), rollups.c.spent_nanousd)
         reserve = insert(rollups)
         self.reserve = reserve.on_conflict_do_update(
@@ -335,33 +332,10 @@ class _Duplicates(Exception):
     """Some rows of a fast-path batch were already recorded."""
 
 
-_CALL_COLUMNS = tuple(column.name for column in calls.columns if column.name != "id")
 _SQLITE_INSERT_CALLS = (
-    f"INSERT INTO llm_calls ({', '.join(_CALL_COLUMNS)}) VALUES ({', '.join('?' * len(_CALL_COLUMNS))}) "
+    f"INSERT INTO llm_calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
-
-
-def _sqlite_row(record: CallRecord) -> tuple[Any, ...]:
-    """A ledger row as SQLite stores it through SQLAlchemy (UTC text datetimes, JSON text tags)."""
-    usage = record.usage
-    occurred = record.occurred_at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    return (
-        record.event_id, occurred, record.provider, record.model,
-        usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
-        usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
-        record.price_source, record.usage_source, int(record.stream), record.latency_ms, record.service_tier,
-        record.provider_response_id, record.request_id, json.dumps(dict(record.tags)),
-    )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A window that refused a reservation, with its totals (nano-USD) before the attempt."""
-
-    key: WindowKey
-    spent: int
-    reserved: int
 
 
 def _key_row(key: WindowKey) -> dict[str, Any]:
@@ -380,10 +354,6 @@ def _key_params(key: WindowKey) -> dict[str, Any]:
         "k_scope": key.scope_key,
         "k_value": key.scope_value,
     }
-
-
-def _key_json(key: WindowKey) -> list[str]:
-    return [key.period, key.start.isoformat(), key.scope_key, key.scope_value]
 
 
 # Alembic keeps the running migration in process-global state (`alembic.context`), so two
@@ -406,82 +376,3 @@ def _upgrade(sync_conn: Connection) -> None:
     config.set_main_option("script_location", str(_MIGRATIONS))
     config.attributes["connection"] = sync_conn
     command.upgrade(config, "head")
-
-
-def call_row(record: CallRecord) -> dict[str, Any]:
-    usage = record.usage
-    return {
-        "event_id": record.event_id,
-        "occurred_at": record.occurred_at,
-        "provider": record.provider,
-        "model": record.model,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cache_read_tokens": usage.cache_read_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "cost_nanousd": record.cost_nanousd,
-        "pricing_status": record.pricing_status,
-        "price_source": record.price_source,
-        "usage_source": record.usage_source,
-        "stream": record.stream,
-        "latency_ms": record.latency_ms,
-        "service_tier": record.service_tier,
-        "provider_response_id": record.provider_response_id,
-        "request_id": record.request_id,
-        "tags": dict(record.tags),
-    }
-
-
-def _rollup_deltas(
-    batch: Sequence[PendingWrite], inserted: set[str], settled: set[str]
-) -> dict[WindowKey, dict[str, int]]:
-    deltas: dict[WindowKey, dict[str, int]] = {}
-    counted: set[str] = set()
-    for item in batch:
-        record, usage = item.record, item.record.usage
-        if item.reservation_id in settled:
-            for key, amount in item.release:
-                deltas.setdefault(key, dict.fromkeys(_SUMS, 0))["reserved_nanousd"] -= amount
-        if record.event_id not in inserted or record.event_id in counted:
-            continue
-        counted.add(record.event_id)
-        for key in item.windows:
-            d = deltas.get(key)
-            if d is None:
-                d = deltas[key] = dict.fromkeys(_SUMS, 0)
-            d["spent_nanousd"] += record.cost_nanousd or 0
-            d["calls"] += 1
-            d["unknown_cost_calls"] += record.cost_nanousd is None
-            d["input_tokens"] += usage.input_tokens
-            d["output_tokens"] += usage.output_tokens
-            d["cache_read_tokens"] += usage.cache_read_tokens
-            d["cache_write_tokens"] += usage.cache_write_tokens
-            d["reasoning_tokens"] += usage.reasoning_tokens
-    return deltas
-
-
-def _spent_after(
-    batch: Sequence[PendingWrite],
-    inserted: set[str],
-    deltas: dict[WindowKey, dict[str, int]],
-    totals: dict[WindowKey, int],
-) -> list[dict[WindowKey, int] | None]:
-    """Replay the batch in order from each window's total before it, giving each item's view."""
-    running = {key: totals[key] - d["spent_nanousd"] for key, d in deltas.items() if key in totals}
-    results: list[dict[WindowKey, int] | None] = []
-    seen: set[str] = set()
-    for item in batch:
-        event_id = item.record.event_id
-        if event_id not in inserted or event_id in seen:  # a second copy in one batch is a duplicate
-            results.append(None)
-            continue
-        seen.add(event_id)
-        cost = item.record.cost_nanousd or 0
-        view = {}
-        for key in item.windows:
-            running[key] += cost
-            view[key] = running[key]
-        results.append(view)
-    return results
