@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +30,7 @@ def parse(*chunks: bytes, close: bool = True) -> list[tuple[bytes, bytes]]:
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({cut % (len(data) + 1) for cut in cuts})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def test_events_with_names_and_data() -> None:
@@ -74,7 +76,7 @@ def test_close_delivers_a_last_event_without_its_blank_line() -> None:
 
 def test_event_split_byte_by_byte() -> None:
     """One byte per network chunk gives the same events."""
-    stream = b"event: message_delta\r\ndata: {\"a\": 1}\r\n\r\n"
+    stream = b'event: message_delta\r\ndata: {"a": 1}\r\n\r\n'
     assert parse(*(stream[i : i + 1] for i in range(len(stream)))) == [(b"message_delta", b'{"a": 1}')]
 
 
@@ -83,7 +85,7 @@ def test_event_split_byte_by_byte() -> None:
 def test_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
     """Property: splitting a stream anywhere (CRLF, comments, multi-line data) changes no event."""
     stream = (
-        b": keep-alive\r\n\r\nevent: one\r\ndata: {\"x\":\r\ndata: 1}\r\n\r\n"
+        b': keep-alive\r\n\r\nevent: one\r\ndata: {"x":\r\ndata: 1}\r\n\r\n'
         b"data: plain\n\nevent: two\rdata: cr\r\rdata: [DONE]\n\n"
     )
     assert parse(*split(stream, cuts)) == parse(stream)

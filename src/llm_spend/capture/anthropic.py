@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from ..exceptions import LLMSpendError
 from ..usage import Usage
-from .base import CallInfo, Outcome, integer, limit, load_json, make_usage, text
+from .base import CallInfo, Outcome, event_type, integer, limit, load_json, make_usage, text
 
 __all__ = ["ADAPTER", "AnthropicAdapter", "async_budget_middleware", "budget_middleware", "spend_error"]
 
@@ -84,8 +84,7 @@ class MessagesStream:
 
     def __call__(self, event: bytes, data: bytes) -> None:
         if not event:  # a proxy that drops `event:` lines: the type is the first field
-            end = data.find(b'"', 9)
-            event = data[9:end] if data[:9] == b'{"type":"' and end > 0 else b""
+            event = event_type(data)
         if event == b"message_delta":
             self._delta = data
         elif event == b"message_start":

@@ -29,6 +29,7 @@ __all__ = [
     "Adapter",
     "CallInfo",
     "Outcome",
+    "event_type",
     "input_bound",
     "integer",
     "limit",
@@ -112,6 +113,18 @@ class Adapter(Protocol):
     def accumulator(self, kind: str) -> Accumulator:
         """A fresh collector for one streamed response."""
         ...
+
+
+def event_type(data: bytes) -> bytes:
+    """The "type" of a JSON event when it comes first (for hosts that send no `event:` lines), or b""."""
+    at = data.find(b'"type"', 0, 16)
+    if at < 0:
+        return b""
+    start = data.find(b'"', at + 6, at + 16)
+    if start < 0 or data[at + 6 : start].strip(b" :") != b"":
+        return b""
+    end = data.find(b'"', start + 1, start + 80)
+    return data[start + 1 : end] if end > 0 else b""
 
 
 def load_json(data: bytes) -> Any:

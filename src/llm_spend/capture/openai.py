@@ -24,14 +24,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..usage import Usage
-from .base import CallInfo, Outcome, integer, limit, load_json, make_usage, text
+from .base import CallInfo, Outcome, event_type, integer, limit, load_json, make_usage, text
 
 __all__ = ["ADAPTER", "OpenAIAdapter"]
 
 _KINDS = (("/chat/completions", "chat"), ("/responses", "responses"), ("/embeddings", "embeddings"))
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
-_USAGE = b'"usage"'
+_USAGE = b'"usage":'
 
 
 class OpenAIAdapter:
@@ -114,11 +114,14 @@ class ChatStream:
         self._usage = b""
 
     def __call__(self, event: bytes, data: bytes) -> None:
-        at = data.find(_USAGE)
-        if at >= 0 and data[at + 7 : at + 16].lstrip(b" \t\r\n:")[:1] == b"{":
+        if not self._first:
+            if data[:1] == b"{":
+                self._first = data
+        at = data.rfind(_USAGE)
+        if at < 0 or data[at + 8 : at + 9] == b"n":  # no usage, or "usage":null (every chunk but the last)
+            return
+        if data[at + 8 : at + 24].lstrip(b" \t\r\n")[:1] == b"{":
             self._usage = data
-        elif not self._first and data[:1] == b"{":
-            self._first = data
 
     def outcome(self) -> Outcome:
         return ADAPTER.outcome("chat", load_json(self._usage or self._first))
@@ -135,8 +138,7 @@ class ResponsesStream:
 
     def __call__(self, event: bytes, data: bytes) -> None:
         if not event:  # a host that sends no `event:` lines: the type is the first field
-            end = data.find(b'"', 9)
-            event = data[9:end] if data[:9] == b'{"type":"' and end > 0 else b""
+            event = event_type(data)
         if event in _TERMINAL:
             self._last = data
         elif not self._first and event == b"response.created":

@@ -7,9 +7,12 @@ lines joined with ``b"\\n"``. Lines end with LF, CRLF or a lone CR (a CRLF split
 counts once); comment lines (``:``) and the ``id:`` / ``retry:`` fields are ignored. Nothing is
 decoded here: a sink checks bytes cheaply and decodes JSON only for the few events that carry usage.
 
-`close()` ends the stream leniently: a last line without its newline and an event without its
-terminating blank line are still delivered, since a provider closing right after its final event must
-not lose the usage it carried.
+Only the unfinished event is kept between chunks. The common shapes, one ``data:`` line with or
+without one ``event:`` line before it, take a fast path of a few C-level bytes operations.
+
+`close()` ends the stream leniently: an event without its terminating blank line (or its last
+newline) is still delivered, since a provider closing right after its final event must not lose the
+usage it carried.
 """
 
 from __future__ import annotations
@@ -23,19 +26,20 @@ EventSink = Callable[[bytes, bytes], None]
 
 _NL = b"\n"
 _CR = b"\r"
+_END = b"\n\n"
+_DATA = b"data: "
+_EVENT = b"event: "
 
 
 class SSEParser:
     """Feed it raw stream bytes; it calls `sink(event, data)` once per complete event."""
 
-    __slots__ = ("_cr", "_data", "_event", "_sink", "_tail")
+    __slots__ = ("_cr", "_sink", "_tail")
 
     def __init__(self, sink: EventSink) -> None:
         self._sink = sink
         self._tail = b""
-        """The start of a line whose end has not arrived yet."""
-        self._event = b""
-        self._data: list[bytes] = []
+        """The start of an event whose terminating blank line has not arrived yet."""
         self._cr = False
         """The previous chunk ended with CR: a LF opening the next chunk completes a CRLF."""
 
@@ -50,35 +54,50 @@ class SSEParser:
             chunk = chunk.replace(b"\r\n", _NL).replace(_CR, _NL)
         if self._tail:
             chunk = self._tail + chunk
-        lines = chunk.split(_NL)
-        self._tail = lines.pop()
-        for line in lines:
-            self._line(line)
+            self._tail = b""
+        end = len(chunk) - 2
+        first = chunk.find(_NL)
+        if first == end and chunk.startswith(_DATA) and chunk.endswith(_END):  # one `data:` line
+            self._sink(b"", chunk[6:end])
+            return
+        if first > 0 and chunk.startswith(_EVENT) and chunk.find(_NL, first + 1) == end:
+            if chunk.startswith(_DATA, first + 1) and chunk.endswith(_END):  # `event:` then `data:`
+                self._sink(chunk[7:first], chunk[first + 7 : end])
+                return
+        blocks = chunk.split(_END)
+        self._tail = blocks.pop()
+        for block in blocks:
+            self._block(block)
 
     def close(self) -> None:
         """End of stream: deliver what a stream cut right after its last event still holds."""
-        if self._tail:
-            tail, self._tail = self._tail, b""
-            self._line(tail)
-        self._line(b"")
+        tail, self._tail = self._tail, b""
+        if tail:
+            self._block(tail.rstrip(_NL))
 
-    def _line(self, line: bytes) -> None:
-        if not line:
-            if self._data:
-                data = self._data[0] if len(self._data) == 1 else _NL.join(self._data)
-                event = self._event
-                self._data = []
-                self._event = b""
-                self._sink(event, data)
-            else:
-                self._event = b""
+    def _block(self, block: bytes) -> None:
+        """One event's lines, without the blank line that ended it."""
+        if block[:6] == _DATA and _NL not in block:
+            self._sink(b"", block[6:])
             return
-        if line[0] == 58:  # b":": a comment, e.g. a keep-alive
-            return
-        name, colon, value = line.partition(b":")
-        if colon and value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            self._data.append(value)
-        elif name == b"event":
-            self._event = value
+        if block[:7] == _EVENT:
+            name_end = block.find(_NL)
+            if name_end > 0 and block[name_end + 1 : name_end + 7] == _DATA and block.count(_NL) == 1:
+                self._sink(block[7:name_end], block[name_end + 7 :])
+                return
+        self._lines(block)
+
+    def _lines(self, block: bytes) -> None:
+        event, data = b"", []
+        for line in block.split(_NL):
+            if not line or line[0] == 58:  # an empty line (after a CR) or a b":" comment
+                continue
+            name, colon, value = line.partition(b":")
+            if colon and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                event = value
+        if data:
+            self._sink(event, data[0] if len(data) == 1 else _NL.join(data))

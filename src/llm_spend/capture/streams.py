@@ -41,7 +41,7 @@ class Finisher:
     """Records one streamed call exactly once, from whichever path ends the stream first."""
 
     __slots__ = (
-        "_accumulator", "_background", "_call", "_context", "_done", "_guard", "_loop", "_next_extend",
+        "_accumulator", "_background", "_call", "_context", "_done", "_guard", "_next_extend", "loop",
         "_parser", "_renewal", "_started", "feed",
     )  # fmt: skip
 
@@ -57,7 +57,7 @@ class Finisher:
         background: set[asyncio.Task[None]],
         renewal: float,
     ) -> None:
-        self._guard, self._call, self._loop, self._background = guard, call, loop, background
+        self._guard, self._call, self.loop, self._background = guard, call, loop, background
         self._started, self._renewal = started, renewal
         self._next_extend = time.monotonic() + renewal
         self._context = contextvars.copy_context()
@@ -120,12 +120,12 @@ class Finisher:
             return
         self._done = True
         try:
-            self._loop.call_soon_threadsafe(self._spawn, False)
+            self.loop.call_soon_threadsafe(self._spawn, False)
         except RuntimeError:
             logger.warning("llm-spend: a captured stream outlived its event loop; its call is not recorded")
 
     def _spawn(self, raise_budget: bool) -> asyncio.Task[None]:
-        task = self._loop.create_task(self._record(raise_budget), context=self._context)
+        task = self.loop.create_task(self._record(raise_budget), context=self._context)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
@@ -223,7 +223,7 @@ class TappedSyncStream:
         except Exception:
             finisher.broken()
         if finisher.extend_due():
-            run_on(finisher._loop, finisher.extend())
+            run_on(finisher.loop, finisher.extend())
         return chunk
 
     def close(self) -> None:
@@ -236,10 +236,10 @@ class TappedSyncStream:
         finisher = self._finisher
         if finisher.done:
             return
-        if _running_loop() is finisher._loop:  # never block the loop's own thread
+        if _running_loop() is finisher.loop:  # never block the loop's own thread
             finisher.finish_later()
             return
-        run_on(finisher._loop, finisher.finish(raise_budget=raise_budget))
+        run_on(finisher.loop, finisher.finish(raise_budget=raise_budget))
 
     def __del__(self) -> None:
         self._finisher.finish_later()

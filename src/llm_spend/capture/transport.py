@@ -1,6 +1,6 @@
 """The capturing HTTP transport, for httpx and httpx2 alike, async and sync.
 
-`async_transport(tracker, inner)` wraps an ``AsyncBaseTransport`` of httpx or httpx2 (default: a new
+`clients.async_transport(tracker, inner)` wraps an ``AsyncBaseTransport`` of httpx or httpx2 (default: a new
 ``httpx2.AsyncHTTPTransport``) in a transport of the same package. Requests to hosts that no route
 knows pass straight through (one dict lookup). For a provider request it reads the JSON body once
 (`calls.plan_call`), sends ``Accept-Encoding: identity``, enters ``tracker.guard(...)`` (a refused
@@ -22,98 +22,37 @@ which would deadlock: it raises RuntimeError there instead (use the async client
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType, ModuleType
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
-from .base import MEDIA_ALLOWANCE
-from .calls import GuardedCallLike, Plan, TrackerLike, clamp, decode_body, leave, plan_call, read_outcome, settle
-from .routes import Router
-from .streams import Finisher, TappedAsyncStream, TappedSyncStream, run_on
+from .base import Outcome
+from .calls import (
+    GuardedCallLike,
+    Plan,
+    TrackerLike,
+    clamp,
+    decode_body,
+    leave,
+    plan_call,
+    read_outcome,
+    settle,
+)
+from .options import CaptureOptions
+from .streams import Finisher, run_on
 
-__all__ = ["CaptureOptions", "async_client", "async_transport", "sync_client", "sync_transport"]
+__all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
 logger = logging.getLogger("llm_spend")
 
 LoopGetter = Callable[[], "asyncio.AbstractEventLoop | None"]
 
 
-@dataclass(frozen=True, slots=True)
-class CaptureOptions:
-    """How the transport captures; given to the Tracker's constructor, frozen afterwards."""
-
-    providers: Mapping[str, str] | None = None
-    """Extra hosts to capture, see `llm_spend.capture.routes`."""
-    include_stream_usage: bool = True
-    """Add ``stream_options.include_usage`` to OpenAI chat streams that do not set it."""
-    media_allowance_tokens: int = MEDIA_ALLOWANCE
-    """Input tokens counted per image, audio or file part in the preflight bound."""
-    lease_renewal: float = 60.0
-    """Seconds of streaming between renewals of the call's reservation lease."""
-    router: Router = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.providers is not None and not isinstance(self.providers, Mapping):
-            raise ValueError(f"providers must be a mapping of host to adapter, got {self.providers!r}")
-        if type(self.media_allowance_tokens) is not int or self.media_allowance_tokens < 0:
-            raise ValueError(f"media_allowance_tokens must be a non-negative int, got {self.media_allowance_tokens!r}")
-        if isinstance(self.lease_renewal, bool) or not isinstance(self.lease_renewal, int | float):
-            raise ValueError(f"lease_renewal must be a number of seconds, got {self.lease_renewal!r}")
-        frozen = MappingProxyType(dict(self.providers)) if self.providers is not None else None
-        object.__setattr__(self, "providers", frozen)
-        object.__setattr__(self, "router", Router(frozen))
-
-
-class _Package(NamedTuple):
-    """httpx or httpx2, and our classes mixed with its base classes."""
-
-    module: ModuleType
-    async_transport: type[Any]
-    sync_transport: type[Any]
-    async_stream: type[Any]
-    sync_stream: type[Any]
-
-
-def package_of(transport: object) -> str:
-    """"httpx" or "httpx2": the package whose base transport `transport` derives from."""
-    for cls in type(transport).__mro__:
-        root = (cls.__module__ or "").partition(".")[0]
-        if root in ("httpx", "httpx2"):
-            return root
-    raise TypeError(f"{transport!r} is neither an httpx nor an httpx2 transport")
-
-
-def default_package() -> str:
-    """httpx2 when installed (the SDKs moved to it), else httpx."""
-    try:
-        importlib.import_module("httpx2")
-    except ImportError:
-        return "httpx"
-    return "httpx2"
-
-
-@functools.cache
-def bind(name: str) -> _Package:
-    """The capture classes for one package, built once (imported only when first asked for)."""
-    module = importlib.import_module(name)
-    return _Package(
-        module,
-        type("SpendAsyncTransport", (SpendAsyncTransport, module.AsyncBaseTransport), {}),
-        type("SpendSyncTransport", (SpendSyncTransport, module.BaseTransport), {}),
-        type("TappedAsyncStream", (TappedAsyncStream, module.AsyncByteStream), {}),
-        type("TappedSyncStream", (TappedSyncStream, module.SyncByteStream), {}),
-    )
-
-
 class _Base:
     """What the async and sync transports share: routing and planning."""
 
-    def __init__(self, tracker: TrackerLike, inner: Any, options: CaptureOptions, package: _Package) -> None:
+    def __init__(self, tracker: TrackerLike, inner: Any, options: CaptureOptions, package: Any) -> None:
         self._tracker = tracker
         self._inner = inner
         self._options = options
@@ -157,7 +96,11 @@ class _Base:
         headers = request.headers.copy()
         headers["Content-Length"] = str(len(plan.rewritten))
         return self._package.module.Request(
-            request.method, request.url, headers=headers, content=plan.rewritten, extensions=request.extensions
+            request.method,
+            request.url,
+            headers=headers,
+            content=plan.rewritten,
+            extensions=request.extensions,
         )
 
     def _guard(self, plan: Plan) -> Any:
@@ -168,7 +111,9 @@ class _Base:
             max_output_tokens=plan.max_output_tokens,
         )
 
-    def _finisher(self, plan: Plan, response: Any, guard: Any, call: Any, started: float, loop: Any) -> Finisher:
+    def _finisher(
+        self, plan: Plan, response: Any, guard: Any, call: Any, started: float, loop: Any
+    ) -> Finisher:
         content_type = response.headers.get("content-type", "")
         sse = content_type.startswith("text/event-stream")
         return Finisher(
@@ -212,6 +157,11 @@ class SpendAsyncTransport(_Base):
             return response
         if _streams(plan, response):
             finisher = self._finisher(plan, response, guard, call, started, asyncio.get_running_loop())
+            if response.is_closed:  # read in full already (a mock transport): nothing left to tap
+                for chunk in [chunk async for chunk in response.stream]:
+                    finisher.feed(chunk)
+                await finisher.finish(raise_budget=True)
+                return response
             response.stream = self._package.async_stream(response.stream, finisher)
             return response
         try:
@@ -223,7 +173,13 @@ class SpendAsyncTransport(_Base):
             await response.stream.aclose()
         outcome = read_outcome(plan, decode_body(raw, response.headers.get("content-encoding")))
         await settle(
-            guard, call, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started), raise_budget=True
+            guard,
+            call,
+            outcome,
+            source="response",
+            stream=False,
+            latency_ms=_elapsed_ms(started),
+            raise_budget=True,
         )
         response.stream = self._package.module.ByteStream(raw)
         return response
@@ -236,7 +192,7 @@ class SpendSyncTransport(_Base):
     """Captures LLM calls made through a sync httpx/httpx2 client; records on the tracker's loop."""
 
     def __init__(
-        self, tracker: TrackerLike, inner: Any, options: CaptureOptions, package: _Package, loop: LoopGetter
+        self, tracker: TrackerLike, inner: Any, options: CaptureOptions, package: Any, loop: LoopGetter
     ) -> None:
         super().__init__(tracker, inner, options, package)
         self._loop = loop
@@ -260,6 +216,11 @@ class SpendSyncTransport(_Base):
             return response
         if _streams(plan, response):
             finisher = self._finisher(plan, response, guard, call, started, loop)
+            if response.is_closed:  # read in full already (a mock transport): nothing left to tap
+                for chunk in list(response.stream):
+                    finisher.feed(chunk)
+                run_on(loop, finisher.finish(raise_budget=True))
+                return response
             response.stream = self._package.sync_stream(response.stream, finisher)
             return response
         try:
@@ -303,79 +264,12 @@ class SpendSyncTransport(_Base):
 
 
 async def _settle_cut(guard: Any, call: GuardedCallLike, started: float) -> None:
-    from .base import Outcome
-
     await settle(
-        guard, call, Outcome(), source="response", stream=False, latency_ms=_elapsed_ms(started), raise_budget=False
+        guard,
+        call,
+        Outcome(),
+        source="response",
+        stream=False,
+        latency_ms=_elapsed_ms(started),
+        raise_budget=False,
     )
-
-
-def async_transport(tracker: TrackerLike, inner: Any = None, *, options: CaptureOptions | None = None) -> Any:
-    """An AsyncBaseTransport of `inner`'s package (default: a new httpx2.AsyncHTTPTransport)."""
-    if inner is None:
-        inner = bind(default_package()).module.AsyncHTTPTransport()
-    package = bind(package_of(inner))
-    return package.async_transport(tracker, inner, options or CaptureOptions(), package)
-
-
-def sync_transport(
-    tracker: TrackerLike, inner: Any = None, *, loop: LoopGetter, options: CaptureOptions | None = None
-) -> Any:
-    """A BaseTransport of `inner`'s package (default: a new httpx2.HTTPTransport).
-
-    `loop` returns the tracker's running event loop (None when the tracker is not entered).
-    """
-    if inner is None:
-        inner = bind(default_package()).module.HTTPTransport()
-    package = bind(package_of(inner))
-    return package.sync_transport(tracker, inner, options or CaptureOptions(), package, loop)
-
-
-_TRANSPORT_ARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits", "proxy", "retries")
-
-
-def _client_args(name: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Split client kwargs: the inner transport's (when none is given), and the client's own."""
-    module = bind(name).module
-    transport_args = {key: kwargs.pop(key) for key in _TRANSPORT_ARGS if key in kwargs}
-    transport_args.setdefault("limits", module.Limits(max_connections=1000, max_keepalive_connections=100))
-    if "trust_env" in transport_args:
-        kwargs["trust_env"] = transport_args["trust_env"]
-    kwargs.setdefault("timeout", module.Timeout(600.0, connect=5.0))
-    kwargs.setdefault("follow_redirects", True)
-    return module, transport_args
-
-
-def async_client(tracker: TrackerLike, *, options: CaptureOptions | None = None, **kwargs: Any) -> Any:
-    """An AsyncClient whose every request goes through `async_transport` (and its mounts' too).
-
-    ``transport=`` becomes the inner transport (its package picks the client's); otherwise the
-    transport arguments (verify, cert, http1, http2, limits, proxy, ...) build an inner
-    AsyncHTTPTransport. Defaults follow the LLM SDKs: 600 s timeout (5 s to connect), redirects
-    followed, up to 1000 connections. Proxies from the environment are not read: pass ``proxy=``.
-    """
-    inner = kwargs.pop("transport", None)
-    name = package_of(inner) if inner is not None else default_package()
-    module, transport_args = _client_args(name, kwargs)
-    if inner is None:
-        inner = module.AsyncHTTPTransport(**transport_args)
-    mounts = kwargs.pop("mounts", None) or {}
-    wrapped = {key: None if value is None else async_transport(tracker, value, options=options) for key, value in mounts.items()}
-    return module.AsyncClient(transport=async_transport(tracker, inner, options=options), mounts=wrapped, **kwargs)
-
-
-def sync_client(
-    tracker: TrackerLike, *, loop: LoopGetter, options: CaptureOptions | None = None, **kwargs: Any
-) -> Any:
-    """A Client whose every request goes through `sync_transport`; arguments as `async_client`."""
-    inner = kwargs.pop("transport", None)
-    name = package_of(inner) if inner is not None else default_package()
-    module, transport_args = _client_args(name, kwargs)
-    if inner is None:
-        inner = module.HTTPTransport(**transport_args)
-    mounts = kwargs.pop("mounts", None) or {}
-    wrapped = {
-        key: None if value is None else sync_transport(tracker, value, loop=loop, options=options)
-        for key, value in mounts.items()
-    }
-    return module.Client(transport=sync_transport(tracker, inner, loop=loop, options=options), mounts=wrapped, **kwargs)
