@@ -100,7 +100,7 @@ def _run_workers(url: str, limit: str, processes: int, calls_each: int) -> list[
 
 
 async def test_four_processes_share_one_budget(db_url: str) -> None:
-    """4 OS processes x 120 guarded calls on one database: spend <= limit, rollups == ledger, no lock errors."""
+    """4 processes x 120 guarded calls on one database: spend <= limit, rollups == ledger, no lock errors."""
     async with Tracker(db_url):  # migrate once, as a deploy would
         pass
     limit = Decimal("0.05")
@@ -117,9 +117,9 @@ async def test_four_processes_share_one_budget(db_url: str) -> None:
 
 
 async def test_killed_process_reservation_is_swept(db_url: str) -> None:
-    """A process SIGKILLed while holding a reservation: after the sweep, reserved is what live callers hold."""
+    """A process SIGKILLed holding a reservation: after the sweep, reserved is what live callers hold."""
     async with Tracker(db_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read below
             [sys.executable, str(WORKER), db_url, "1", "0", "hold"], stdout=subprocess.PIPE, text=True
         )
         try:
@@ -220,9 +220,10 @@ async def test_unknown_model_is_refused_by_default(sqlite_url: str) -> None:
 async def test_unknown_model_allowed_is_recorded_unpriced(sqlite_url: str) -> None:
     """unknown_price='allow': the call goes out unreserved and is stored with NULL cost, flagged."""
     tracker = Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")], unknown_price="allow")
-    async with tracker, tracker.guard(
-        provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1
-    ) as c:
+    async with (
+        tracker,
+        tracker.guard(provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1) as c,
+    ):
         assert c.reservation is None
         record = await c.record(Usage(input_tokens=1, output_tokens=1))
     assert record.cost is None and record.pricing_status == "unknown_model"
