@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+	# openai 2.x, the last major on plain httpx, for the capture test of the httpx (not httpx2) path
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/legacy/openai2 'openai==2.54.0' tqdm
 	touch $(STAMP)
 
 demo: $(STAMP)

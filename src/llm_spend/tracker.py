@@ -18,7 +18,10 @@ from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from . import capture
 from .budgets import Budget, resolve_rules
+from .capture.base import MEDIA_ALLOWANCE
+from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
@@ -87,6 +90,9 @@ class Tracker:
         sweep_interval: float = 60.0,
         max_batch: int = 500,
         max_queue: int = 10_000,
+        providers: Mapping[str, str] | None = None,
+        include_stream_usage: bool = True,
+        media_allowance_tokens: int = MEDIA_ALLOWANCE,
     ) -> None:
         if on_exceeded is not None and not callable(on_exceeded):
             raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
@@ -116,6 +122,11 @@ class Tracker:
         self.sweep_interval = float(sweep_interval)
         self.on_storage_error = on_storage_error
         self.shutdown_timeout = float(shutdown_timeout)
+        self.capture = CaptureOptions(
+            providers=providers,
+            include_stream_usage=include_stream_usage,
+            media_allowance_tokens=media_allowance_tokens,
+        )
         self.store = Store(url)
         self.spool = Spool(spool_path if spool_path is not None else default_spool_path(self.store))
         self.pricer = Pricer()
@@ -124,6 +135,7 @@ class Tracker:
         self._max_batch, self._max_queue = max_batch, max_queue
         self._writer: Writer | None = None
         self._entered = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: list[Callback] = []
 
     @property
@@ -146,6 +158,7 @@ class Tracker:
             await self._sweep()
             self._writer.start()
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
+            self._loop = asyncio.get_running_loop()
         self._entered += 1
         return self
 
@@ -158,7 +171,7 @@ class Tracker:
                 self._sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._sweeper
-            writer, self._writer = self._writer, None
+            writer, self._writer, self._loop = self._writer, None, None
             await writer.close(self.shutdown_timeout)
             await self.store.close()
 
@@ -310,6 +323,31 @@ class Tracker:
         if to_raise is not None:
             raise to_raise
         return record
+
+    # -- capture ------------------------------------------------------------------------------------
+
+    def httpx_transport(self, inner: Any = None) -> Any:
+        """An httpx/httpx2 AsyncBaseTransport (of `inner`'s package; default httpx2) that records every
+        LLM call made through it, streams included, and applies block-mode budgets before sending."""
+        return capture.async_transport(self, inner, options=self.capture)
+
+    def httpx_client(self, **kwargs: Any) -> Any:
+        """An AsyncClient using `httpx_transport`, e.g. `openai.AsyncOpenAI(http_client=...)`.
+
+        `transport=` becomes the inner transport (its package picks the client's: httpx or httpx2).
+        """
+        return capture.async_client(self, options=self.capture, **kwargs)
+
+    def httpx_sync_transport(self, inner: Any = None) -> Any:
+        """The sync variant, for sync SDK clients used in threads while the tracker runs on its loop."""
+        return capture.sync_transport(self, inner, loop=self._running_loop, options=self.capture)
+
+    def httpx_sync_client(self, **kwargs: Any) -> Any:
+        """A sync Client using `httpx_sync_transport`; never call it on the tracker's own loop thread."""
+        return capture.sync_client(self, loop=self._running_loop, options=self.capture, **kwargs)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     # -- budgets ------------------------------------------------------------------------------------
 

@@ -114,9 +114,8 @@ class ChatStream:
         self._usage = b""
 
     def __call__(self, event: bytes, data: bytes) -> None:
-        if not self._first:
-            if data[:1] == b"{":
-                self._first = data
+        if not self._first and data[:1] == b"{":
+            self._first = data
         at = data.rfind(_USAGE)
         if at < 0 or data[at + 8 : at + 9] == b"n":  # no usage, or "usage":null (every chunk but the last)
             return

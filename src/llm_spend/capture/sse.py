@@ -60,10 +60,15 @@ class SSEParser:
         if first == end and chunk.startswith(_DATA) and chunk.endswith(_END):  # one `data:` line
             self._sink(b"", chunk[6:end])
             return
-        if first > 0 and chunk.startswith(_EVENT) and chunk.find(_NL, first + 1) == end:
-            if chunk.startswith(_DATA, first + 1) and chunk.endswith(_END):  # `event:` then `data:`
-                self._sink(chunk[7:first], chunk[first + 7 : end])
-                return
+        if (  # `event:` then `data:`
+            first > 0
+            and chunk.startswith(_EVENT)
+            and chunk.find(_NL, first + 1) == end
+            and chunk.startswith(_DATA, first + 1)
+            and chunk.endswith(_END)
+        ):
+            self._sink(chunk[7:first], chunk[first + 7 : end])
+            return
         blocks = chunk.split(_END)
         self._tail = blocks.pop()
         for block in blocks:

@@ -41,8 +41,18 @@ class Finisher:
     """Records one streamed call exactly once, from whichever path ends the stream first."""
 
     __slots__ = (
-        "_accumulator", "_background", "_call", "_context", "_done", "_guard", "_next_extend", "loop",
-        "_parser", "_renewal", "_started", "feed",
+        "_accumulator",
+        "_background",
+        "_call",
+        "_context",
+        "_done",
+        "_guard",
+        "_next_extend",
+        "_parser",
+        "_renewal",
+        "_started",
+        "feed",
+        "loop",
     )  # fmt: skip
 
     def __init__(

@@ -1,0 +1,128 @@
+"""What the capturing transport adds: µs per non-streaming call and per streamed chunk.
+
+Run: .venv/bin/python bench/capture.py. The same fake provider transport (llm_spend.testing) answers
+with and without the capture wrapper, in the same run, through an httpx2.AsyncClient (the SDKs' own
+work is the same either way and is left out). "capture only" uses a stub tracker whose guard and
+record do nothing, so it measures parsing, routing and tapping; "+ SQLite ledger" uses a real Tracker
+writing every call to a SQLite file (group-committed by its writer). Medians over several runs.
+Figures only, no assertions: they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from llm_spend import Tracker, Usage
+from llm_spend.capture import async_transport
+from llm_spend.testing import FakeProviderTransport
+
+CALLS, CALL_RUNS = 2_000, 7
+CHUNKS, STREAM_RUNS = 2_000, 7
+USAGE = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1024)
+CHAT = "https://api.openai.com/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper. " * 4}]
+STREAMS = {
+    "openai chat": (CHAT, {"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES}),
+    "openai responses": (
+        "https://api.openai.com/v1/responses",
+        {"model": "gpt-4o-mini", "stream": True, "input": "x"},
+    ),
+    "anthropic": (
+        "https://api.anthropic.com/v1/messages",
+        {"model": "claude-sonnet-4-6", "stream": True, "max_tokens": 4000, "messages": MESSAGES},
+    ),
+    "gemini": (
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        {},
+    ),
+}
+
+
+class _StubCall:
+    async def _done(self) -> None:
+        return None
+
+    def record(self, usage: Usage | None, **fields: Any) -> Any:
+        return self._done()
+
+    async def extend(self) -> None:
+        return None
+
+
+class StubTracker:
+    """Guard and record that do nothing: the transport's own cost, without a ledger."""
+
+    @asynccontextmanager
+    async def guard(self, **fields: Any) -> AsyncIterator[_StubCall]:
+        call = _StubCall()
+        yield call
+
+
+async def per_call(client: httpx2.AsyncClient) -> float:
+    """Median µs per non-streaming chat call, over CALL_RUNS runs of CALLS calls."""
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 500}
+    for _ in range(100):
+        await client.post(CHAT, json=body)
+    runs = []
+    for _ in range(CALL_RUNS):
+        started = time.perf_counter()
+        for _ in range(CALLS):
+            await client.post(CHAT, json=body)
+        runs.append((time.perf_counter() - started) / CALLS * 1e6)
+    return statistics.median(runs)
+
+
+async def per_chunk(client: httpx2.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int]:
+    """Median µs per streamed chunk (one SSE event each), reading the raw stream as an SDK does."""
+    runs, chunks = [], 0
+    for _ in range(STREAM_RUNS):
+        started = time.perf_counter()
+        async with client.stream("POST", url, json=body) as response:
+            chunks = 0
+            async for _ in response.aiter_raw():
+                chunks += 1
+        runs.append((time.perf_counter() - started) / chunks * 1e6)
+    return statistics.median(runs), chunks
+
+
+def client(fake: FakeProviderTransport, tracker: Any | None) -> httpx2.AsyncClient:
+    transport = fake if tracker is None else async_transport(tracker, fake)
+    return httpx2.AsyncClient(transport=transport)
+
+
+async def main() -> None:
+    print(f"python {platform.python_version()} on {platform.machine()}, httpx2 {httpx2.__version__}")
+    text = " ".join(f"w{i}" for i in range(CHUNKS))
+    with tempfile.TemporaryDirectory() as folder:
+        async with Tracker(f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}") as tracker:
+            setups = {"plain": None, "capture only": StubTracker(), "+ SQLite ledger": tracker}
+            print(f"\nnon-streaming chat call, µs per call (median of {CALL_RUNS} x {CALLS})")
+            base = None
+            for name, guard in setups.items():
+                async with client(FakeProviderTransport(usage=USAGE), guard) as http:
+                    micros = await per_call(http)
+                base = micros if base is None else base
+                print(f"  {name:18} {micros:8.1f}   added {micros - base:7.1f}")
+            print(f"\nstreamed chunk, µs per chunk (median of {STREAM_RUNS} streams of ~{CHUNKS} events)")
+            for stream, (url, body) in STREAMS.items():
+                base = None
+                for name, guard in list(setups.items())[:2]:
+                    async with client(FakeProviderTransport(usage=USAGE, text=text), guard) as http:
+                        micros, chunks = await per_chunk(http, url, body)
+                    base = micros if base is None else base
+                    added = micros - base
+                    print(f"  {stream:17} {name:13} {micros:7.2f}   added {added:5.2f}   ({chunks} chunks)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,139 @@
+"""Building capturing transports and clients for httpx or httpx2, whichever the caller uses.
+
+The package is the one `inner` derives from (default: httpx2 when installed, else httpx), and the
+transport returned derives from that package's base classes, as its clients require. Neither package
+is imported before the first transport is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from .calls import TrackerLike
+from .options import CaptureOptions
+from .streams import TappedAsyncStream, TappedSyncStream
+from .transport import LoopGetter, SpendAsyncTransport, SpendSyncTransport
+
+__all__ = ["async_client", "async_transport", "bind", "package_of", "sync_client", "sync_transport"]
+
+
+class _Package(NamedTuple):
+    """httpx or httpx2, and our classes mixed with its base classes."""
+
+    module: ModuleType
+    async_transport: type[Any]
+    sync_transport: type[Any]
+    async_stream: type[Any]
+    sync_stream: type[Any]
+
+
+def package_of(transport: object) -> str:
+    """ "httpx" or "httpx2": the package whose base transport `transport` derives from."""
+    for cls in type(transport).__mro__:
+        root = (cls.__module__ or "").partition(".")[0]
+        if root in ("httpx", "httpx2"):
+            return root
+    raise TypeError(f"{transport!r} is neither an httpx nor an httpx2 transport")
+
+
+def default_package() -> str:
+    """httpx2 when installed (the SDKs moved to it), else httpx."""
+    try:
+        importlib.import_module("httpx2")
+    except ImportError:
+        return "httpx"
+    return "httpx2"
+
+
+@functools.cache
+def bind(name: str) -> _Package:
+    """The capture classes for one package, built once (imported only when first asked for)."""
+    module = importlib.import_module(name)
+    return _Package(
+        module,
+        type("SpendAsyncTransport", (SpendAsyncTransport, module.AsyncBaseTransport), {}),
+        type("SpendSyncTransport", (SpendSyncTransport, module.BaseTransport), {}),
+        type("TappedAsyncStream", (TappedAsyncStream, module.AsyncByteStream), {}),
+        type("TappedSyncStream", (TappedSyncStream, module.SyncByteStream), {}),
+    )
+
+
+def async_transport(tracker: TrackerLike, inner: Any = None, *, options: CaptureOptions | None = None) -> Any:
+    """An AsyncBaseTransport of `inner`'s package (default: a new httpx2.AsyncHTTPTransport)."""
+    if inner is None:
+        inner = bind(default_package()).module.AsyncHTTPTransport()
+    package = bind(package_of(inner))
+    return package.async_transport(tracker, inner, options or CaptureOptions(), package)
+
+
+def sync_transport(
+    tracker: TrackerLike, inner: Any = None, *, loop: LoopGetter, options: CaptureOptions | None = None
+) -> Any:
+    """A BaseTransport of `inner`'s package (default: a new httpx2.HTTPTransport).
+
+    `loop` returns the tracker's running event loop (None when the tracker is not entered).
+    """
+    if inner is None:
+        inner = bind(default_package()).module.HTTPTransport()
+    package = bind(package_of(inner))
+    return package.sync_transport(tracker, inner, options or CaptureOptions(), package, loop)
+
+
+_TRANSPORT_ARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits", "proxy", "retries")
+
+
+def _client_args(name: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Split client kwargs: the inner transport's (when none is given), and the client's own."""
+    module = bind(name).module
+    transport_args = {key: kwargs.pop(key) for key in _TRANSPORT_ARGS if key in kwargs}
+    transport_args.setdefault("limits", module.Limits(max_connections=1000, max_keepalive_connections=100))
+    if "trust_env" in transport_args:
+        kwargs["trust_env"] = transport_args["trust_env"]
+    kwargs.setdefault("timeout", module.Timeout(600.0, connect=5.0))
+    kwargs.setdefault("follow_redirects", True)
+    return module, transport_args
+
+
+def async_client(tracker: TrackerLike, *, options: CaptureOptions | None = None, **kwargs: Any) -> Any:
+    """An AsyncClient whose every request goes through `async_transport` (and its mounts' too).
+
+    ``transport=`` becomes the inner transport (its package picks the client's); otherwise the
+    transport arguments (verify, cert, http1, http2, limits, proxy, ...) build an inner
+    AsyncHTTPTransport. Defaults follow the LLM SDKs: 600 s timeout (5 s to connect), redirects
+    followed, up to 1000 connections. Proxies from the environment are not read: pass ``proxy=``.
+    """
+    inner = kwargs.pop("transport", None)
+    name = package_of(inner) if inner is not None else default_package()
+    module, transport_args = _client_args(name, kwargs)
+    if inner is None:
+        inner = module.AsyncHTTPTransport(**transport_args)
+    mounts = kwargs.pop("mounts", None) or {}
+    wrapped = {
+        key: None if value is None else async_transport(tracker, value, options=options)
+        for key, value in mounts.items()
+    }
+    return module.AsyncClient(
+        transport=async_transport(tracker, inner, options=options), mounts=wrapped, **kwargs
+    )
+
+
+def sync_client(
+    tracker: TrackerLike, *, loop: LoopGetter, options: CaptureOptions | None = None, **kwargs: Any
+) -> Any:
+    """A Client whose every request goes through `sync_transport`; arguments as `async_client`."""
+    inner = kwargs.pop("transport", None)
+    name = package_of(inner) if inner is not None else default_package()
+    module, transport_args = _client_args(name, kwargs)
+    if inner is None:
+        inner = module.HTTPTransport(**transport_args)
+    mounts = kwargs.pop("mounts", None) or {}
+    wrapped = {
+        key: None if value is None else sync_transport(tracker, value, loop=loop, options=options)
+        for key, value in mounts.items()
+    }
+    return module.Client(
+        transport=sync_transport(tracker, inner, loop=loop, options=options), mounts=wrapped, **kwargs
+    )

@@ -1,0 +1,415 @@
+"""Test helpers for llm-spend users: a fake LLM provider to run your code offline.
+
+`FakeProviderTransport` is an httpx2 (or, with ``package="httpx"``, an httpx) transport, sync and
+async, that answers like OpenAI (chat completions, responses, embeddings), Anthropic (messages) and
+Gemini (generateContent, streamGenerateContent with alt=sse), in JSON or as SSE streams, with the
+usage you give it. Use it as the inner transport of the capturing client::
+
+    fake = FakeProviderTransport(usage=Usage(input_tokens=1200, output_tokens=300))
+    client = openai.AsyncOpenAI(api_key="test", http_client=tracker.httpx_client(transport=fake))
+    await client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+    assert fake.calls == 1          # 0 when a budget refused the call before it went out
+
+`usage` is given in llm-spend's canonical convention (input includes cache reads and writes, output
+includes reasoning) and rendered in each provider's own shape (Anthropic's input without its cache
+tokens, Gemini's thoughts apart from candidates). `usage=None` sends payloads without usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import importlib
+import itertools
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .usage import Usage
+
+__all__ = ["FakeProviderTransport", "FakeRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class FakeRequest:
+    """A request the fake provider received."""
+
+    provider: str
+    """"openai", "anthropic", "gemini", or "unknown" (answered 404)."""
+    path: str
+    json: Any
+    """The parsed request body (None when it was not JSON)."""
+
+
+class FakeProviderTransport:
+    """A fake OpenAI / Anthropic / Gemini API, as an httpx2 or httpx transport (sync and async)."""
+
+    def __new__(cls, *args: Any, package: str = "httpx2", **kwargs: Any) -> FakeProviderTransport:
+        instance: FakeProviderTransport = object.__new__(_bind(cls, package))
+        return instance  # an instance of `cls` mixed with the package's base transports
+
+    def __init__(
+        self,
+        *,
+        package: str = "httpx2",
+        usage: Usage | None = Usage(input_tokens=12, output_tokens=5),  # noqa: B008 - frozen
+        model: str | None = None,
+        text: str = "Hello from the fake provider.",
+        chunk_size: int | None = None,
+        statuses: Sequence[int] = (),
+        truncate_after: int | None = None,
+        delay: float = 0.0,
+        service_tier: str | None = None,
+    ) -> None:
+        """
+        model: the model the responses name (default: the request's).
+        chunk_size: split the SSE byte stream into network chunks of this many bytes (default: one
+            chunk per event).
+        statuses: the HTTP statuses of the first requests, in order (e.g. ``[429]`` then 200s).
+        truncate_after: end streams after this many events, before their final usage.
+        delay: seconds to wait before each streamed chunk but the first.
+        """
+        self.usage = usage
+        self.model = model
+        self.text = text
+        self.chunk_size = chunk_size
+        self.truncate_after = truncate_after
+        self.delay = delay
+        self.service_tier = service_tier
+        self.requests: list[FakeRequest] = []
+        self._statuses = list(statuses)
+        self._module = importlib.import_module(package)
+        self._ids = itertools.count(1)
+
+    @property
+    def calls(self) -> int:
+        """How many requests reached the fake provider."""
+        return len(self.requests)
+
+    def handle_request(self, request: Any) -> Any:
+        status, headers, chunks = self._answer(request.url.path, request.read())
+        if len(chunks) > 1 or self.delay:
+            return self._module.Response(status, headers=headers, content=self._slow(chunks))
+        return self._module.Response(status, headers=headers, content=_body(chunks))
+
+    async def handle_async_request(self, request: Any) -> Any:
+        status, headers, chunks = self._answer(request.url.path, await request.aread())
+        if len(chunks) > 1 or self.delay:
+            return self._module.Response(status, headers=headers, content=self._aslow(chunks))
+        return self._module.Response(status, headers=headers, content=_body(chunks))
+
+    def _slow(self, chunks: list[bytes]) -> Iterator[bytes]:
+        for index, chunk in enumerate(chunks):
+            if index:
+                time.sleep(self.delay)
+            yield chunk
+
+    async def _aslow(self, chunks: list[bytes]) -> AsyncIterator[bytes]:
+        for index, chunk in enumerate(chunks):
+            if index and self.delay:
+                await asyncio.sleep(self.delay)
+            yield chunk
+
+    def _answer(self, path: str, raw: bytes) -> tuple[int, list[tuple[str, str]], list[bytes]]:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        request = body if isinstance(body, dict) else {}
+        provider, render = self._renderer(path)
+        self.requests.append(FakeRequest(provider, path, body))
+        status = self._statuses.pop(0) if self._statuses else (404 if render is None else 200)
+        if render is None or status >= 300:
+            error = {
+                "type": "error",
+                "error": {"type": "fake_error", "message": f"status {status}", "code": status},
+            }
+            headers = [("content-type", "application/json"), ("retry-after-ms", "1")]
+            return status, headers, [_dumps(error)]
+        model = self.model or _request_model(provider, path, request)
+        stream = request.get("stream") is True or path.endswith(":streamGenerateContent")
+        events = render(self, request, model, stream, f"fake{next(self._ids)}")
+        if not stream:
+            return 200, [("content-type", "application/json")], events
+        if self.truncate_after is not None:
+            events = events[: self.truncate_after]
+        if self.chunk_size:
+            joined = b"".join(events)
+            events = [joined[i : i + self.chunk_size] for i in range(0, len(joined), self.chunk_size)]
+        return 200, [("content-type", "text/event-stream; charset=utf-8")], events
+
+    def _renderer(self, path: str) -> tuple[str, Any]:
+        if path.endswith("/chat/completions"):
+            return "openai", _openai_chat
+        if path.endswith("/responses"):
+            return "openai", _openai_responses
+        if path.endswith("/embeddings"):
+            return "openai", _openai_embeddings
+        if path.endswith("/messages"):
+            return "anthropic", _anthropic_messages
+        if path.endswith((":generateContent", ":streamGenerateContent")):
+            return "gemini", _gemini_generate
+        return "unknown", None
+
+
+def _request_model(provider: str, path: str, request: dict[str, Any]) -> str:
+    if provider == "gemini":
+        return path.rpartition("/")[2].partition(":")[0]
+    model = request.get("model")
+    return model if isinstance(model, str) else "fake-model"
+
+
+def _body(chunks: list[bytes]) -> bytes:
+    return b"".join(chunks)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _sse(data: Any, event: str | None = None, newline: str = "\n") -> bytes:
+    head = f"event: {event}{newline}" if event else ""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"{head}data: {payload}{newline}{newline}".encode()
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [word if i == 0 else " " + word for i, word in enumerate(words)] or [""]
+
+
+# -- OpenAI ------------------------------------------------------------------------------------------
+
+
+def openai_chat_usage(usage: Usage) -> dict[str, Any]:
+    """`usage` as OpenAI's chat completions report it."""
+    prompt: dict[str, int] = {"cached_tokens": usage.cache_read_tokens, "audio_tokens": 0}
+    if usage.cache_write_tokens:
+        prompt["cache_write_tokens"] = usage.cache_write_tokens
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": prompt,
+        "completion_tokens_details": {
+            "reasoning_tokens": usage.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def openai_responses_usage(usage: Usage) -> dict[str, Any]:
+    """`usage` as OpenAI's responses API reports it."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {
+            "cached_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+
+
+def _openai_chat(
+    fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
+) -> list[bytes]:
+    head = {"id": f"chatcmpl-{rid}", "created": 1_700_000_000, "model": model}
+    tier = {"service_tier": fake.service_tier} if fake.service_tier else {}
+    if not stream:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": fake.text,
+            "refusal": None,
+            "annotations": [],
+        }
+        body = {
+            **head, "object": "chat.completion", **tier, "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+        }  # fmt: skip
+        if fake.usage is not None:
+            body["usage"] = openai_chat_usage(fake.usage)
+        return [_dumps(body)]
+    options = request.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    chunk = {**head, "object": "chat.completion.chunk", **tier, "system_fingerprint": "fp_fake"}
+    null_usage = {"usage": None} if include_usage else {}
+
+    def delta(content: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+        return _sse({**chunk, "choices": [choice], **null_usage})
+
+    events = [delta({"role": "assistant", "content": "", "refusal": None})]
+    events += [delta({"content": word}) for word in _words(fake.text)]
+    events.append(delta({}, "stop"))
+    if include_usage and fake.usage is not None:
+        events.append(_sse({**chunk, "choices": [], "usage": openai_chat_usage(fake.usage)}))
+    return [*events, _sse("[DONE]")]
+
+
+def _openai_responses(
+    fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
+) -> list[bytes]:
+    item = {
+        "type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": fake.text, "annotations": []}],
+    }  # fmt: skip
+    response: dict[str, Any] = {
+        "id": f"resp_{rid}", "object": "response", "created_at": 1_700_000_000, "status": "completed",
+        "model": model, "output": [item], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "service_tier": fake.service_tier or "default",
+        "usage": None if fake.usage is None else openai_responses_usage(fake.usage),
+    }  # fmt: skip
+    if not stream:
+        return [_dumps(response)]
+    created = {**response, "status": "in_progress", "output": [], "usage": None}
+    events = [
+        _sse({"type": "response.created", "sequence_number": 0, "response": created}, "response.created")
+    ]
+    for number, word in enumerate(_words(fake.text), start=1):
+        delta = {
+            "type": "response.output_text.delta", "sequence_number": number, "item_id": item["id"],
+            "output_index": 0, "content_index": 0, "delta": word, "logprobs": [],
+        }  # fmt: skip
+        events.append(_sse(delta, "response.output_text.delta"))
+    done = {"type": "response.completed", "sequence_number": len(events), "response": response}
+    return [*events, _sse(done, "response.completed")]
+
+
+def _openai_embeddings(
+    fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
+) -> list[bytes]:
+    inputs = request.get("input")
+    count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+    encoding = request.get("encoding_format")
+    data = [{"object": "embedding", "index": i, "embedding": embedding(8, encoding)} for i in range(count)]
+    body: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if fake.usage is not None:
+        body["usage"] = {"prompt_tokens": fake.usage.input_tokens, "total_tokens": fake.usage.input_tokens}
+    return [_dumps(body)]
+
+
+# -- Anthropic ---------------------------------------------------------------------------------------
+
+
+def anthropic_usage(usage: Usage) -> dict[str, Any]:
+    """`usage` as Anthropic reports it: input_tokens WITHOUT the cache reads and writes."""
+    write_1h = usage.cache_write_1h_tokens
+    reported: dict[str, Any] = {
+        "input_tokens": usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cache_read_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": usage.cache_write_tokens - write_1h,
+            "ephemeral_1h_input_tokens": write_1h,
+        },
+        "output_tokens": usage.output_tokens,
+        "service_tier": "standard",
+    }
+    if usage.reasoning_tokens:
+        reported["output_tokens_details"] = {"thinking_tokens": usage.reasoning_tokens}
+    return reported
+
+
+def _anthropic_messages(
+    fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
+) -> list[bytes]:
+    usage = None if fake.usage is None else anthropic_usage(fake.usage)
+    message: dict[str, Any] = {
+        "id": f"msg_{rid}", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": fake.text}], "stop_reason": "end_turn", "stop_sequence": None,
+    }  # fmt: skip
+    if not stream:
+        return [_dumps({**message, **({"usage": usage} if usage else {})})]
+    start_usage = None if usage is None else {**usage, "output_tokens": 1}
+    started = {**message, "content": [], "stop_reason": None, **({"usage": start_usage} if usage else {})}
+    events = [
+        _sse({"type": "message_start", "message": started}, "message_start"),
+        _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+             "content_block_start"),
+        _sse({"type": "ping"}, "ping"),
+    ]  # fmt: skip
+    for word in _words(fake.text):
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+        events.append(_sse(delta, "content_block_delta"))
+    events.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    final: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+    }
+    if usage is not None:
+        keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+        final["usage"] = {key: usage[key] for key in keys}
+    events.append(_sse(final, "message_delta"))
+    return [*events, _sse({"type": "message_stop"}, "message_stop")]
+
+
+# -- Gemini ------------------------------------------------------------------------------------------
+
+
+def gemini_usage(usage: Usage, *, final: bool = True) -> dict[str, Any]:
+    """`usage` as Gemini's usageMetadata: thoughts apart from candidates; an early chunk has no output."""
+    reported: dict[str, Any] = {"promptTokenCount": usage.input_tokens}
+    if usage.cache_read_tokens:
+        reported["cachedContentTokenCount"] = usage.cache_read_tokens
+    if final:
+        reported["candidatesTokenCount"] = usage.output_tokens - usage.reasoning_tokens
+        if usage.reasoning_tokens:
+            reported["thoughtsTokenCount"] = usage.reasoning_tokens
+    reported["totalTokenCount"] = usage.input_tokens + (usage.output_tokens if final else 0)
+    reported["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": usage.input_tokens}]
+    return reported
+
+
+def _gemini_generate(
+    fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
+) -> list[bytes]:
+    def chunk(text: str, final: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+        if final:
+            candidate["finishReason"] = "STOP"
+        body: dict[str, Any] = {"candidates": [candidate]}
+        if fake.usage is not None:
+            body["usageMetadata"] = gemini_usage(fake.usage, final=final)
+        return {**body, "modelVersion": model, "responseId": f"resp-{rid}"}
+
+    if not stream:
+        return [_dumps(chunk(fake.text, True))]
+    words = _words(fake.text)
+    return [_sse(chunk(word, i == len(words) - 1), newline="\r\n") for i, word in enumerate(words)]
+
+
+def embedding(dimensions: int = 8, encoding: str | None = "base64") -> Any:
+    """A fake embedding vector, base64 float32 as the OpenAI SDK asks for, or a list."""
+    values = [round(0.1 * (i + 1), 3) for i in range(dimensions)]
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{dimensions}f", *values)).decode()
+    return values
+
+
+def _bind(cls: type[FakeProviderTransport], package: str) -> type[FakeProviderTransport]:
+    """`cls` mixed with the package's sync and async base transports (built once per package)."""
+    if package not in ("httpx", "httpx2"):
+        raise ValueError(f"package must be 'httpx' or 'httpx2', got {package!r}")
+    if any((base.__module__ or "").partition(".")[0] == package for base in cls.__mro__):
+        return cls  # mixed already
+    return _mixed(package) if cls is FakeProviderTransport else _mix(cls, package)
+
+
+@functools.cache
+def _mixed(package: str) -> type[FakeProviderTransport]:
+    return _mix(FakeProviderTransport, package)
+
+
+def _mix(cls: type[FakeProviderTransport], package: str) -> type[FakeProviderTransport]:
+    module = importlib.import_module(package)
+    bases = (cls, module.BaseTransport, module.AsyncBaseTransport)
+    mixed: type[FakeProviderTransport] = type(cls.__name__, bases, {"__module__": cls.__module__})
+    return mixed

@@ -1,0 +1,395 @@
+"""The capturing transport's behaviour: pass-through, budgets, retries, early ends, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import gzip
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from google import genai
+from google.genai import types as genai_types
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from llm_spend import Budget, BudgetExceeded, Tracker, Usage
+from llm_spend.capture import (
+    CaptureOptions,
+    async_budget_middleware,
+    async_client,
+    spend_error,
+    sync_client,
+)
+from llm_spend.storage.schema import calls, reservations, rollups
+from llm_spend.testing import FakeProviderTransport, openai_chat_usage
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+USAGE = Usage(input_tokens=100, output_tokens=20)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+async def tracker(url: str) -> AsyncIterator[Tracker]:
+    async with Tracker(url) as running:
+        yield running
+
+
+async def table(tracker: Tracker, which: sa.Table = calls) -> list[dict[str, Any]]:
+    engine = create_async_engine(tracker.url)
+    try:
+        async with engine.connect() as connection:
+            return [dict(row) for row in (await connection.execute(sa.select(which))).mappings()]
+    finally:
+        await engine.dispose()
+
+
+async def recorded(tracker: Tracker, count: int = 1) -> list[dict[str, Any]]:
+    """The ledger rows once `count` calls are recorded: dropped streams record when collected."""
+    for _ in range(50):
+        rows = await table(tracker)
+        if len(rows) >= count:
+            await asyncio.sleep(0.05)  # a second, wrong record would show up by now
+            return await table(tracker)
+        gc.collect()
+        await asyncio.sleep(0.01)
+    return await table(tracker)
+
+
+def openai_client(tracker: Tracker, fake: Any, **options: Any) -> openai.AsyncOpenAI:
+    capture = CaptureOptions(**options) if options else None
+    http = async_client(tracker, transport=fake, options=capture)
+    return openai.AsyncOpenAI(api_key="test", http_client=http, max_retries=2)
+
+
+def assert_unknown_usage(row: dict[str, Any]) -> None:
+    assert (row["usage_source"], row["pricing_status"], row["cost_nanousd"]) == (
+        "unknown",
+        "unknown_usage",
+        None,
+    )
+    assert row["stream"] is True
+
+
+async def test_other_hosts_pass_through_untouched(tracker: Tracker) -> None:
+    """A request to a host no route knows is not parsed, changed or recorded."""
+    seen: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(200, json={"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+        body = b'{"model":"m","stream":true}'
+        await http.post(
+            "https://example.com/v1/chat/completions", content=body, headers={"Accept-Encoding": "gzip"}
+        )
+    assert seen[0].content == body and seen[0].headers["accept-encoding"] == "gzip"
+    assert await table(tracker) == []
+
+
+async def test_provider_requests_ask_for_identity_encoding_and_compressed_bodies_still_parse(
+    tracker: Tracker,
+) -> None:
+    """Accept-Encoding: identity goes to provider hosts; a gzip answer anyway is still read."""
+    seen: list[str] = []
+    payload = {"id": "c", "model": "gpt-4o-mini", "usage": openai_chat_usage(USAGE)}
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.headers["accept-encoding"])
+        if b'"stream":true' in request.content:
+            events = f"data: {json.dumps({**payload, 'choices': []})}\n\ndata: [DONE]\n\n".encode()
+            headers = {"content-encoding": "gzip", "content-type": "text/event-stream"}
+            return httpx2.Response(200, content=gzip.compress(events), headers=headers)
+        headers = {"content-encoding": "gzip", "content-type": "application/json"}
+        return httpx2.Response(200, content=gzip.compress(json.dumps(payload).encode()), headers=headers)
+
+    client = openai_client(tracker, httpx2.MockTransport(handler))
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.prompt_tokens == 100
+    assert [chunk async for chunk in await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True)]  # type: ignore[arg-type]  # fmt: skip
+    assert seen == ["identity", "identity"]
+    assert [(row["input_tokens"], row["stream"]) for row in await table(tracker)] == [
+        (100, False),
+        (100, True),
+    ]
+
+
+async def test_non_2xx_is_not_recorded_and_releases_the_reservation(url: str) -> None:
+    """A 400 is not billed: no row, and the block-mode reservation is released, not kept."""
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
+        fake = FakeProviderTransport(statuses=[400])
+        with pytest.raises(openai.BadRequestError):
+            await openai_client(tracker, fake).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        assert fake.calls == 1
+        assert await table(tracker) == []
+        assert await table(tracker, reservations) == []
+        assert all(row["reserved_nanousd"] == 0 for row in await table(tracker, rollups))
+
+
+async def test_each_sdk_retry_passes_once_and_the_billed_attempt_is_recorded(url: str) -> None:
+    """429 then 500 then 200: three attempts reach the provider, one (the 2xx) is recorded."""
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
+        fake = FakeProviderTransport(usage=USAGE, statuses=[429, 500])
+        await openai_client(tracker, fake).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        assert fake.calls == 3
+        [row] = await table(tracker)
+        assert row["input_tokens"] == 100 and row["pricing_status"] == "priced"
+        assert await table(tracker, reservations) == []
+
+
+async def test_stream_broken_off_after_the_first_chunk_is_recorded_once_as_unknown(tracker: Tracker) -> None:
+    """A stream that ends before its usage chunk: one row, unknown usage, NULL cost (never $0)."""
+    fake = FakeProviderTransport(usage=USAGE, truncate_after=1)
+    client = openai_client(tracker, fake)
+    chunks = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert len([chunk async for chunk in chunks]) == 1
+    await chunks.close()
+    [row] = await recorded(tracker)
+    assert_unknown_usage(row)
+    assert row["model"] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["aclose", "dropped"])
+async def test_caller_breaking_out_early_records_once(tracker: Tracker, close: bool) -> None:
+    """Breaking out after the first chunk records on close, or when the dropped stream is collected."""
+    fake = FakeProviderTransport(usage=USAGE, text="one two three four five")
+    client = anthropic.AsyncAnthropic(api_key="test", http_client=async_client(tracker, transport=fake))
+    events = await client.messages.create(
+        model="claude-sonnet-4-6", max_tokens=50, messages=MESSAGES, stream=True
+    )  # type: ignore[arg-type]
+    async for _ in events:
+        break
+    if close:
+        await events.close()
+    del events
+    [row] = await recorded(tracker)
+    assert_unknown_usage(row)
+    assert row["provider_response_id"] == "msg_fake1"  # from message_start
+
+
+async def test_cancellation_mid_stream_is_recorded_once(tracker: Tracker) -> None:
+    """Cancelling the task that reads a slow stream records the call (shielded), exactly once."""
+    fake = FakeProviderTransport(usage=USAGE, delay=0.5, text="a b c d e f")
+    client = openai_client(tracker, fake)
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        chunks = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        async for _ in chunks:
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [row] = await recorded(tracker)
+    assert_unknown_usage(row)
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+async def test_client_disconnect_in_a_streaming_response_is_recorded(
+    tracker: Tracker, spec_version: str
+) -> None:
+    """A FastAPI StreamingResponse proxying an LLM stream: the client leaves mid-stream; it is recorded."""
+    fake = FakeProviderTransport(usage=USAGE, delay=0.2, text="a b c d e f g h")
+    client = openai_client(tracker, fake)
+    app = FastAPI()
+
+    @app.get("/chat")
+    async def chat() -> StreamingResponse:
+        chunks = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+
+        async def body() -> AsyncIterator[str]:
+            async for chunk in chunks:
+                yield chunk.choices[0].delta.content or "" if chunk.choices else ""
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+        "method": "GET", "scheme": "http", "path": "/chat", "raw_path": b"/chat", "query_string": b"",
+        "headers": [], "server": ("test", 80), "client": ("test", 1234), "root_path": "",
+    }  # fmt: skip
+    requested, first_body = False, asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await first_body.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            if first_body.is_set() and spec_version == "2.4":
+                raise OSError("client went away")  # how ASGI 2.4 servers report a disconnect
+            first_body.set()
+
+    with contextlib.suppress(Exception):  # Starlette's ClientDisconnect, on 2.4
+        await app(scope, receive, send)
+    [row] = await recorded(tracker)
+    assert_unknown_usage(row)
+    assert fake.calls == 1
+
+
+async def test_block_budget_refuses_before_the_provider_is_reached(url: str) -> None:
+    """A block-mode refusal raises BudgetExceeded from each SDK, and no byte reaches the provider."""
+    async with Tracker(url, budgets=[Budget.per_call(0.0001)], mode="block") as tracker:
+        fake = FakeProviderTransport()
+        with pytest.raises(BudgetExceeded) as refused:
+            await openai_client(tracker, fake).chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, max_tokens=4000
+            )  # type: ignore[arg-type]
+        assert refused.value.stage == "preflight"
+
+        claude = anthropic.AsyncAnthropic(
+            api_key="test",
+            http_client=async_client(tracker, transport=fake),
+            middleware=[async_budget_middleware],
+        )
+        with pytest.raises(BudgetExceeded):
+            await claude.messages.create(model="claude-opus-4-6", max_tokens=4000, messages=MESSAGES)  # type: ignore[arg-type]
+
+        gemini = genai.Client(
+            api_key="test",
+            http_options=genai_types.HttpOptions(httpx_async_client=async_client(tracker, transport=fake)),
+        )
+        with pytest.raises(BudgetExceeded):
+            await gemini.aio.models.generate_content(
+                model="gemini-2.5-pro",
+                contents="hi",
+                config=genai_types.GenerateContentConfig(max_output_tokens=4000),
+            )
+        assert fake.calls == 0
+        assert await table(tracker) == [] and await table(tracker, reservations) == []
+
+
+async def test_anthropic_without_the_middleware_wraps_and_retries_the_refusal(url: str) -> None:
+    """anthropic wraps a transport error in APIConnectionError and retries it: every attempt is refused.
+
+    The BudgetExceeded is the error's __cause__ (`spend_error(error)` finds it); the provider is not reached.
+    """
+    async with Tracker(url, budgets=[Budget.per_call(0.0001)], mode="block") as tracker:
+        fake = FakeProviderTransport()
+        http = async_client(tracker, transport=fake)
+        claude = anthropic.AsyncAnthropic(api_key="test", http_client=http, max_retries=1)
+        with pytest.raises(anthropic.APIConnectionError) as wrapped:
+            await claude.messages.create(model="claude-opus-4-6", max_tokens=4000, messages=MESSAGES)  # type: ignore[arg-type]
+        assert isinstance(wrapped.value.__cause__, BudgetExceeded)
+        assert isinstance(spend_error(wrapped.value), BudgetExceeded)
+        assert fake.calls == 0
+
+
+async def test_raise_mode_budget_raises_after_recording_a_json_call(url: str) -> None:
+    """raise mode: the call that crosses is recorded, then BudgetExceeded(stage="post") reaches the caller."""
+    async with Tracker(url, budgets=[Budget.daily(0.00001)], mode="raise") as tracker:
+        fake = FakeProviderTransport(usage=USAGE)
+        with pytest.raises(BudgetExceeded) as crossed:
+            await openai_client(tracker, fake).chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert crossed.value.stage == "post" and fake.calls == 1
+        assert len(await table(tracker)) == 1
+
+
+async def test_long_streams_renew_their_reservation_lease(url: str) -> None:
+    """A stream that outlives the lease renewal period extends its reservation while it streams."""
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block", reservation_ttl=600) as tracker:
+        fake = FakeProviderTransport(usage=USAGE, delay=0.05, text="a b c d e")
+        client = openai_client(tracker, fake, lease_renewal=0.01)
+        chunks = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        renewed = False
+        async for _ in chunks:
+            for held in await table(tracker, reservations):
+                renewed |= held["expires_at"] > held["created_at"] + timedelta(seconds=600)
+        assert renewed
+        [row] = await table(tracker)
+        assert row["pricing_status"] == "priced" and await table(tracker, reservations) == []
+
+
+async def test_include_stream_usage_can_be_turned_off(tracker: Tracker) -> None:
+    """include_stream_usage=False sends the body as is; the stream then has no usage to record."""
+    fake = FakeProviderTransport(usage=USAGE)
+    client = openai_client(tracker, fake, include_stream_usage=False)
+    assert [
+        c
+        async for c in await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+    ]  # type: ignore[arg-type]
+    assert "stream_options" not in fake.requests[0].json
+    [row] = await table(tracker)
+    assert_unknown_usage(row)
+
+
+async def test_openai_compatible_hosts_by_configuration(tracker: Tracker) -> None:
+    """providers={...}: OpenRouter priced as "openrouter", an Azure deployment path names the model."""
+    fake = FakeProviderTransport(usage=USAGE)
+    options = CaptureOptions(
+        providers={"openrouter.ai": "openai-compatible", "*.openai.azure.com": "openai-compatible"}
+    )
+    http = async_client(tracker, transport=fake, options=options)
+    router = openai.AsyncOpenAI(api_key="test", base_url="https://openrouter.ai/api/v1", http_client=http)
+    await router.chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    azure = openai.AsyncAzureOpenAI(
+        api_key="test", azure_endpoint="https://acme.openai.azure.com", api_version="2024-10-21",
+        azure_deployment="prod-4o", http_client=http,
+    )  # fmt: skip
+    await azure.chat.completions.create(model="prod-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    first, second = await table(tracker)
+    assert (first["provider"], first["model"], first["pricing_status"]) == (
+        "openrouter",
+        "openai/gpt-4o-mini",
+        "priced",
+    )
+    assert (second["provider"], second["model"]) == ("azure", "prod-4o")
+
+
+async def test_sync_client_refuses_to_deadlock_on_the_trackers_loop(tracker: Tracker) -> None:
+    """A sync client called on the tracker's loop thread raises instead of hanging; so does a stopped one."""
+    loop = asyncio.get_running_loop()
+    fake = FakeProviderTransport()
+    client = openai.OpenAI(
+        api_key="test", http_client=sync_client(tracker, loop=lambda: loop, transport=fake)
+    )
+    with pytest.raises(RuntimeError, match="deadlock"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    stopped = openai.OpenAI(
+        api_key="test", http_client=sync_client(tracker, loop=lambda: None, transport=fake)
+    )
+    with pytest.raises(RuntimeError, match="not running"):
+        await asyncio.to_thread(stopped.chat.completions.create, model="gpt-4o-mini", messages=MESSAGES)
+    assert fake.calls == 0
+
+
+async def test_sync_stream_dropped_early_is_recorded(tracker: Tracker) -> None:
+    """A sync stream left after one chunk (never closed) is recorded when it is collected."""
+    loop = asyncio.get_running_loop()
+    fake = FakeProviderTransport(usage=USAGE, text="a b c d")
+
+    def work() -> None:
+        http = sync_client(tracker, loop=lambda: loop, transport=fake)
+        client = genai.Client(api_key="test", http_options=genai_types.HttpOptions(httpx_client=http))
+        for _ in client.models.generate_content_stream(model="gemini-2.5-flash", contents="hi"):
+            break
+        gc.collect()
+
+    await asyncio.to_thread(work)
+    [row] = await recorded(tracker)
+    assert_unknown_usage(row)

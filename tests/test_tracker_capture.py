@@ -1,0 +1,94 @@
+"""The Tracker's capture methods: real SDK clients built on tracker.httpx_client() record every call."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from llm_spend import Budget, BudgetExceeded, Tracker, Usage, with_tags
+from llm_spend.storage.schema import calls
+from llm_spend.testing import FakeProviderTransport
+
+
+async def recorded(url: str) -> list[dict[str, object]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(sa.select(calls).order_by(calls.c.id))
+            return [dict(row) for row in result.mappings()]
+    finally:
+        await engine.dispose()
+
+
+async def test_async_openai_client_records_through_httpx_client(tmp_path: Path) -> None:
+    """openai.AsyncOpenAI(http_client=tracker.httpx_client()) records the call with its tags."""
+    fake = FakeProviderTransport(usage=Usage(input_tokens=1200, output_tokens=300), model="gpt-4o-2024-08-06")
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        client = openai.AsyncOpenAI(api_key="sk-test", http_client=tracker.httpx_client(transport=fake))
+        with with_tags(feature="chat"):
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    [row] = await recorded(tracker.url)
+    assert row["model"] == "gpt-4o-2024-08-06" and row["provider"] == "openai"
+    assert row["input_tokens"] == 1200 and row["output_tokens"] == 300
+    assert row["cost_nanousd"] and row["usage_source"] == "response"
+    assert row["tags"] == {"feature": "chat"}
+
+
+async def test_sync_anthropic_client_records_through_httpx_sync_client(tmp_path: Path) -> None:
+    """anthropic.Anthropic(http_client=tracker.httpx_sync_client()) in a thread records the call."""
+    fake = FakeProviderTransport(usage=Usage(input_tokens=500, output_tokens=50))
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        client = anthropic.Anthropic(api_key="sk-test", http_client=tracker.httpx_sync_client(transport=fake))
+
+        def call() -> None:
+            client.messages.create(
+                model="claude-sonnet-4-6", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+            )
+
+        await asyncio.to_thread(call)
+    [row] = await recorded(tracker.url)
+    assert row["provider"] == "anthropic" and row["input_tokens"] == 500 and row["cost_nanousd"]
+
+
+async def test_block_budget_refuses_before_the_fake_provider_is_reached(tmp_path: Path) -> None:
+    """A block-mode budget too small for the request's bound: BudgetExceeded, and no request sent."""
+    fake = FakeProviderTransport()
+    tracker = Tracker(
+        f"sqlite+aiosqlite:///{tmp_path / 'l.db'}", budgets=[Budget.daily("0.001", mode="block")]
+    )
+    async with tracker:
+        client = openai.AsyncOpenAI(
+            api_key="sk-test", http_client=tracker.httpx_client(transport=fake), max_retries=0
+        )
+        with pytest.raises(BudgetExceeded) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o", max_tokens=100_000, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert refused.value.stage == "preflight"
+    assert fake.calls == 0
+    assert await recorded(tracker.url) == []
+
+
+async def test_configured_openai_compatible_host_is_captured(tmp_path: Path) -> None:
+    """Tracker(providers={host: "openai-compatible"}) captures a host it would otherwise pass through."""
+    fake = FakeProviderTransport(usage=Usage(input_tokens=100, output_tokens=10), model="deepseek-chat")
+    tracker = Tracker(
+        f"sqlite+aiosqlite:///{tmp_path / 'l.db'}", providers={"llm.internal": "openai-compatible"}
+    )
+    async with tracker:
+        client = openai.AsyncOpenAI(
+            api_key="sk-test",
+            base_url="https://llm.internal/v1",
+            http_client=tracker.httpx_client(transport=fake),
+        )
+        await client.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "hi"}]
+        )
+    [row] = await recorded(tracker.url)
+    assert row["model"] == "deepseek-chat" and row["input_tokens"] == 100
