@@ -17,10 +17,19 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from .exceptions import BudgetExceeded
-from .money import from_nanousd, to_nanousd, usd
+from .money import format_usd, from_nanousd, to_nanousd, usd
 from .storage.store import WindowKey
 
-__all__ = ["Budget", "BudgetRule", "Mode", "Period", "WindowKey", "resolve_rules", "window_bounds"]
+__all__ = [
+    "Budget",
+    "BudgetRule",
+    "Mode",
+    "Period",
+    "WindowKey",
+    "describe",
+    "resolve_rules",
+    "window_bounds",
+]
 
 Period = Literal["call", "day", "month"]
 Mode = Literal["notify", "raise", "block"]
@@ -138,3 +147,10 @@ def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetR
         mode = budget.mode or default_mode
         rules.append(BudgetRule(budget, mode, to_nanousd(budget.limit)))
     return tuple(rules)
+
+
+def describe(budget: Budget) -> str:
+    """A budget in words: "daily $5 per user_id", "per-call $2", "monthly $500"."""
+    name = {"call": "per-call", "day": "daily", "month": "monthly"}[budget.period]
+    per = f" per {budget.per}" if budget.per else ""
+    return f"{name} ${format_usd(budget.limit)}{per}"

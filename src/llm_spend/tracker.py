@@ -19,16 +19,17 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import capture
-from .budgets import Budget, resolve_rules
+from .budgets import Budget, describe, resolve_rules
 from .capture.base import MEDIA_ALLOWANCE
 from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
+from .health import BudgetHealth, Health
 from .money import from_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool, default_spool_path
-from .storage.store import PendingWrite, Store
+from .storage.store import HEAD_REVISION, PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
 from .usage import CallRecord, Usage, UsageSource, check_tokens, new_event_id
 
@@ -323,6 +324,49 @@ class Tracker:
         if to_raise is not None:
             raise to_raise
         return record
+
+    # -- health -------------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
+        models in the last day, and whether each budget is enforced now. Never raises for a down
+        database: that is what it reports."""
+        files, size = await asyncio.to_thread(self.spool.backlog)
+        outage = self._writer is not None and self._writer.outage
+        revision: str | None = None
+        held: int | None = None
+        unknown: int | None = None
+        error: str | None = None
+        try:
+            revision = await self.store.revision()
+            held, unknown = await self.store.counts(datetime.now(UTC) - timedelta(days=1))
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        current = revision == HEAD_REVISION
+        budgets = []
+        for rule in self.budget_guard.rules:
+            reason = None
+            if error is not None:
+                reason = "the database is unreachable"
+            elif not current:
+                reason = f"schema revision {revision} is not {HEAD_REVISION}: run `llm-spend db upgrade`"
+            elif outage:
+                reason = "the database failed and calls are spooled: windows are not counted until replay"
+            budgets.append(BudgetHealth(describe(rule.budget), rule.mode, reason is None, reason))
+        return Health(
+            database_ok=error is None,
+            database_error=error,
+            schema_revision=revision,
+            schema_current=current,
+            outage=outage,
+            spool_path=str(self.spool.path),
+            spool_files=files,
+            spool_bytes=size,
+            spool_dropped=self.spool.dropped,
+            pending_reservations=held,
+            unknown_model_calls_last_day=unknown,
+            budgets=tuple(budgets),
+        )
 
     # -- capture ------------------------------------------------------------------------------------
 

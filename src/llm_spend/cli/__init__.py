@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import db
+from . import db, doctor
 
 __all__ = ["main"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///llm_spend.db"
-FAMILIES = (db,)
+FAMILIES = (db, doctor)
 
 
 def add_url(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, bindparam, delete, event, select, update
+from sqlalchemy import Connection, bindparam, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -40,7 +40,10 @@ from .rows import (
 from .schema import UTCDateTime, calls, meta, reservations, rollups
 from .sqlite_file import SQLiteFile, text_time
 
-__all__ = ["PendingWrite", "Refusal", "Store", "WindowKey"]
+__all__ = ["HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey"]
+
+HEAD_REVISION = "0002"
+"""The newest migration in migrations/versions (a test pins it to Alembic's own head)."""
 
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -271,6 +274,19 @@ class Store:
                     [_key_params(key) | {"amount": amount} for key, amount in sorted(deltas.items())],
                 )
         return len(released)
+
+    async def counts(self, since: datetime) -> tuple[int, int]:
+        """(reservations outstanding, calls since `since` whose model had no price)."""
+        async with self.engine.connect() as conn:
+            held = (await conn.execute(select(func.count()).select_from(reservations))).scalar_one()
+            unknown = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(calls)
+                    .where(calls.c.occurred_at >= since, calls.c.pricing_status == "unknown_model")
+                )
+            ).scalar_one()
+        return int(held), int(unknown)
 
     # -- reading ------------------------------------------------------------------------------------
 

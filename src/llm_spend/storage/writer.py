@@ -89,6 +89,7 @@ class Writer:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
+            before = self.spooled
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -97,10 +98,10 @@ class Writer:
                 entry = self._queue.get_nowait()
                 if entry is not None:
                     left.append(entry)
-            spooled = await self._to_spool(left)
+            await self._to_spool(left)
             logger.warning(
                 "llm-spend: shutdown drain timed out after %.1f s; %d calls went to the spool %s",
-                timeout, spooled, self._spool.path,
+                timeout, self.spooled - before, self._spool.path,
             )  # fmt: skip
         self._task = None
 
@@ -108,9 +109,9 @@ class Writer:
         """Write the spool's calls for this database, in order; returns how many were replayed."""
         async with self._replaying:
             done = 0
+            database_id = await self._identity()  # first, so that lines spooled later carry it
             if not (await asyncio.to_thread(self._spool.backlog))[0]:
                 return 0
-            database_id = await self._identity()
             for path in await asyncio.to_thread(self._spool.claim):
                 items, foreign = await asyncio.to_thread(self._spool.read, path, database_id)
                 for start in range(0, len(items), self._max_batch):
@@ -144,6 +145,17 @@ class Writer:
             await self._commit(batch)
 
     async def _commit(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
+        try:
+            await self._try_commit(batch)
+        except asyncio.CancelledError:  # the shutdown deadline passed mid-batch: keep it in the spool
+            pending = [entry for entry in batch if not entry[1].done()]
+            kept = self._spool.append([item for item, _ in pending], self._database_id)
+            self.spooled += kept
+            for _, future in pending:
+                future.set_result(SPOOLED)
+            raise
+
+    async def _try_commit(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
         items = [item for item, _ in batch]
         delays = () if self.outage else _RETRY_DELAYS
         for attempt in range(len(delays) + 1):
