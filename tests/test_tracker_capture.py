@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anthropic
@@ -92,3 +93,44 @@ async def test_configured_openai_compatible_host_is_captured(tmp_path: Path) -> 
         )
     [row] = await recorded(tracker.url)
     assert row["model"] == "deepseek-chat" and row["input_tokens"] == 100
+
+
+async def test_clamp_max_tokens_lowers_the_request_to_what_the_budget_can_pay(tmp_path: Path) -> None:
+    """clamp_max_tokens=True: a request asking more output than the budget pays for is sent with less."""
+    fake = FakeProviderTransport(usage=Usage(input_tokens=20, output_tokens=10))
+    tracker = Tracker(
+        f"sqlite+aiosqlite:///{tmp_path / 'l.db'}",
+        budgets=[Budget.daily("0.01", mode="block")],
+        clamp_max_tokens=True,
+    )
+    async with tracker:
+        client = openai.AsyncOpenAI(api_key="sk-test", http_client=tracker.httpx_client(transport=fake))
+        await client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=1_000_000, messages=[{"role": "user", "content": "hi"}]
+        )
+        granted = fake.requests[0].json["max_tokens"]
+        assert 256 <= granted < 1_000_000
+        at = datetime.now(UTC)
+        bound = tracker.pricer.bound("openai", "gpt-4o-mini", input_tokens=0, output_tokens=granted, at=at)
+        assert bound.nanousd is not None and bound.nanousd <= 10_000_000  # $0.01
+    assert len(await recorded(tracker.url)) == 1
+
+
+async def test_clamp_refuses_when_not_even_the_minimum_fits(tmp_path: Path) -> None:
+    """When fewer than clamp_min_output_tokens are affordable, the call is refused as without clamping."""
+    fake = FakeProviderTransport()
+    tracker = Tracker(
+        f"sqlite+aiosqlite:///{tmp_path / 'l.db'}",
+        budgets=[Budget.daily("0.0001", mode="block")],
+        clamp_max_tokens=True,
+        clamp_min_output_tokens=10_000,
+    )
+    async with tracker:
+        client = openai.AsyncOpenAI(
+            api_key="sk-test", http_client=tracker.httpx_client(transport=fake), max_retries=0
+        )
+        with pytest.raises(BudgetExceeded):
+            await client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=1_000_000, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert fake.calls == 0

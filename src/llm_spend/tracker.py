@@ -26,7 +26,7 @@ from .context import current_request_id, current_tags, merge_tags, normalize_tag
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
 from .health import BudgetHealth, Health
-from .money import from_nanousd
+from .money import from_nanousd, to_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool, default_spool_path
 from .storage.store import HEAD_REVISION, PendingWrite, Store
@@ -94,6 +94,8 @@ class Tracker:
         providers: Mapping[str, str] | None = None,
         include_stream_usage: bool = True,
         media_allowance_tokens: int = MEDIA_ALLOWANCE,
+        clamp_max_tokens: bool = False,
+        clamp_min_output_tokens: int = 256,
     ) -> None:
         if on_exceeded is not None and not callable(on_exceeded):
             raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
@@ -114,6 +116,12 @@ class Tracker:
         ):
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if isinstance(clamp_min_output_tokens, bool) or not isinstance(clamp_min_output_tokens, int):
+            raise ValueError(f"clamp_min_output_tokens must be an integer, got {clamp_min_output_tokens!r}")
+        if clamp_min_output_tokens < 1:
+            raise ValueError(f"clamp_min_output_tokens must be at least 1, got {clamp_min_output_tokens}")
+        self.clamp_max_tokens = bool(clamp_max_tokens)
+        self.clamp_min_output_tokens = clamp_min_output_tokens
         self.url = url
         self.timezone = _zone(timezone)
         self.on_exceeded = on_exceeded
@@ -419,14 +427,23 @@ class Tracker:
         provider, model = _text("provider", provider, 64), _text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
-        reservation = None
+        reservation, granted = None, None
         if self.budget_guard.blocking(merged):
             estimate = self._estimate(provider, model, input_tokens, max_output_tokens)
             if estimate is not None:
-                reservation = await self._reserve(merged, estimate)
+                try:
+                    reservation = await self._reserve(merged, estimate)
+                except BudgetExceeded as refused:
+                    granted = self._affordable_output(provider, model, input_tokens, refused)
+                    if granted is None:
+                        raise
+                    smaller = self._estimate(provider, model, input_tokens, granted)
+                    assert smaller is not None
+                    reservation = await self._reserve(merged, smaller)  # refused again: raises
             elif self.unknown_price == "refuse":
                 raise UnknownPriceError(provider, model)
         call = GuardedCall(self, provider, model, merged, reservation)
+        call.max_output_tokens = granted
         try:
             yield call
         finally:
@@ -448,6 +465,29 @@ class Tracker:
                 "llm-spend: reservation failed (%s); the call goes out unreserved (fail_open)", exc
             )
             return None
+
+    def _affordable_output(
+        self, provider: str, model: str, input_tokens: int, refused: BudgetExceeded
+    ) -> int | None:
+        """With `clamp_max_tokens`: the most output tokens the refusing window can still pay for, if
+        at least `clamp_min_output_tokens`; else None (the refusal stands)."""
+        if not self.clamp_max_tokens:
+            return None
+        room = to_nanousd(refused.limit - refused.spent - refused.reserved)
+        now = datetime.now(UTC)
+        base = self.pricer.bound(provider, model, input_tokens=input_tokens, output_tokens=0, at=now).nanousd
+        per_million = self.pricer.bound(provider, model, input_tokens=0, output_tokens=10**6, at=now).nanousd
+        if base is None or not per_million or room <= base:
+            return None
+        granted = (room - base) * 10**6 // per_million
+        while granted > 0:  # rounding to the nano-dollar may cost a token or two
+            cost = self.pricer.bound(
+                provider, model, input_tokens=input_tokens, output_tokens=granted, at=now
+            )
+            if cost.nanousd is not None and cost.nanousd <= room:
+                break
+            granted -= max(1, granted // 1000)
+        return granted if granted >= self.clamp_min_output_tokens else None
 
     def _estimate(
         self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None
@@ -483,6 +523,9 @@ class GuardedCall:
         self.reservation = reservation
         self._tracker = tracker
         self._pending: _Recording | None = None
+        self.max_output_tokens: int | None = None
+        """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
+        request's; the capture transport lowers the request to this."""
 
     @property
     def estimate(self) -> Decimal | None:
