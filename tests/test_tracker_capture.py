@@ -134,3 +134,56 @@ async def test_clamp_refuses_when_not_even_the_minimum_fits(tmp_path: Path) -> N
                 model="gpt-4o-mini", max_tokens=1_000_000, messages=[{"role": "user", "content": "hi"}]
             )
     assert fake.calls == 0
+
+
+async def test_track_stream_reads_provider_events(tmp_path: Path) -> None:
+    """track_stream with OpenAI chunks and with Anthropic events: the final usage, recorded once."""
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        async with tracker.track_stream(provider="openai", model="gpt-4o-mini") as s:
+            s.event(
+                {"id": "c1", "model": "gpt-4o-mini-2024-07-18", "choices": [{"delta": {"content": "hi"}}]}
+            )
+            s.event(
+                {
+                    "id": "c1",
+                    "model": "gpt-4o-mini-2024-07-18",
+                    "choices": [],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 20},
+                }
+            )
+        async with tracker.track_stream(provider="anthropic", model="claude-sonnet-4-6") as s:
+            s.event(
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "m1",
+                        "model": "claude-sonnet-4-6",
+                        "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1},
+                    },
+                }
+            )
+            s.event({"type": "message_delta", "usage": {"output_tokens": 12}})
+            s.event({"type": "message_delta", "usage": {"output_tokens": 30}})
+    chat, claude = await recorded(tracker.url)
+    assert (chat["model"], chat["input_tokens"], chat["output_tokens"]) == ("gpt-4o-mini-2024-07-18", 100, 20)
+    assert chat["stream"] and chat["usage_source"] == "stream" and chat["cost_nanousd"]
+    assert (claude["input_tokens"], claude["cache_read_tokens"], claude["output_tokens"]) == (15, 5, 30)
+
+
+async def test_track_stream_with_totals_and_with_an_error(tmp_path: Path) -> None:
+    """s.usage(...) records the totals; a block that raises is recorded once, tagged, and re-raises."""
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        async with tracker.track_stream(provider="openai", model="gpt-4o", tags={"feature": "x"}) as s:
+            s.usage(input_tokens=50, output_tokens=5)
+        with pytest.raises(ConnectionError):
+            async with tracker.track_stream(provider="openai", model="gpt-4o"):
+                raise ConnectionError("stream cut")
+    totals, cut = await recorded(tracker.url)
+    assert (
+        totals["usage_source"] == "manual"
+        and totals["input_tokens"] == 50
+        and totals["tags"] == {"feature": "x"}
+    )
+    assert cut["tags"] == {"stream_errored": "true"}
+    assert cut["usage_source"] == "unknown" and cut["pricing_status"] == "unknown_usage"
+    assert cut["cost_nanousd"] is None

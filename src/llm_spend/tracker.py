@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from . import capture
 from .budgets import Budget, describe, resolve_rules
 from .capture.base import MEDIA_ALLOWANCE
+from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
@@ -267,6 +269,47 @@ class Tracker:
             tags=self._tags(tags),
         )
         return await self._record(record)
+
+    @asynccontextmanager
+    async def track_stream(
+        self, *, provider: str, model: str, tags: Mapping[str, object] | None = None
+    ) -> AsyncIterator[ManualStream]:
+        """Record a stream you read yourself: ``async with tracker.track_stream(...) as s:`` then
+        ``s.event(chunk_dict)`` per provider event, or ``s.usage(...)`` with the totals.
+
+        Recorded once on exit. When the block raises, the call is still recorded (tagged
+        ``stream_errored``) and the error propagates; without usage it is stored as unknown usage.
+        """
+        provider, model = _text("provider", provider, 64), _text("model", model, 200)
+        merged = self._tags(tags)
+        at, started = datetime.now(UTC), time.monotonic()
+        stream = ManualStream(provider)
+        errored = False
+        try:
+            yield stream
+        except BaseException:
+            errored = True
+            raise
+        finally:
+            outcome, given = stream.outcome()
+            record = self._build(
+                provider=provider,
+                model=outcome.model or model,
+                usage=outcome.usage,
+                usage_source="manual" if given else "stream",
+                tags=merge_tags(merged, {"stream_errored": "true"}) if errored else merged,
+                occurred_at=at,
+                stream=True,
+                latency_ms=int((time.monotonic() - started) * 1000),
+                service_tier=outcome.service_tier,
+                provider_response_id=outcome.response_id,
+            )
+            recording = asyncio.ensure_future(self._record(record))
+            if errored:  # the block's own error wins; a budget crossing is still recorded
+                with contextlib.suppress(BudgetExceeded):
+                    await asyncio.shield(recording)
+            else:
+                await asyncio.shield(recording)
 
     def _tags(self, tags: Mapping[str, object] | None) -> Mapping[str, str]:
         """Explicit tags over the context's (with_tags over the middleware's)."""
