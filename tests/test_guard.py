@@ -22,7 +22,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from llm_spend import Budget, BudgetExceeded, SpendMiddleware, Tracker, UnknownPriceError, Usage, with_tags
+from llm_spend import (
+    Budget,
+    BudgetExceeded,
+    LLMSpendError,
+    SpendMiddleware,
+    Tracker,
+    UnknownPriceError,
+    Usage,
+    with_tags,
+)
 from llm_spend.money import from_nanousd
 from llm_spend.storage.schema import calls, reservations, rollups
 
@@ -301,3 +310,20 @@ async def test_middleware_refuses_exhausted_window_without_running_endpoint(db_u
     assert refused.json()["stage"] == "preflight"
     assert len(runs) == runs_before + 1 and runs[-1] == "b"  # a's endpoint did not run; b's did
     assert served.status_code == 200
+
+
+async def test_unknown_context_window_needs_a_max_or_a_configured_cap(sqlite_url: str) -> None:
+    """No max output tokens and no known context window: refused clearly, unless a cap is configured."""
+    budgets = [Budget.daily(10, mode="block")]
+    model = "gemini-2.5-pro"  # priced, but genai-prices knows no context window for it
+    async with Tracker(sqlite_url, budgets=budgets) as tracker:
+        assert tracker.pricer.context_window("google", model) is None
+        with pytest.raises(LLMSpendError, match="default_max_output_tokens"):
+            async with tracker.guard(provider="google", model=model, input_tokens=100):
+                pytest.fail("should not be reached")
+    capped = Tracker(sqlite_url, budgets=budgets, default_max_output_tokens=8192)
+    async with capped as tracker, tracker.guard(provider="google", model=model, input_tokens=100) as call:
+        expected = tracker.pricer.bound(
+            "google", model, input_tokens=100, output_tokens=8192, at=call.reservation.at
+        )
+        assert call.reservation is not None and call.reservation.estimate == expected.nanousd

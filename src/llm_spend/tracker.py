@@ -98,6 +98,7 @@ class Tracker:
         media_allowance_tokens: int = MEDIA_ALLOWANCE,
         clamp_max_tokens: bool = False,
         clamp_min_output_tokens: int = 256,
+        default_max_output_tokens: int | None = None,
     ) -> None:
         if on_exceeded is not None and not callable(on_exceeded):
             raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
@@ -122,6 +123,9 @@ class Tracker:
             raise ValueError(f"clamp_min_output_tokens must be an integer, got {clamp_min_output_tokens!r}")
         if clamp_min_output_tokens < 1:
             raise ValueError(f"clamp_min_output_tokens must be at least 1, got {clamp_min_output_tokens}")
+        if default_max_output_tokens is not None:
+            check_tokens("default_max_output_tokens", default_max_output_tokens)
+        self.default_max_output_tokens = default_max_output_tokens
         self.clamp_max_tokens = bool(clamp_max_tokens)
         self.clamp_min_output_tokens = clamp_min_output_tokens
         self.url = url
@@ -538,9 +542,16 @@ class Tracker:
         """An upper bound of the call's cost in nano-USD, or None when the model has no price."""
         if max_output_tokens is None:
             window = self.pricer.context_window(provider, model)
-            if window is None:
-                raise ValueError(f"max_output_tokens is required: the context window of {model!r} is unknown")
-            max_output_tokens = max(window - input_tokens, 0)
+            if window is not None:
+                max_output_tokens = max(window - input_tokens, 0)
+            elif self.default_max_output_tokens is not None:
+                max_output_tokens = self.default_max_output_tokens
+            else:
+                raise LLMSpendError(
+                    f"cannot bound the cost of a {provider}/{model} call that sets no max output tokens: "
+                    "its context window is unknown; set max tokens on the request or "
+                    "Tracker(default_max_output_tokens=...)"
+                )
         check_tokens("max_output_tokens", max_output_tokens)
         bound = self.pricer.bound(
             provider, model, input_tokens=input_tokens, output_tokens=max_output_tokens, at=datetime.now(UTC)
