@@ -3,6 +3,7 @@
     LLMSpendError
      ├── BudgetExceeded       a budget refused a call (preflight) or a call took a window over (post)
      ├── UnknownPriceError    a block-mode budget cannot reserve for a model without a price
+     ├── PricesFileError      a prices file or price overrides are malformed (also a ValueError)
      └── StorageError         the ledger database could not be used
 
 Each exception keeps its facts as attributes; the original error, if any, is its ``__cause__``.
@@ -20,7 +21,7 @@ from .money import format_usd
 if TYPE_CHECKING:
     from .budgets import Budget
 
-__all__ = ["BudgetExceeded", "LLMSpendError", "StorageError", "UnknownPriceError"]
+__all__ = ["BudgetExceeded", "LLMSpendError", "PricesFileError", "StorageError", "UnknownPriceError"]
 
 
 class LLMSpendError(Exception):
@@ -100,6 +101,17 @@ class UnknownPriceError(LLMSpendError):
             f"no price is known for {provider}/{model}, so a block-mode budget cannot reserve for it; "
             "add a price override or pass unknown_price='allow' to the Tracker"
         )
+
+
+class PricesFileError(LLMSpendError, ValueError):
+    """A prices file (or `price_overrides`) is malformed: which one, which key, what is wrong."""
+
+    def __init__(self, origin: str, key: object, problem: str) -> None:
+        self.origin = origin
+        self.key = key
+        self.problem = problem
+        where = origin if key is None else f"{origin}, key {key!r}"
+        super().__init__(f"{where}: {problem}")
 
 
 class StorageError(LLMSpendError):

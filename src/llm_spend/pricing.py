@@ -15,7 +15,8 @@ borrows from another provider's list (Azure pricing OpenAI's models).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal, Inexact, localcontext
@@ -38,9 +39,10 @@ from genai_prices.units import UnitDef, UnitRegistry
 from genai_prices.validation import validate_priced_units
 
 from .money import to_nanousd
+from .price_layers import PricesFile, PriceTable, Rates, parse_rates
 from .usage import PricingStatus, Usage
 
-__all__ = ["Cost", "Pricer"]
+__all__ = ["Cost", "Explanation", "Pricer"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -78,6 +80,28 @@ class Cost:
     """The model id matched in the price table, e.g. "gpt-4o-mini" for "gpt-4o-mini-2024-07-18"."""
 
 
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """How one call is priced: which layer, which entry, the rates (USD per 1M tokens), the cost."""
+
+    provider: str
+    model: str
+    source: str | None
+    """The layer: "override", "file <path> sha256:...", "genai-prices <version>", "fallback ..."."""
+    matched: str | None
+    rates: dict[str, str]
+    cost: Cost
+
+
+_EXPLAINED = {
+    "input": "input_mtok",
+    "cache_read": "cache_read_mtok",
+    "cache_write": "cache_write_mtok",
+    "cache_write_1h": "cache_write_1h_mtok",
+    "output": "output_mtok",
+}
+
+
 class _Term(NamedTuple):
     """One priced unit: its billed count as integer coefficients over the usage vector, and its rates."""
 
@@ -109,7 +133,27 @@ class _Entry:
 class Pricer:
     """Prices calls from genai-prices' bundled table; its caches live on the instance and are bounded."""
 
-    def __init__(self, *, max_entries: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        price_overrides: Mapping[str, Mapping[str, object]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        fallback_price: Mapping[str, object] | None = None,
+        max_entries: int = 4096,
+    ) -> None:
+        """Layers, highest first: `price_overrides`, `prices_file`, genai-prices' bundled table; then
+        `fallback_price` for models none of them knows (rows say so in price_source)."""
+        self._overrides = (
+            PriceTable(parse_rates(price_overrides, "price_overrides"), "override")
+            if price_overrides is not None
+            else None
+        )
+        self._file = PricesFile(prices_file) if prices_file is not None else None
+        self._fallback: Rates | None = None
+        if fallback_price is not None:
+            self._fallback = parse_rates({"fallback": fallback_price}, "fallback_price")["fallback"]
+            rates = self._fallback
+            self._fallback_source = f"fallback ${rates.input}/${rates.output} per 1M input/output tokens"
         self._providers: list[Provider] = bundled_providers  # what genai-prices' bundled snapshot reads
         self._registry = UnitRegistry(unit_data)
         self._source = f"genai-prices {version('genai-prices')}"
@@ -133,9 +177,13 @@ class Pricer:
 
         Never raises for a data problem: those are logged once per (provider, model) and flagged in `status`.
         """
+        layered = self._layer(provider, model)
+        if layered is not None:
+            flat = layered[2].cost(usage)
+            return Cost(flat, to_nanousd(flat), "priced", layered[0].source, layered[1])
         entry = self._entry(provider, model)
         if entry is None:
-            return self._unknown("unknown_model", provider, model)
+            return self._fallback_cost(provider, model, usage)
         if not entry.own:
             service_tier, batch = None, False
         key = (entry, service_tier, batch, _when(entry, at) if entry.constraints else None)
@@ -161,6 +209,13 @@ class Pricer:
         reach), output tokens at the highest output-side rate, plus any per-request fee. Other units
         (searches, images, audio seconds) are not covered; a model priced only in those is "unknown_model".
         """
+        layered = self._layer(provider, model)
+        if layered is not None or (self._entry(provider, model) is None and self._fallback is not None):
+            rates = layered[2] if layered is not None else self._fallback
+            assert rates is not None
+            amount = rates.bound(input_tokens, output_tokens)
+            source = layered[0].source if layered is not None else self._fallback_source
+            return Cost(amount, to_nanousd(amount), "priced", source, layered[1] if layered else None)
         entry = self._entry(provider, model)
         if entry is None:
             return self._unknown("unknown_model", provider, model)
@@ -175,6 +230,55 @@ class Pricer:
         amount = limits.fixed + input_tokens * _max_rate(limits.inputs, input_tokens)
         amount += output_tokens * _max_rate(limits.outputs, input_tokens)
         return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
+
+    def explain(
+        self,
+        provider: str,
+        model: str,
+        usage: Usage,
+        *,
+        at: datetime,
+        service_tier: str | None = None,
+        batch: bool = False,
+    ) -> Explanation:
+        """What `price` does for this call, step by step (for `llm-spend prices explain`)."""
+        cost = self.price(provider, model, usage, at=at, service_tier=service_tier, batch=batch)
+        layered = self._layer(provider, model)
+        entry = self._entry(provider, model)
+        rates: dict[str, str] = {}
+        if layered is not None:
+            rates = {name: str(rate) for name, rate in layered[2].per_million().items()}
+        elif entry is not None:
+            context = {"service_tier": service_tier} if service_tier else {}
+            if batch:
+                context["processing"] = "batch"
+            prices = entry.model.get_prices(at, (context or None) if entry.own else None)
+            for name, key in _EXPLAINED.items():
+                value = getattr(prices, key, None)
+                if isinstance(value, TieredPrices):
+                    tiers = ", ".join(f"{tier.price} above {tier.start} input tokens" for tier in value.tiers)
+                    rates[name] = f"{value.base} ({tiers})"
+                elif value is not None:
+                    rates[name] = str(value)
+        elif self._fallback is not None:
+            rates = {name: str(rate) for name, rate in self._fallback.per_million().items()}
+        return Explanation(provider, model, cost.source, cost.model_id, rates, cost)
+
+    def _layer(self, provider: str, model: str) -> tuple[PriceTable, str, Rates] | None:
+        """The override or prices-file entry for this call, if any (in that order)."""
+        for table in (self._overrides, self._file.current() if self._file is not None else None):
+            if table is not None:
+                found = table.lookup(provider, model)
+                if found is not None:
+                    return table, found[0], found[1]
+        return None
+
+    def _fallback_cost(self, provider: str, model: str, usage: Usage) -> Cost:
+        """An unknown model: priced at `fallback_price` when given (and said so), else unknown."""
+        if self._fallback is None:
+            return self._unknown("unknown_model", provider, model)
+        amount = self._fallback.cost(usage)
+        return Cost(amount, to_nanousd(amount), "priced", self._fallback_source, None)
 
     def context_window(self, provider: str, model: str) -> int | None:
         """The model's context window in tokens, when the price table knows it."""

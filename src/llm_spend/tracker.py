@@ -99,6 +99,9 @@ class Tracker:
         clamp_max_tokens: bool = False,
         clamp_min_output_tokens: int = 256,
         default_max_output_tokens: int | None = None,
+        price_overrides: Mapping[str, Mapping[str, object]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        fallback_price: Mapping[str, object] | None = None,
     ) -> None:
         if on_exceeded is not None and not callable(on_exceeded):
             raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
@@ -144,7 +147,9 @@ class Tracker:
         )
         self.store = Store(url)
         self.spool = Spool(spool_path if spool_path is not None else default_spool_path(self.store))
-        self.pricer = Pricer()
+        self.pricer = Pricer(
+            price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
+        )
         self.budget_guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone, store=self.store)
         self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue

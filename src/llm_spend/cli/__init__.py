@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import db, doctor
+from . import db, doctor, prices
 
 __all__ = ["main"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///llm_spend.db"
-FAMILIES = (db, doctor)
+FAMILIES = (db, doctor, prices)
 
 
 def add_url(parser: argparse.ArgumentParser) -> None:
