@@ -29,6 +29,9 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/guard.py
+	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/pricing.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

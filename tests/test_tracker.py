@@ -647,3 +647,30 @@ def test_subscribe_rejects_non_callable(sqlite_url: str) -> None:
     """subscribe() with something that is not callable raises ValueError."""
     with pytest.raises(ValueError, match="callback"):
         Tracker(sqlite_url).subscribe("nope")  # type: ignore[arg-type]
+
+
+async def test_batch_and_service_tier_are_priced_and_stored(sqlite_url: str) -> None:
+    """track(batch=True) prices at batch rates and stores service_tier "batch"; a tier is priced as given."""
+    from datetime import UTC, datetime
+
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import calc_price
+
+    from llm_spend.money import to_nanousd
+
+    async with Tracker(sqlite_url) as tracker:
+        batch = await tracker.track(
+            provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=100, batch=True
+        )
+        priority = await tracker.track(
+            provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=100, service_tier="priority"
+        )
+    now = datetime.now(UTC)
+    usage = GenaiUsage(input_tokens=1000, output_tokens=100)
+    expected_batch = calc_price(usage, "gpt-4o", provider_id="openai", genai_request_timestamp=now,
+                                price_context={"processing": "batch"})  # fmt: skip
+    expected_priority = calc_price(usage, "gpt-4o", provider_id="openai", genai_request_timestamp=now,
+                                   price_context={"service_tier": "priority"})  # fmt: skip
+    assert batch.service_tier == "batch" and batch.cost_nanousd == to_nanousd(expected_batch.total_price)
+    assert priority.cost_nanousd == to_nanousd(expected_priority.total_price)
+    assert batch.cost_nanousd != priority.cost_nanousd

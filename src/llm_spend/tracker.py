@@ -73,6 +73,10 @@ async def _call(callback: Callback, arg: Any, what: str) -> None:
         logger.exception("llm-spend: %s %r failed", what, callback)
 
 
+BATCH: Mapping[str, Any] = {"batch": True}
+"""A call recorded with `batch=True` is stored with service_tier "batch" and priced at batch rates."""
+
+
 class Tracker:
     """Records LLM calls into your database and enforces budgets. Enter it before use."""
 
@@ -247,6 +251,7 @@ class Tracker:
         reasoning_tokens: int = 0,
         latency_ms: int | None = None,
         service_tier: str | None = None,
+        batch: bool = False,
         provider_response_id: str | None = None,
         tags: Mapping[str, object] | None = None,
     ) -> CallRecord:
@@ -273,7 +278,7 @@ class Tracker:
             usage=usage,
             usage_source="manual",
             latency_ms=latency_ms,
-            service_tier=_optional_text("service_tier", service_tier, 64),
+            service_tier=_optional_text("service_tier", service_tier, 64) or ("batch" if batch else None),
             provider_response_id=_optional_text("provider_response_id", provider_response_id, 200),
             tags=self._tags(tags),
         )
@@ -343,7 +348,13 @@ class Tracker:
             cost = Cost(None, None, "unknown_usage", None, None)
             usage, usage_source = Usage(), "unknown"
         else:
-            cost = self.pricer.price(provider, model, usage, at=at, service_tier=service_tier)
+            cost = self.pricer.price(
+                provider,
+                model,
+                usage,
+                at=at,
+                **BATCH if service_tier == "batch" else {"service_tier": service_tier},
+            )
         return CallRecord(
             event_id=new_event_id(),
             occurred_at=at,

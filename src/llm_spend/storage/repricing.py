@@ -123,9 +123,9 @@ def _repriced(row: Any, pricer: Pricer, changes: dict[tuple[str, str], ModelChan
     if row["usage_source"] == "unknown":  # no usage arrived: nothing to price
         return None
     usage = Usage(**{name: row[name] for name in _USAGE})
-    cost = pricer.price(
-        row["provider"], row["model"], usage, at=row["occurred_at"], service_tier=row["service_tier"]
-    )
+    tier = row["service_tier"]
+    context: dict[str, Any] = {"batch": True} if tier == "batch" else {"service_tier": tier}
+    cost = pricer.price(row["provider"], row["model"], usage, at=row["occurred_at"], **context)
     if (cost.nanousd, cost.status, cost.source) == (
         row["cost_nanousd"],
         row["pricing_status"],
