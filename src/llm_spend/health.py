@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BudgetHealth", "Health"]
+from .budgets import describe
+from .storage.store import HEAD_REVISION
+
+if TYPE_CHECKING:
+    from .tracker import Tracker
+
+__all__ = ["BudgetHealth", "Health", "check_health"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +71,43 @@ class Health:
                 for b in self.budgets
             ],
         }
+
+
+async def check_health(tracker: Tracker) -> Health:
+    """What `Tracker.health()` reports."""
+    files, size = await asyncio.to_thread(tracker.spool.backlog)
+    outage = tracker.outage
+    revision: str | None = None
+    held: int | None = None
+    unknown: int | None = None
+    error: str | None = None
+    try:
+        revision = await tracker.store.revision()
+        held, unknown = await tracker.store.counts(datetime.now(UTC) - timedelta(days=1))
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    current = revision == HEAD_REVISION
+    budgets = []
+    for rule in tracker.budget_guard.rules:
+        reason = None
+        if error is not None:
+            reason = "the database is unreachable"
+        elif not current:
+            reason = f"schema revision {revision} is not {HEAD_REVISION}: run `llm-spend db upgrade`"
+        elif outage:
+            reason = "the database failed and calls are spooled: windows are not counted until replay"
+        budgets.append(BudgetHealth(describe(rule.budget), rule.mode, reason is None, reason))
+    return Health(
+        database_ok=error is None,
+        database_error=error,
+        schema_revision=revision,
+        schema_current=current,
+        outage=outage,
+        spool_path=str(tracker.spool.path),
+        spool_files=files,
+        spool_bytes=size,
+        spool_dropped=tracker.spool.dropped,
+        pending_reservations=held,
+        unknown_model_calls_last_day=unknown,
+        budgets=tuple(budgets),
+    )

@@ -11,31 +11,31 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from types import TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import capture
-from .budgets import Budget, describe, resolve_rules
+from .budgets import Budget, resolve_rules
 from .capture.base import MEDIA_ALLOWANCE
 from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
-from .health import BudgetHealth, Health
-from .money import from_nanousd, to_nanousd
+from .guarded import GuardedCall
+from .health import Health, check_health
+from .money import to_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool, default_spool_path
-from .storage.store import HEAD_REVISION, PendingWrite, Store
+from .storage.store import PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
-from .usage import CallRecord, Usage, UsageSource, check_tokens, new_event_id
+from .usage import CallRecord, Usage, UsageSource, check_text, check_tokens, new_event_id
 
-__all__ = ["GuardedCall", "Tracker"]
+__all__ = ["Tracker"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -51,16 +51,8 @@ def _zone(name: str) -> ZoneInfo:
         ) from None
 
 
-def _text(name: str, value: object, limit: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    if len(value) > limit:
-        raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
-    return value
-
-
 def _optional_text(name: str, value: object, limit: int) -> str | None:
-    return None if value is None else _text(name, value, limit)
+    return None if value is None else check_text(name, value, limit)
 
 
 async def _call(callback: Callback, arg: Any, what: str) -> None:
@@ -225,6 +217,11 @@ class Tracker:
         await self.store.migrate()
 
     @property
+    def outage(self) -> bool:
+        """The database failed and calls go to the spool until it answers again."""
+        return self._writer is not None and self._writer.outage
+
+    @property
     def backpressure_waits(self) -> int:
         """How many track() calls found the write queue full and waited."""
         return self._writer.waits if self._writer is not None else 0
@@ -273,8 +270,8 @@ class Tracker:
         ):
             raise ValueError(f"latency_ms must be a non-negative integer or None, got {latency_ms!r}")
         record = self._build(
-            provider=_text("provider", provider, 64),
-            model=_text("model", model, 200),
+            provider=check_text("provider", provider, 64),
+            model=check_text("model", model, 200),
             usage=usage,
             usage_source="manual",
             latency_ms=latency_ms,
@@ -294,7 +291,7 @@ class Tracker:
         Recorded once on exit. When the block raises, the call is still recorded (tagged
         ``stream_errored``) and the error propagates; without usage it is stored as unknown usage.
         """
-        provider, model = _text("provider", provider, 64), _text("model", model, 200)
+        provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         merged = self._tags(tags)
         at, started = datetime.now(UTC), time.monotonic()
         stream = ManualStream(provider)
@@ -402,42 +399,7 @@ class Tracker:
         """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
         models in the last day, and whether each budget is enforced now. Never raises for a down
         database: that is what it reports."""
-        files, size = await asyncio.to_thread(self.spool.backlog)
-        outage = self._writer is not None and self._writer.outage
-        revision: str | None = None
-        held: int | None = None
-        unknown: int | None = None
-        error: str | None = None
-        try:
-            revision = await self.store.revision()
-            held, unknown = await self.store.counts(datetime.now(UTC) - timedelta(days=1))
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        current = revision == HEAD_REVISION
-        budgets = []
-        for rule in self.budget_guard.rules:
-            reason = None
-            if error is not None:
-                reason = "the database is unreachable"
-            elif not current:
-                reason = f"schema revision {revision} is not {HEAD_REVISION}: run `llm-spend db upgrade`"
-            elif outage:
-                reason = "the database failed and calls are spooled: windows are not counted until replay"
-            budgets.append(BudgetHealth(describe(rule.budget), rule.mode, reason is None, reason))
-        return Health(
-            database_ok=error is None,
-            database_error=error,
-            schema_revision=revision,
-            schema_current=current,
-            outage=outage,
-            spool_path=str(self.spool.path),
-            spool_files=files,
-            spool_bytes=size,
-            spool_dropped=self.spool.dropped,
-            pending_reservations=held,
-            unknown_model_calls_last_day=unknown,
-            budgets=tuple(budgets),
-        )
+        return await check_health(self)
 
     # -- capture ------------------------------------------------------------------------------------
 
@@ -487,7 +449,7 @@ class Tracker:
         `input_tokens` must bound the input from above (UTF-8 bytes of the text do); without
         `max_output_tokens` the bound is the model's context window minus the input.
         """
-        provider, model = _text("provider", provider, 64), _text("model", model, 200)
+        provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
         reservation, granted = None, None
@@ -574,99 +536,3 @@ class Tracker:
         )
         nanousd: int | None = bound.nanousd
         return nanousd
-
-
-class GuardedCall:
-    """A call inside `tracker.guard()`: record its usage once with `await call.record(usage)`."""
-
-    def __init__(
-        self,
-        tracker: Tracker,
-        provider: str,
-        model: str,
-        tags: Mapping[str, str],
-        reservation: Reservation | None,
-    ) -> None:
-        self.provider = provider
-        self.model = model
-        self.tags = tags
-        self.reservation = reservation
-        self._tracker = tracker
-        self._pending: _Recording | None = None
-        self.max_output_tokens: int | None = None
-        """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
-        request's; the capture transport lowers the request to this."""
-
-    @property
-    def estimate(self) -> Decimal | None:
-        """The reserved upper bound in USD, or None when nothing was reserved."""
-        return None if self.reservation is None else from_nanousd(self.reservation.estimate)
-
-    def record(
-        self,
-        usage: Usage | None,
-        *,
-        model: str | None = None,
-        usage_source: UsageSource = "manual",
-        stream: bool = False,
-        latency_ms: int | None = None,
-        service_tier: str | None = None,
-        provider_response_id: str | None = None,
-    ) -> _Recording:
-        """Record the call and settle its reservation in the same transaction.
-
-        Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
-        `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost).
-        `model` overrides the requested model, e.g. with the dated snapshot the response names.
-        """
-        if self._pending is not None:
-            raise RuntimeError("this guarded call was already recorded")
-        if usage is not None and not isinstance(usage, Usage):
-            raise ValueError(f"usage must be a llm_spend.Usage or None, got {type(usage).__name__}")
-        tracker, reservation = self._tracker, self.reservation
-        record = tracker._build(
-            provider=self.provider, model=self.model if model is None else _text("model", model, 200),
-            usage=usage, usage_source=usage_source, tags=self.tags,
-            occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
-            service_tier=service_tier, provider_response_id=provider_response_id,
-        )  # fmt: skip
-        if reservation is None:
-            self._pending = _Recording(tracker._record(record))
-            return self._pending
-        if record.cost_nanousd is not None and record.cost_nanousd > reservation.estimate:
-            tracker.budget_guard.excess_calls += 1
-            logger.warning(
-                "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
-                self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
-            )  # fmt: skip
-        self._pending = _Recording(
-            tracker._record(record, reservation_id=reservation.id, release=reservation.windows)
-        )
-        return self._pending
-
-    async def extend(self) -> None:
-        """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
-        if self.reservation is not None:
-            await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
-
-    async def _finish(self) -> None:
-        if self._pending is not None:
-            if not self._pending.awaited:
-                await self._pending
-        elif self.reservation is not None:
-            try:
-                await self._tracker.store.release(self.reservation.id)
-            except Exception as exc:  # the sweep releases it when its lease runs out
-                logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
-
-
-class _Recording:
-    """The write of a guarded call's record, already under way; awaiting it gives the CallRecord."""
-
-    def __init__(self, coro: Coroutine[Any, Any, CallRecord]) -> None:
-        self.task = asyncio.ensure_future(coro)
-        self.awaited = False
-
-    def __await__(self) -> Generator[Any, None, CallRecord]:
-        self.awaited = True
-        return self.task.__await__()

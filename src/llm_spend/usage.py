@@ -50,6 +50,15 @@ def check_tokens(name: str, value: object) -> int:
     return value
 
 
+def check_text(name: str, value: object, limit: int) -> str:
+    """Validate a non-empty string of at most `limit` characters; raises ValueError naming the field."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one call, in the canonical convention of this module."""

@@ -28,7 +28,7 @@ Guard = AbstractAsyncContextManager["GuardedCallLike"]
 
 
 class GuardedCallLike(Protocol):
-    """A call inside ``tracker.guard()`` (llm_spend.tracker.GuardedCall)."""
+    """A call inside ``tracker.guard()`` (llm_spend.guarded.GuardedCall)."""
 
     def record(
         self,

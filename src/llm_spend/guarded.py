@@ -1,0 +1,117 @@
+"""GuardedCall: one call inside `tracker.guard()`, holding its reservation until it is recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Generator, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from .guard import Reservation
+from .money import from_nanousd
+from .usage import CallRecord, Usage, UsageSource, check_text
+
+if TYPE_CHECKING:
+    from .tracker import Tracker
+
+__all__ = ["GuardedCall"]
+
+logger = logging.getLogger("llm_spend")
+
+
+class GuardedCall:
+    """A call inside `tracker.guard()`: record its usage once with `await call.record(usage)`."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        provider: str,
+        model: str,
+        tags: Mapping[str, str],
+        reservation: Reservation | None,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.tags = tags
+        self.reservation = reservation
+        self._tracker = tracker
+        self._pending: _Recording | None = None
+        self.max_output_tokens: int | None = None
+        """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
+        request's; the capture transport lowers the request to this."""
+
+    @property
+    def estimate(self) -> Decimal | None:
+        """The reserved upper bound in USD, or None when nothing was reserved."""
+        return None if self.reservation is None else from_nanousd(self.reservation.estimate)
+
+    def record(
+        self,
+        usage: Usage | None,
+        *,
+        model: str | None = None,
+        usage_source: UsageSource = "manual",
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> _Recording:
+        """Record the call and settle its reservation in the same transaction.
+
+        Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
+        `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost).
+        `model` overrides the requested model, e.g. with the dated snapshot the response names.
+        """
+        if self._pending is not None:
+            raise RuntimeError("this guarded call was already recorded")
+        if usage is not None and not isinstance(usage, Usage):
+            raise ValueError(f"usage must be a llm_spend.Usage or None, got {type(usage).__name__}")
+        tracker, reservation = self._tracker, self.reservation
+        record = tracker._build(
+            provider=self.provider, model=self.model if model is None else check_text("model", model, 200),
+            usage=usage, usage_source=usage_source, tags=self.tags,
+            occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
+            service_tier=service_tier, provider_response_id=provider_response_id,
+        )  # fmt: skip
+        if reservation is None:
+            self._pending = _Recording(tracker._record(record))
+            return self._pending
+        if record.cost_nanousd is not None and record.cost_nanousd > reservation.estimate:
+            tracker.budget_guard.excess_calls += 1
+            logger.warning(
+                "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
+                self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
+            )  # fmt: skip
+        self._pending = _Recording(
+            tracker._record(record, reservation_id=reservation.id, release=reservation.windows)
+        )
+        return self._pending
+
+    async def extend(self) -> None:
+        """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
+        if self.reservation is not None:
+            await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
+
+    async def _finish(self) -> None:
+        if self._pending is not None:
+            if not self._pending.awaited:
+                await self._pending
+        elif self.reservation is not None:
+            try:
+                await self._tracker.store.release(self.reservation.id)
+            except Exception as exc:  # the sweep releases it when its lease runs out
+                logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
+
+
+class _Recording:
+    """The write of a guarded call's record, already under way; awaiting it gives the CallRecord."""
+
+    def __init__(self, coro: Coroutine[Any, Any, CallRecord]) -> None:
+        self.task = asyncio.ensure_future(coro)
+        self.awaited = False
+
+    def __await__(self) -> Generator[Any, None, CallRecord]:
+        self.awaited = True
+        return self.task.__await__()
