@@ -83,7 +83,7 @@ def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
     A value of None is kept as None, meaning "remove this key" when scopes merge.
     Raises ValueError naming the bad key, or when there are more than MAX_TAGS tags.
     """
-    if not isinstance(tags, Mapping):
+    if type(tags) is not dict and not isinstance(tags, Mapping):
         raise ValueError(f"tags must be a mapping of str to str, got {type(tags).__name__}")
     if len(tags) > MAX_TAGS:
         raise ValueError(f"at most {MAX_TAGS} tags are allowed, got {len(tags)}")
@@ -100,7 +100,7 @@ def merge_tags(base: Mapping[str, str], new: Mapping[str, str | None]) -> Mappin
     """`base` overlaid by `new` (None removes a key), as a new read-only mapping."""
     if not new:
         return base
-    merged = {**base, **new}
+    merged = {**base, **new} if base else dict(new)
     if None in merged.values():
         merged = {k: v for k, v in merged.items() if v is not None}
     if len(merged) > MAX_TAGS:

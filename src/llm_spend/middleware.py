@@ -101,12 +101,13 @@ class SpendMiddleware:
     async def _request_tags(self, scope: Scope) -> Mapping[str, str | None]:
         assert self.tags is not None
         result: Any = self.tags(Request(scope))
-        if inspect.isawaitable(result):
-            result = await result
-        if not isinstance(result, Mapping):
-            raise TypeError(
-                f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}"
-            )
+        if type(result) is not dict:  # the common case skips the slower checks
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, Mapping):
+                raise TypeError(
+                    f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}"
+                )
         return normalize_tags(result)
 
     async def _refuse(self, exc: BudgetExceeded, send: Send) -> None:
