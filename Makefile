@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/pricing.py
+	$(BIN)/python bench/memory.py 200000
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
