@@ -30,6 +30,7 @@ from .guarded import GuardedCall
 from .health import Health, check_health
 from .money import to_nanousd
 from .pricing import Cost, Pricer
+from .reports import ReportRow, report
 from .storage.spool import Spool, default_spool_path
 from .storage.store import PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
@@ -400,6 +401,35 @@ class Tracker:
         models in the last day, and whether each budget is enforced now. Never raises for a down
         database: that is what it reports."""
         return await check_health(self)
+
+    # -- reports ------------------------------------------------------------------------------------
+
+    async def report(
+        self,
+        *,
+        start: datetime,
+        end: datetime | None = None,
+        group_by: Sequence[str] = (),
+        where: Mapping[str, str] | None = None,
+    ) -> list[ReportRow]:
+        """Cost, calls and tokens of the calls in [start, end) (end: now), grouped by any of "day",
+        "month" (in the tracker's time zone), "model", "provider" or a tag key, filtered by `where`
+        ({"model": ..., "provider": ..., tag: value}). Groups are sorted by their key."""
+        return await report(
+            self.store,
+            self.timezone,
+            start=start,
+            end=end or datetime.now(UTC),
+            group_by=group_by,
+            where=where,
+        )
+
+    async def total(
+        self, *, start: datetime, end: datetime | None = None, where: Mapping[str, str] | None = None
+    ) -> ReportRow:
+        """The sums of all calls in [start, end) matching `where`, as one ungrouped row."""
+        rows = await self.report(start=start, end=end, where=where)
+        return rows[0]
 
     # -- capture ------------------------------------------------------------------------------------
 

@@ -1,0 +1,130 @@
+"""Reports: sums grouped by day, month, model, provider and tags equal hand-computed ones, on both DBs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from llm_spend import Tracker, Usage
+from llm_spend.money import from_nanousd
+from llm_spend.storage.store import PendingWrite
+from llm_spend.usage import CallRecord
+
+# (UTC time, provider, model, tokens in, out, tags); New York is UTC-5 in November.
+A_CHAT = {"user_id": "a", "feature": "chat"}
+CALLS = [
+    (datetime(2026, 10, 31, 23, 0, tzinfo=UTC), "openai", "gpt-4o-mini", 1000, 100, A_CHAT),
+    (datetime(2026, 11, 1, 3, 0, tzinfo=UTC), "openai", "gpt-4o", 2000, 200, A_CHAT),
+    (datetime(2026, 11, 1, 6, 0, tzinfo=UTC), "anthropic", "claude-sonnet-4-6", 3000, 300, {"user_id": "b"}),
+    (
+        datetime(2026, 11, 2, 4, 59, tzinfo=UTC),
+        "openai",
+        "gpt-4o-mini",
+        500,
+        50,
+        {"user_id": "b", "feature": "x"},
+    ),
+    (
+        datetime(2026, 11, 2, 5, 0, tzinfo=UTC),
+        "acme",
+        "mystery",
+        700,
+        70,
+        {"feature": "chat", "subject": "S:42"},
+    ),
+]
+START, END = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+
+
+async def seed(tracker: Tracker) -> list[CallRecord]:
+    records = [
+        tracker._build(
+            provider=provider, model=model, usage=Usage(input_tokens=i, output_tokens=o),
+            usage_source="manual", tags=tags, occurred_at=at,
+        )
+        for at, provider, model, i, o, tags in CALLS
+    ]  # fmt: skip
+    await tracker.store.write(
+        [PendingWrite(r, tracker.budget_guard.windows(r.tags, r.occurred_at)) for r in records]
+    )
+    return records
+
+
+def expected(records: list[CallRecord], key: object) -> dict[object, tuple[Decimal, int, int]]:
+    sums: dict[object, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for record in records:
+        s = sums[key(record)]  # type: ignore[operator]
+        s[0] += record.cost_nanousd or 0
+        s[1] += 1
+        s[2] += record.cost_nanousd is None
+    return {k: (from_nanousd(v[0]), v[1], v[2]) for k, v in sums.items()}
+
+
+def got(rows: list, names: tuple[str, ...]) -> dict[object, tuple[Decimal, int, int]]:  # type: ignore[type-arg]
+    return {
+        (row.key if len(names) > 1 else row.key[0]): (row.cost, row.calls, row.unknown_cost_calls)
+        for row in rows
+    }
+
+
+async def test_reports_by_model_tag_day_and_month_in_the_trackers_zone(db_url: str) -> None:
+    """Groupings by model, provider, a tag, and New York days and months equal hand-computed sums."""
+    async with Tracker(db_url, timezone="America/New_York") as tracker:
+        records = await seed(tracker)
+        by_model = await tracker.report(start=START, end=END, group_by=("model",))
+        by_user = await tracker.report(start=START, end=END, group_by=["user_id"])
+        by_day = await tracker.report(start=START, end=END, group_by=("day",))
+        by_month_provider = await tracker.report(start=START, end=END, group_by=("month", "provider"))
+        total = await tracker.total(start=START, end=END)
+    assert got(by_model, ("model",)) == expected(records, lambda r: r.model)
+    assert got(by_user, ("user_id",)) == expected(records, lambda r: r.tags.get("user_id"))
+    new_york = {
+        records[0].event_id: "2026-10-31", records[1].event_id: "2026-10-31", records[2].event_id: "2026-11-01",
+        records[3].event_id: "2026-11-01", records[4].event_id: "2026-11-02",
+    }  # fmt: skip
+    assert got(by_day, ("day",)) == expected(records, lambda r: new_york[r.event_id])
+    assert got(by_month_provider, ("month", "provider")) == expected(
+        records, lambda r: (new_york[r.event_id][:7], r.provider)
+    )
+    assert by_day[0].group == {"day": "2026-10-31"}
+    assert total.calls == 5 and total.unknown_cost_calls == 1
+    assert total.cost == sum((r.cost or Decimal(0) for r in records), Decimal(0))
+    assert total.input_tokens == sum(c[3] for c in CALLS) and total.output_tokens == sum(c[4] for c in CALLS)
+
+
+async def test_where_filters_and_one_tracked_object(db_url: str) -> None:
+    """where= narrows by tags and model; the cost of one tracked object is one tag filter away."""
+    async with Tracker(db_url) as tracker:
+        records = await seed(tracker)
+        chat = await tracker.total(start=START, end=END, where={"feature": "chat"})
+        chat_mini = await tracker.total(
+            start=START, end=END, where={"feature": "chat", "model": "gpt-4o-mini"}
+        )
+        subject = await tracker.report(start=START, end=END, where={"subject": "S:42"}, group_by=["model"])
+        last_days = await tracker.report(
+            start=datetime(2026, 11, 1, tzinfo=UTC), end=datetime(2026, 11, 3, tzinfo=UTC), group_by=["day"]
+        )
+    assert (chat.calls, chat.cost) == (3, (records[0].cost or 0) + (records[1].cost or 0))
+    assert chat.unknown_cost_calls == 1
+    assert (chat_mini.calls, chat_mini.cost) == (1, records[0].cost)
+    assert [(r.key, r.calls) for r in subject] == [(("mystery",), 1)]
+    assert [r.group["day"] for r in last_days] == ["2026-11-01", "2026-11-02"]
+    assert sum(r.calls for r in last_days) == 4
+
+
+async def test_bad_report_arguments_name_the_field(sqlite_url: str) -> None:
+    """Unknown group_by or where keys, naive or reversed ranges are ValueErrors naming the problem."""
+    async with Tracker(sqlite_url) as tracker:
+        with pytest.raises(ValueError, match="group_by 'bad key'"):
+            await tracker.report(start=START, end=END, group_by=["bad key"])
+        with pytest.raises(ValueError, match="where key"):
+            await tracker.report(start=START, end=END, where={"no way": "x"})
+        with pytest.raises(ValueError, match="aware"):
+            await tracker.report(start=datetime(2026, 1, 1), end=END)
+        with pytest.raises(ValueError, match="before end"):
+            await tracker.report(start=END, end=START)
+        with pytest.raises(ValueError, match="too long"):
+            await tracker.report(start=START - timedelta(days=3000), end=END, group_by=["day"])
