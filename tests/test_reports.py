@@ -81,10 +81,8 @@ async def test_reports_by_model_tag_day_and_month_in_the_trackers_zone(db_url: s
         total = await tracker.total(start=START, end=END)
     assert got(by_model, ("model",)) == expected(records, lambda r: r.model)
     assert got(by_user, ("user_id",)) == expected(records, lambda r: r.tags.get("user_id"))
-    new_york = {
-        records[0].event_id: "2026-10-31", records[1].event_id: "2026-10-31", records[2].event_id: "2026-11-01",
-        records[3].event_id: "2026-11-01", records[4].event_id: "2026-11-02",
-    }  # fmt: skip
+    days = ("2026-10-31", "2026-10-31", "2026-11-01", "2026-11-01", "2026-11-02")
+    new_york = {record.event_id: day for record, day in zip(records, days, strict=True)}
     assert got(by_day, ("day",)) == expected(records, lambda r: new_york[r.event_id])
     assert got(by_month_provider, ("month", "provider")) == expected(
         records, lambda r: (new_york[r.event_id][:7], r.provider)
