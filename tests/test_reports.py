@@ -126,3 +126,25 @@ async def test_bad_report_arguments_name_the_field(sqlite_url: str) -> None:
             await tracker.report(start=END, end=START)
         with pytest.raises(ValueError, match="too long"):
             await tracker.report(start=START - timedelta(days=3000), end=END, group_by=["day"])
+
+
+async def test_budget_status_per_window(db_url: str) -> None:
+    """budget_status: each budget's current window with limit, spent, remaining, percent, projection."""
+    from llm_spend import Budget
+
+    budgets = [Budget.monthly(10), Budget.daily("0.01", per="user_id", mode="block"), Budget.per_call(1)]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        a = await tracker.track(provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=100,
+                                tags={"user_id": "a"})  # fmt: skip
+        b = await tracker.track(provider="openai", model="gpt-4o", input_tokens=500, output_tokens=50,
+                                tags={"user_id": "b"})  # fmt: skip
+        status = await tracker.budget_status()
+    monthly, user_a, user_b = status
+    assert monthly.description == "monthly $10" and monthly.scope_value is None
+    assert monthly.spent == (a.cost or 0) + (b.cost or 0) and monthly.reserved == 0
+    assert monthly.remaining == Decimal(10) - monthly.spent
+    assert monthly.window_end > datetime.now(UTC) > monthly.window_start
+    assert monthly.projected >= monthly.spent
+    assert (user_a.scope_value, user_a.spent) == ("a", a.cost)  # the biggest spender first
+    assert (user_b.scope_value, user_b.spent) == ("b", b.cost)
+    assert user_a.percent == (a.cost * 100 / Decimal("0.01")).quantize(Decimal("0.1"))  # type: ignore[operator]

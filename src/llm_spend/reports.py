@@ -21,12 +21,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, and_, case, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 
-from .budgets import window_bounds
+from .budgets import Budget, BudgetRule, describe, window_bounds
 from .money import from_nanousd
-from .storage.schema import UTCDateTime, calls
+from .storage.schema import UTCDateTime, calls, rollups
 from .storage.store import Store
 
-__all__ = ["ReportRow", "report"]
+__all__ = ["BudgetStatus", "ReportRow", "budget_status", "report"]
 
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _COLUMNS = ("model", "provider")
@@ -159,3 +159,71 @@ def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[boo
     else:
         conditions += [_tag(key, False) == value for key, value in tags.items()]
     return conditions
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """Where one budget window stands now. Money in USD."""
+
+    budget: Budget
+    description: str
+    mode: str
+    scope_value: str | None
+    """The tag value of a per-tag budget's window (None for a global budget)."""
+    window_start: datetime
+    window_end: datetime
+    limit: Decimal
+    spent: Decimal
+    reserved: Decimal
+    remaining: Decimal
+    """limit - spent - reserved, never below 0."""
+    percent: Decimal
+    """(spent + reserved) / limit x 100, to 0.1."""
+    projected: Decimal
+    """Spend at the window's end if it goes on at the pace so far (linear in elapsed time)."""
+
+
+async def budget_status(
+    store: Store, rules: Sequence[BudgetRule], bounds: Any, *, now: datetime, top: int = 20
+) -> list[BudgetStatus]:
+    """The current window of every day and month budget; per-tag budgets show their `top` windows by spend."""
+    found: list[BudgetStatus] = []
+    async with store.engine.connect() as conn:
+        for rule in rules:
+            period = rule.budget.period
+            if period == "call":
+                continue
+            start, end = bounds(period, now)
+            query = (
+                select(rollups.c.scope_value, rollups.c.spent_nanousd, rollups.c.reserved_nanousd)
+                .where(rollups.c.period == period, rollups.c.window_start == start)
+                .where(rollups.c.scope_key == rule.scope_key)
+                .order_by(rollups.c.spent_nanousd.desc(), rollups.c.scope_value)
+                .limit(top)
+            )
+            rows: list[Any] = list((await conn.execute(query)).all())
+            if not rows and rule.budget.per is None:
+                rows = [("", 0, 0)]  # nothing spent yet in this window
+            found += [_status(rule, row, start, end, now) for row in rows]
+    return found
+
+
+def _status(rule: BudgetRule, row: Any, start: datetime, end: datetime, now: datetime) -> BudgetStatus:
+    spent, reserved = from_nanousd(int(row[1])), from_nanousd(int(row[2]))
+    limit = rule.budget.limit
+    elapsed = max((now - start).total_seconds(), 1.0) / (end - start).total_seconds()
+    used = spent + reserved
+    return BudgetStatus(
+        budget=rule.budget,
+        description=describe(rule.budget),
+        mode=rule.mode,
+        scope_value=row[0] if rule.budget.per is not None else None,
+        window_start=start,
+        window_end=end,
+        limit=limit,
+        spent=spent,
+        reserved=reserved,
+        remaining=max(limit - used, Decimal(0)),
+        percent=(used * 100 / limit).quantize(Decimal("0.1")) if limit else Decimal(100),
+        projected=(spent / Decimal(str(min(elapsed, 1.0)))).quantize(Decimal("0.000001")),
+    )

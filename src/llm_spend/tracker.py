@@ -30,7 +30,7 @@ from .guarded import GuardedCall
 from .health import Health, check_health
 from .money import to_nanousd
 from .pricing import Cost, Pricer
-from .reports import ReportRow, report
+from .reports import BudgetStatus, ReportRow, budget_status, report
 from .storage.spool import Spool, default_spool_path
 from .storage.store import PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
@@ -430,6 +430,13 @@ class Tracker:
         """The sums of all calls in [start, end) matching `where`, as one ungrouped row."""
         rows = await self.report(start=start, end=end, where=where)
         return rows[0]
+
+    async def budget_status(self, *, top: int = 20) -> list[BudgetStatus]:
+        """Every day and month budget's current window: limit, spent, reserved, remaining, percent,
+        window end and a linear projection to it; per-tag budgets list their `top` windows by spend."""
+        now = datetime.now(UTC)
+        rules = self.budget_guard.rules
+        return await budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top)
 
     # -- capture ------------------------------------------------------------------------------------
 
