@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import db, doctor, prices
+from . import db, doctor, prices, reports
 
 __all__ = ["main"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///llm_spend.db"
-FAMILIES = (db, doctor, prices)
+FAMILIES = (db, doctor, prices, reports)
 
 
 def add_url(parser: argparse.ArgumentParser) -> None:
