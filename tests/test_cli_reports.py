@@ -43,3 +43,70 @@ def test_report_table_csv_and_json(sqlite_url: str, capsys: pytest.CaptureFixtur
     assert {d["model"]: d["calls"] for d in data} == {"gpt-4o": 2, "gpt-4o-mini": 1}
     assert main(["report", "--url", sqlite_url, "--where", "nonsense"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+async def seed_dated(url: str, days_ago: list[int]) -> list[str]:
+    from datetime import UTC, datetime, timedelta
+
+    from llm_spend import Usage
+    from llm_spend.storage.store import PendingWrite
+
+    async with Tracker(url) as tracker:
+        records = [
+            tracker._build(
+                provider="openai", model="gpt-4o-mini", usage=Usage(input_tokens=100, output_tokens=10),
+                usage_source="manual", tags={"user_id": "=cmd|x"},
+                occurred_at=datetime.now(UTC) - timedelta(days=n),
+            )
+            for n in days_ago
+        ]  # fmt: skip
+        windows = tracker.budget_guard.windows
+        await tracker.store.write([PendingWrite(r, windows(r.tags, r.occurred_at)) for r in records])
+    return [r.event_id for r in records]
+
+
+def rollup_total(url: str) -> int:
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    conn = sqlite3.connect(str(make_url(url).database))
+    try:
+        return int(
+            conn.execute("SELECT sum(calls) FROM llm_spend_rollups WHERE scope_key = ''").fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+def test_export_streams_the_range_as_csv_and_jsonl(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-spend export` writes exactly the rows of the range, with formula-looking cells escaped."""
+    from datetime import UTC, datetime, timedelta
+
+    ids = asyncio.run(seed_dated(sqlite_url, [1, 2, 40, 41]))
+    since = (datetime.now(UTC) - timedelta(days=10)).date().isoformat()
+    assert main(["export", "--url", sqlite_url, "--since", since, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted(r["event_id"] for r in rows) == sorted(ids[:2])
+    assert rows[0]["tags"].startswith("{") and rows[0]["cost_usd"]
+    assert main(["export", "--url", sqlite_url, "--since", "2000-01-01", "--format", "jsonl"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(line["event_id"] for line in lines) == sorted(ids)
+    assert lines[0]["tags"] == {"user_id": "=cmd|x"}
+
+
+def test_prune_deletes_old_rows_and_keeps_rollup_totals(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-spend prune --older-than 30d` deletes the old ledger rows; rollups still count them."""
+    asyncio.run(seed_dated(sqlite_url, [1, 2, 40, 41, 100]))
+    before = rollup_total(sqlite_url)
+    assert main(["prune", "--url", sqlite_url, "--older-than", "30d"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 3 ledger rows" in out and "2 remain" in out
+    assert rollup_total(sqlite_url) == before
+    with pytest.raises(SystemExit) as bad:
+        main(["prune", "--url", sqlite_url, "--older-than", "soon"])
+    assert bad.value.code == 2 and "not an age" in capsys.readouterr().err

@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import db, doctor, prices, reports
+from . import db, doctor, ledger, prices, reports
 
 __all__ = ["main"]
 
 DEFAULT_URL = "sqlite+aiosqlite:///llm_spend.db"
-FAMILIES = (db, doctor, prices, reports)
+FAMILIES = (db, doctor, prices, reports, ledger)
 
 
 def add_url(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,119 @@
+"""`llm-spend export` (stream ledger rows as CSV or JSON lines) and `llm-spend prune` (drop old rows)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from ..money import format_usd, from_nanousd
+from ..storage.schema import calls
+from ..storage.store import Store
+from .reports import safe_cell
+
+_COLUMNS = [c.name for c in calls.columns if c.name != "id"]
+_PRUNE_BATCH = 5_000
+
+
+def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
+    export = commands.add_parser("export", help="stream ledger rows as CSV or JSON lines (constant memory)")
+    add_url(export)
+    export.add_argument("--since", type=_day, required=True, help="YYYY-MM-DD (UTC)")
+    export.add_argument("--until", type=_day, help="YYYY-MM-DD (UTC, exclusive; default: now)")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.set_defaults(handler=_export)
+    prune = commands.add_parser("prune", help="delete ledger rows older than an age; rollups keep totals")
+    add_url(prune)
+    prune.add_argument("--older-than", type=_age, required=True, metavar="AGE", help="e.g. 90d, 12w")
+    prune.set_defaults(handler=_prune)
+
+
+def _day(text: str) -> datetime:
+    try:
+        return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _age(text: str) -> timedelta:
+    found = re.fullmatch(r"(\d+)([dw])", text.strip())
+    if found is None or int(found.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"not an age such as 90d or 12w: {text!r}")
+    return timedelta(days=int(found.group(1)) * (7 if found.group(2) == "w" else 1))
+
+
+def _cells(row: Any) -> dict[str, Any]:
+    cells = {name: row[name] for name in _COLUMNS}
+    cells["occurred_at"] = row["occurred_at"].isoformat()
+    cost = row["cost_nanousd"]
+    cells["cost_usd"] = None if cost is None else format_usd(from_nanousd(cost))
+    return cells
+
+
+async def _export(args: argparse.Namespace) -> int:
+    store = Store(args.url)
+    until = args.until or datetime.now(UTC)
+    query = (
+        select(calls)
+        .where(calls.c.occurred_at >= args.since, calls.c.occurred_at < until)
+        .order_by(calls.c.occurred_at, calls.c.id)
+        .execution_options(yield_per=1_000)
+    )
+    progress = sys.stderr.isatty()
+    writer = csv.writer(sys.stdout) if args.format == "csv" else None
+    if writer is not None:
+        writer.writerow([*_COLUMNS, "cost_usd"])
+    count = 0
+    try:
+        async with store.engine.connect() as conn:
+            result = await conn.stream(query)
+            async for row in result.mappings():
+                cells = _cells(row)
+                if writer is not None:
+                    tags = json.dumps(cells["tags"], separators=(",", ":"))
+                    line = [*(cells[c] for c in _COLUMNS[:-1]), tags, cells["cost_usd"]]
+                    writer.writerow(["" if v is None else safe_cell(str(v)) for v in line])
+                else:
+                    sys.stdout.write(json.dumps(cells, separators=(",", ":")) + "\n")
+                count += 1
+                if progress and count % 10_000 == 0:
+                    print(f"\r{count:,} rows", end="", file=sys.stderr, flush=True)
+    finally:
+        await store.close()
+    if progress:
+        print(f"\r{count:,} rows exported", file=sys.stderr)
+    return 0
+
+
+async def _prune(args: argparse.Namespace) -> int:
+    """Delete ledger rows in batches of 5,000 (short transactions). Rollups keep their totals."""
+    store = Store(args.url)
+    cutoff = datetime.now(UTC) - args.older_than
+    deleted = 0
+    try:
+        while True:
+            async with store.engine.begin() as conn:
+                ids = (
+                    select(calls.c.id)
+                    .where(calls.c.occurred_at < cutoff)
+                    .limit(_PRUNE_BATCH)
+                    .scalar_subquery()
+                )
+                gone = (await conn.execute(delete(calls).where(calls.c.id.in_(ids)))).rowcount
+            deleted += gone
+            if gone < _PRUNE_BATCH:
+                break
+        async with store.engine.connect() as conn:
+            left = (await conn.execute(select(func.count()).select_from(calls))).scalar_one()
+    finally:
+        await store.close()
+    print(f"deleted {deleted:,} ledger rows older than {cutoff:%Y-%m-%d %H:%M} UTC; {left:,} remain")
+    print("rollups keep their totals: budgets and day/month reports still count the deleted calls")
+    return 0
