@@ -1,0 +1,70 @@
+"""OpenTelemetry: each recorded call as GenAI span attributes and metrics (extra `otel`).
+
+    from llm_spend.otel import instrument
+    instrument(tracker)          # once, at start-up
+
+Every recorded call then sets, on the span current where it was recorded (the request's, when the app
+is instrumented), the GenAI semantic-convention attributes ``gen_ai.provider.name``,
+``gen_ai.request.model``, ``gen_ai.response.model``, ``gen_ai.usage.input_tokens``,
+``gen_ai.usage.output_tokens``, ``gen_ai.usage.cache_read.input_tokens``,
+``gen_ai.usage.cache_creation.input_tokens``, ``gen_ai.usage.reasoning.output_tokens`` and, as
+proposed, ``gen_ai.usage.cost`` (USD, as a float: attributes cannot hold decimals; the ledger keeps the
+exact amount). It also adds to the counters ``gen_ai.client.token.usage`` (by token type) and
+``llm_spend.cost`` (USD). Nothing is sent anywhere unless the app configured an exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .usage import CallRecord
+
+if TYPE_CHECKING:
+    from .tracker import Tracker
+
+__all__ = ["instrument", "record_attributes"]
+
+
+def record_attributes(record: CallRecord) -> dict[str, Any]:
+    """The GenAI attributes of one recorded call."""
+    usage = record.usage
+    attributes: dict[str, Any] = {
+        "gen_ai.provider.name": record.provider,
+        "gen_ai.request.model": record.model,
+        "gen_ai.response.model": record.model,
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": usage.output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": usage.cache_read_tokens,
+        "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_tokens,
+        "gen_ai.usage.reasoning.output_tokens": usage.reasoning_tokens,
+        "llm_spend.pricing_status": record.pricing_status,
+    }
+    if record.cost is not None:
+        attributes["gen_ai.usage.cost"] = float(record.cost)
+    if record.provider_response_id:
+        attributes["gen_ai.response.id"] = record.provider_response_id
+    return attributes
+
+
+def instrument(tracker: Tracker, *, meter_provider: Any = None) -> Callable[[], None]:
+    """Emit every call `tracker` records to OpenTelemetry; returns a function that stops it."""
+    try:
+        from opentelemetry import metrics, trace
+    except ImportError:
+        raise ImportError("llm_spend.otel needs opentelemetry-api: pip install 'llm-spend[otel]'") from None
+    meter = (meter_provider or metrics.get_meter_provider()).get_meter("llm_spend")
+    tokens = meter.create_counter("gen_ai.client.token.usage", unit="{token}", description="LLM tokens")
+    cost = meter.create_counter("llm_spend.cost", unit="USD", description="LLM spend")
+
+    def emit(record: CallRecord) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(record_attributes(record))
+        common = {"gen_ai.provider.name": record.provider, "gen_ai.response.model": record.model}
+        tokens.add(record.usage.input_tokens, {**common, "gen_ai.token.type": "input"})
+        tokens.add(record.usage.output_tokens, {**common, "gen_ai.token.type": "output"})
+        if record.cost is not None:
+            cost.add(float(record.cost), common)
+
+    return tracker.subscribe(emit)

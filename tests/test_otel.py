@@ -1,0 +1,48 @@
+"""OpenTelemetry: a recorded call's GenAI attributes land on the current span, and in the counters."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from llm_spend import Tracker
+from llm_spend.otel import instrument
+
+
+async def test_recorded_call_sets_genai_attributes_and_metrics(tmp_path: Path) -> None:
+    """Inside a span, track() adds gen_ai.usage.* and the cost to it; token and cost counters grow."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        stop = instrument(tracker, meter_provider=MeterProvider(metric_readers=[reader]))
+        with provider.get_tracer("test").start_as_current_span("request"):
+            record = await tracker.track(
+                provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=100, cache_read_tokens=200
+            )
+        stop()
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)  # not emitted
+    [span] = spans.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["gen_ai.usage.input_tokens"] == 1000 and attributes["gen_ai.usage.output_tokens"] == 100
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 200
+    assert attributes["gen_ai.provider.name"] == "openai" and attributes["gen_ai.request.model"] == "gpt-4o"
+    assert Decimal(str(attributes["gen_ai.usage.cost"])) == record.cost
+    data = reader.get_metrics_data()
+    points = {
+        (metric.name, dict(point.attributes or {}).get("gen_ai.token.type")): point.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        for point in metric.data.data_points
+    }
+    assert points[("gen_ai.client.token.usage", "input")] == 1000
+    assert points[("gen_ai.client.token.usage", "output")] == 100
+    assert abs(points[("llm_spend.cost", None)] - float(record.cost or 0)) < 1e-12
