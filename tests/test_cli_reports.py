@@ -110,3 +110,22 @@ def test_prune_deletes_old_rows_and_keeps_rollup_totals(
     with pytest.raises(SystemExit) as bad:
         main(["prune", "--url", sqlite_url, "--older-than", "soon"])
     assert bad.value.code == 2 and "not an age" in capsys.readouterr().err
+
+
+def test_budgets_lists_current_windows(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`llm-spend budgets` shows today's and this month's global and per-tag windows with their spend."""
+    from llm_spend import Budget
+
+    async def run() -> None:
+        async with Tracker(sqlite_url, budgets=[Budget.daily(5, per="user_id")]) as tracker:
+            for user in ("a", "a", "b"):
+                await tracker.track(provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=10,
+                                    tags={"user_id": user})  # fmt: skip
+
+    asyncio.run(run())
+    assert main(["budgets", "--url", sqlite_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[2], r[5]) for r in rows] == [
+        ("day", "all", "3"), ("day", "user_id=a", "2"), ("day", "user_id=b", "1"), ("month", "all", "3"),
+    ]  # fmt: skip

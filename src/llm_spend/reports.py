@@ -26,7 +26,7 @@ from .money import from_nanousd
 from .storage.schema import UTCDateTime, calls, rollups
 from .storage.store import Store
 
-__all__ = ["BudgetStatus", "ReportRow", "budget_status", "report"]
+__all__ = ["BudgetStatus", "ReportRow", "WindowTotal", "budget_status", "current_windows", "report"]
 
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _COLUMNS = ("model", "provider")
@@ -227,3 +227,41 @@ def _status(rule: BudgetRule, row: Any, start: datetime, end: datetime, now: dat
         percent=(used * 100 / limit).quantize(Decimal("0.1")) if limit else Decimal(100),
         projected=(spent / Decimal(str(min(elapsed, 1.0)))).quantize(Decimal("0.000001")),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotal:
+    """One rollup window as stored: what `llm-spend budgets` shows without a budget configuration."""
+
+    period: str
+    window_start: datetime
+    scope_key: str
+    scope_value: str
+    spent: Decimal
+    reserved: Decimal
+    calls: int
+
+
+async def current_windows(store: Store, tz: ZoneInfo, *, now: datetime, top: int = 20) -> list[WindowTotal]:
+    """Today's and this month's windows in `tz`: the global ones, then per scope the `top` by spend."""
+    found: list[WindowTotal] = []
+    async with store.engine.connect() as conn:
+        for period in ("day", "month"):
+            start = window_bounds(period, now, tz)[0]
+            base = select(
+                rollups.c.scope_key, rollups.c.scope_value, rollups.c.spent_nanousd,
+                rollups.c.reserved_nanousd, rollups.c.calls,
+            ).where(rollups.c.period == period, rollups.c.window_start == start)  # fmt: skip
+            keys = (await conn.execute(select(rollups.c.scope_key).distinct().where(
+                rollups.c.period == period, rollups.c.window_start == start))).scalars().all()  # fmt: skip
+            for key in sorted(keys):
+                query = (
+                    base.where(rollups.c.scope_key == key).order_by(rollups.c.spent_nanousd.desc()).limit(top)
+                )
+                for r in (await conn.execute(query)).all():
+                    found.append(
+                        WindowTotal(
+                            period, start, r[0], r[1], from_nanousd(r[2]), from_nanousd(r[3]), int(r[4])
+                        )
+                    )
+    return found

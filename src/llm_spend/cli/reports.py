@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from ..money import format_usd
-from ..reports import ReportRow, report
+from ..reports import ReportRow, current_windows, report
 from ..storage.store import Store
 
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -31,6 +31,15 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     cmd.add_argument("--format", choices=("table", "csv", "json"), default="table")
     cmd.add_argument("--timezone", default="UTC", help="days and months in this IANA zone (the tracker's)")
     cmd.set_defaults(handler=_report)
+    budgets = commands.add_parser(
+        "budgets", help="today's and this month's spend per window (global and per tag)"
+    )
+    add_url(budgets)
+    budgets.add_argument(
+        "--timezone", default="UTC", help="the tracker's IANA zone (its day and month windows)"
+    )
+    budgets.add_argument("--top", type=int, default=20, help="per-tag windows shown per tag key")
+    budgets.set_defaults(handler=_budgets)
 
 
 def safe_cell(value: str) -> str:
@@ -78,10 +87,11 @@ def _sums(row: ReportRow) -> list[Any]:
             row.cache_write_tokens, row.reasoning_tokens, row.unknown_cost_calls]  # fmt: skip
 
 
-def _print_table(header: list[str], table: list[list[Any]]) -> None:
+def _print_table(header: list[str], table: list[list[Any]], keys: int | None = None) -> None:
+    """Left-aligned key columns, right-aligned numbers, a rule under the header."""
     cells = [[str(c) for c in line] for line in [header, *table]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    keys = len(header) - len(_SUMS)
+    keys = len(header) - len(_SUMS) if keys is None else keys
     for n, line in enumerate(cells):
         print(
             "  ".join(
@@ -91,3 +101,25 @@ def _print_table(header: list[str], table: list[list[Any]]) -> None:
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+async def _budgets(args: argparse.Namespace) -> int:
+    """The rollup windows in force now. Limits live in the app's Tracker configuration, not in the
+    database, so this shows what each window has spent and holds; `tracker.budget_status()` adds limits."""
+    store = Store(args.url)
+    try:
+        windows = await current_windows(store, ZoneInfo(args.timezone), now=datetime.now(UTC), top=args.top)
+    finally:
+        await store.close()
+    if not windows:
+        print("nothing recorded in the current day or month windows")
+        return 0
+    header = ["period", "window", "scope", "spent_usd", "reserved_usd", "calls"]
+    table = [
+        [w.period, w.window_start.astimezone(ZoneInfo(args.timezone)).date().isoformat(),
+         "all" if not w.scope_key else f"{w.scope_key}={w.scope_value}", format_usd(w.spent),
+         format_usd(w.reserved), w.calls]
+        for w in windows
+    ]  # fmt: skip
+    _print_table(header, table, keys=3)
+    return 0
