@@ -129,3 +129,64 @@ def test_budgets_lists_current_windows(sqlite_url: str, capsys: pytest.CaptureFi
     assert [(r[0], r[2], r[5]) for r in rows] == [
         ("day", "all", "3"), ("day", "user_id=a", "2"), ("day", "user_id=b", "1"), ("month", "all", "3"),
     ]  # fmt: skip
+
+
+REPORT_SNAPSHOT = """\
+model        user_id       cost_usd  calls  input_tokens  output_tokens  cache_read_tokens  cache_write_tokens  reasoning_tokens  unknown_cost_calls
+-----------  ------------  --------  -----  ------------  -------------  -----------------  ------------------  ----------------  ------------------
+gpt-4o       =HYPERLINK()  0.001025      1            10            100                  0                   0                 0                   0
+gpt-4o       alice            0.006      1          2000            100                  0                   0                 0                   0
+gpt-4o-mini  alice          0.00021      1          1000            100                  0                   0                 0                   0
+"""  # noqa: E501
+
+
+def test_report_table_snapshot(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The table, byte for byte: keys left-aligned, sums right-aligned, costs priced by hand
+    (gpt-4o $2.50/$10 and gpt-4o-mini $0.15/$0.60 per million tokens in/out)."""
+    asyncio.run(seed(sqlite_url))
+    assert main(["report", "--url", sqlite_url, "--by", "model", "--by", "user_id"]) == 0
+    assert capsys.readouterr().out == REPORT_SNAPSHOT
+    assert main(["report", "--url", sqlite_url, "--format", "json"]) == 0
+    [total] = json.loads(capsys.readouterr().out)
+    assert (total["cost_usd"], total["calls"], total["input_tokens"]) == ("0.007235", 3, 3010)
+
+
+def test_report_days_are_whole_days_ending_today(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--days 1 is today only; --days 2 adds yesterday; --by day names each (UTC) day."""
+    from datetime import UTC, datetime, timedelta
+
+    asyncio.run(seed_dated(sqlite_url, [0, 1, 3]))
+    today = datetime.now(UTC).date()
+    counts = {}
+    for days in (1, 2, 4):
+        assert main(["report", "--url", sqlite_url, "--days", str(days), "--format", "json"]) == 0
+        counts[days] = json.loads(capsys.readouterr().out)[0]["calls"]
+    assert counts == {1: 1, 2: 2, 4: 3}
+    assert main(["report", "--url", sqlite_url, "--days", "4", "--by", "day", "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))[1:]
+    assert [r[0] for r in rows] == [str(today - timedelta(days=n)) for n in (3, 1, 0)]
+    assert main(["report", "--url", sqlite_url, "--days", "0"]) == 2
+    assert "--days must be" in capsys.readouterr().err
+    assert main(["report", "--url", sqlite_url, "--timezone", "Mars/Base"]) == 2
+    assert "IANA" in capsys.readouterr().err
+
+
+def test_budgets_against_limits_given_on_the_command_line(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--daily / --monthly show the global windows against those limits: spent, remaining, percent."""
+    from datetime import UTC, datetime
+
+    asyncio.run(seed(sqlite_url))
+    assert main(["budgets", "--url", sqlite_url, "--daily", "0.01", "--monthly", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "budget", "window", "spent_usd", "reserved_usd", "remaining_usd", "percent", "projected_usd",
+    ]  # fmt: skip
+    now = datetime.now(UTC)
+    assert [line.split()[:7] for line in lines[2:]] == [
+        ["daily", "$0.01", now.date().isoformat(), "0.007235", "0", "0.002765", "72.4%"],
+        ["monthly", "$5", now.date().replace(day=1).isoformat(), "0.007235", "0", "4.992765", "0.1%"],
+    ]
+    assert main(["budgets", "--url", sqlite_url, "--daily", "lots"]) == 2
+    assert "limit must be a number" in capsys.readouterr().err

@@ -148,3 +148,110 @@ async def test_budget_status_per_window(db_url: str) -> None:
     assert (user_a.scope_value, user_a.spent) == ("a", a.cost)  # the biggest spender first
     assert (user_b.scope_value, user_b.spent) == ("b", b.cost)
     assert user_a.percent == (a.cost * 100 / Decimal("0.01")).quantize(Decimal("0.1"))  # type: ignore[operator]
+
+
+async def test_whole_day_totals_read_the_rollups_which_keep_pruned_calls(db_url: str) -> None:
+    """Over whole days without filters the report reads the rollups: deleting the ledger rows (what
+    `llm-spend prune` does) leaves those totals intact, while ranges that cut a day read the ledger."""
+    from sqlalchemy import delete
+
+    from llm_spend.storage.schema import calls
+
+    async with Tracker(db_url) as tracker:
+        records = await seed(tracker)
+        start, end = datetime(2026, 10, 31, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)
+        before = await tracker.report(start=start, end=end, group_by=["day"])
+        async with tracker.store.engine.begin() as conn:
+            await conn.execute(delete(calls))
+        by_day = await tracker.report(start=start, end=end, group_by=["day"])
+        by_month = await tracker.report(start=START, end=END, group_by=["month"])
+        total = await tracker.total(start=start, end=end)
+        cut = await tracker.total(start=start + timedelta(hours=1), end=end)
+    assert by_day == before
+    assert got(by_day, ("day",)) == expected(records, lambda r: r.occurred_at.date().isoformat())
+    assert got(by_month, ("month",)) == expected(records, lambda r: r.occurred_at.date().isoformat()[:7])
+    assert (total.calls, total.unknown_cost_calls) == (5, 1)
+    assert total.input_tokens == sum(c[3] for c in CALLS)
+    assert (cut.calls, cut.cost) == (0, 0)  # the ledger is empty now
+
+
+async def test_rollups_of_another_time_zone_are_not_misread(db_url: str) -> None:
+    """Rollups written by a New York tracker do not fit UTC days: a UTC report reads the ledger."""
+    from zoneinfo import ZoneInfo
+
+    from llm_spend.reports import report
+
+    async with Tracker(db_url, timezone="America/New_York") as tracker:
+        records = await seed(tracker)
+        rows = await report(tracker.store, ZoneInfo("UTC"), start=START, end=END, group_by=["day"])
+    assert got(rows, ("day",)) == expected(records, lambda r: r.occurred_at.date().isoformat())
+
+
+async def test_a_day_whose_calls_sit_in_another_zones_earlier_window(db_url: str) -> None:
+    """A UTC day whose only call, at 02:00 UTC, counts in New York's previous day window: the rollups
+    hold no row starting inside that UTC day, so the report must notice and read the ledger."""
+    from zoneinfo import ZoneInfo
+
+    from llm_spend.reports import report
+
+    async with Tracker(db_url, timezone="America/New_York") as tracker:
+        record = tracker._build(
+            provider="openai", model="gpt-4o", usage=Usage(input_tokens=10, output_tokens=1),
+            usage_source="manual", tags={}, occurred_at=datetime(2026, 11, 10, 2, 0, tzinfo=UTC),
+        )  # fmt: skip
+        await tracker.store.write(
+            [PendingWrite(record, tracker.budget_guard.windows(record.tags, record.occurred_at))]
+        )
+        start = datetime(2026, 11, 10, tzinfo=UTC)
+        [total] = await report(tracker.store, ZoneInfo("UTC"), start=start, end=start + timedelta(days=1))
+    assert (total.calls, total.cost) == (1, record.cost)
+
+
+async def test_calls_without_the_tag_sort_last_on_every_backend(db_url: str) -> None:
+    """Groups are sorted by key with a missing tag (None) last, on SQLite and PostgreSQL alike."""
+    async with Tracker(db_url) as tracker:
+        await seed(tracker)
+        rows = await tracker.report(start=START, end=END, group_by=("feature", "model"))
+    assert [r.key for r in rows] == [
+        ("chat", "gpt-4o"), ("chat", "gpt-4o-mini"), ("chat", "mystery"), ("x", "gpt-4o-mini"),
+        (None, "claude-sonnet-4-6"),
+    ]  # fmt: skip
+    assert rows[-1].group == {"feature": None, "model": "claude-sonnet-4-6"}
+
+
+async def test_more_bad_arguments(sqlite_url: str) -> None:
+    """A key grouped twice, a non-string where value, and a budget_status top below 1 are refused."""
+    async with Tracker(sqlite_url) as tracker:
+        with pytest.raises(ValueError, match="names a key twice"):
+            await tracker.report(start=START, end=END, group_by=["model", "model"])
+        with pytest.raises(ValueError, match=r"where\['user_id'\] must be a string"):
+            await tracker.report(start=START, end=END, where={"user_id": 4.2})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match="top must be a positive integer"):
+            await tracker.budget_status(top=0)
+
+
+async def test_monthly_projection_is_linear_in_elapsed_time(db_url: str) -> None:
+    """Halfway through November, a month budget projects twice what was spent so far; a per-tag budget
+    lists its windows by spend (bounded by `top`)."""
+    from llm_spend import Budget
+    from llm_spend.reports import budget_status
+
+    budgets = [Budget.monthly("0.05"), Budget.monthly(1, per="user_id")]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        records = await seed(tracker)
+        guard = tracker.budget_guard
+        now = datetime(2026, 11, 16, tzinfo=UTC)
+        status = await budget_status(tracker.store, guard.rules, guard.bounds, now=now, top=1)
+    november = [r for r in records if r.occurred_at.month == 11]
+    spent = sum((r.cost or Decimal(0) for r in november), Decimal(0))
+    month, top_user = status
+    assert (month.window_start, month.window_end) == (
+        datetime(2026, 11, 1, tzinfo=UTC),
+        datetime(2026, 12, 1, tzinfo=UTC),
+    )
+    assert month.spent == spent and month.projected == (spent * 2).quantize(Decimal("0.000001"))
+    assert month.remaining == max(Decimal("0.05") - spent, Decimal(0))
+    users = expected(november, lambda r: r.tags.get("user_id"))
+    assert (top_user.scope_value, top_user.spent) == max(
+        ((k, v[0]) for k, v in users.items() if k is not None), key=lambda kv: kv[1]
+    )

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, and_, case, cast, func, literal, select
+from sqlalchemy import ColumnElement, case, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 
 from .budgets import Budget, BudgetRule, describe, window_bounds
@@ -26,10 +26,22 @@ from .money import from_nanousd
 from .storage.schema import UTCDateTime, calls, rollups
 from .storage.store import Store
 
-__all__ = ["BudgetStatus", "ReportRow", "WindowTotal", "budget_status", "current_windows", "report"]
+__all__ = [
+    "Bounds",
+    "BudgetStatus",
+    "ReportRow",
+    "WindowTotal",
+    "budget_status",
+    "current_windows",
+    "ledger_conditions",
+    "report",
+    "safe_cell",
+    "tag_value",
+]
 
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _COLUMNS = ("model", "provider")
+_CALENDAR = ("day", "month")
 _MAX_BUCKETS = 2_000
 
 
@@ -59,17 +71,22 @@ async def report(
     group_by: Sequence[str] = (),
     where: Mapping[str, str] | None = None,
 ) -> list[ReportRow]:
-    """Sums of the calls in [start, end), grouped by `group_by`, filtered by `where` (all must match)."""
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be aware datetimes")
-    if not start < end:
-        raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
-    if isinstance(group_by, str):
-        group_by = (group_by,)
+    """Sums of the calls in [start, end), grouped by `group_by`, filtered by `where` (all must match).
+
+    Without `where`, grouped by nothing, "day" or "month", over whole days in `tz`, it reads the global
+    day (or month) rollups: a few rows per day whatever the traffic, and totals that still count pruned
+    calls. Anything else reads the ledger.
+    """
+    names = _check(start, end, group_by, where)
+    for period in _CALENDAR:
+        if period in names:
+            _window_starts(period, tz, start, end)  # a bounded number of buckets, whichever path
+    if not where and set(names) <= set(_CALENDAR):
+        from_rollups = await _rollup_report(store, tz, start, end, names)
+        if from_rollups is not None:
+            return from_rollups
     postgres = store.dialect == "postgresql"
-    groups = [_group(name, postgres, tz, start, end) for name in group_by]
-    conditions = [calls.c.occurred_at >= start, calls.c.occurred_at < end]
-    conditions += _filters(where or {}, postgres)
+    groups = [_group(name, postgres, tz, start, end) for name in names]
     query = (
         select(
             *groups,
@@ -78,19 +95,51 @@ async def report(
             *(func.coalesce(func.sum(calls.c[n]), 0) for n in _TOKENS),
             func.count() - func.count(calls.c.cost_nanousd),
         )
-        .where(and_(*conditions))
+        .where(*ledger_conditions(store, start, end, where))
         .group_by(*groups)
-        .order_by(*groups)
     )
     async with store.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
-    return [_row(tuple(group_by), tuple(r), postgres) for r in rows]
+    return sorted((_row(names, tuple(r)) for r in rows), key=_order)
 
 
 _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
-def _row(names: tuple[str, ...], values: tuple[Any, ...], postgres: bool) -> ReportRow:
+def _order(row: ReportRow) -> tuple[tuple[bool, str], ...]:
+    """Rows sorted by key, a missing tag (None) last, the same on every backend."""
+    return tuple((value is None, value or "") for value in row.key)
+
+
+def _check(
+    start: datetime, end: datetime, group_by: Sequence[str], where: Mapping[str, str] | None
+) -> tuple[str, ...]:
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be aware datetimes")
+    if not start < end:
+        raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+    names = (group_by,) if isinstance(group_by, str) else tuple(group_by)
+    for name in names:
+        if not isinstance(name, str) or not (name in _CALENDAR + _COLUMNS or _TAG_KEY.fullmatch(name)):
+            raise ValueError(f"group_by {name!r} must be day, month, model, provider or a tag key")
+    if len(set(names)) != len(names):
+        raise ValueError(f"group_by {names!r} names a key twice")
+    if where is not None and not isinstance(where, Mapping):
+        raise ValueError(f"where must be a mapping of key to value, got {where!r}")
+    return names
+
+
+def ledger_conditions(
+    store: Store, start: datetime, end: datetime, where: Mapping[str, str] | None = None
+) -> list[ColumnElement[bool]]:
+    """The WHERE clauses selecting ledger rows in [start, end) that match `where` (model, provider,
+    tags). Tag keys and values are bound parameters; on PostgreSQL the tags are one JSONB containment
+    test, which the GIN index on `tags` serves."""
+    conditions = [calls.c.occurred_at >= start, calls.c.occurred_at < end]
+    return conditions + _filters(where or {}, store.dialect == "postgresql")
+
+
+def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> ReportRow:
     n = len(names)
     key = tuple(_label(v) for v in values[:n])
     sums = [int(v) for v in values[n:]]
@@ -108,17 +157,28 @@ def _label(value: object) -> str | None:
 def _group(name: str, postgres: bool, tz: ZoneInfo, start: datetime, end: datetime) -> ColumnElement[Any]:
     if name in _COLUMNS:
         return calls.c[name]
-    if name in ("day", "month"):
+    if name in _CALENDAR:
         return _calendar(name, postgres, tz, start, end).label(name)
-    if not isinstance(name, str) or not _TAG_KEY.fullmatch(name):
-        raise ValueError(f"group_by {name!r} must be day, month, model, provider or a tag key")
-    return _tag(name, postgres).label(f"tag_{name}")
+    return tag_value(name, postgres).label(f"tag_{name}")
 
 
-def _tag(key: str, postgres: bool) -> ColumnElement[Any]:
+def tag_value(key: str, postgres: bool) -> ColumnElement[Any]:
+    """The value of tag `key` of each ledger row (NULL when absent); the key is a bound parameter."""
     if postgres:
         return func.jsonb_extract_path_text(calls.c.tags, literal(key))
     return func.json_extract(calls.c.tags, literal(f'$."{key}"'))
+
+
+def _window_starts(period: str, tz: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
+    """The starts of the `period` windows in `tz` that overlap [start, end), at most _MAX_BUCKETS."""
+    starts = []
+    at = window_bounds(period, start, tz)[0]
+    while at < end:
+        starts.append(at)
+        if len(starts) > _MAX_BUCKETS:
+            raise ValueError(f"a {period} report over more than {_MAX_BUCKETS} {period}s is too long")
+        at = window_bounds(period, at, tz)[1]
+    return starts
 
 
 def _calendar(
@@ -129,36 +189,79 @@ def _calendar(
         local = func.timezone(literal(tz.key), calls.c.occurred_at)
         fmt = "YYYY-MM-DD" if period == "day" else "YYYY-MM"
         return func.to_char(func.date_trunc(literal(period), local), literal(fmt))
-    starts = []
-    at = window_bounds(period, start, tz)[0]
-    while at < end:
-        starts.append(at)
-        at = window_bounds(period, at, tz)[1]
-        if len(starts) > _MAX_BUCKETS:
-            raise ValueError(f"a {period} report over more than {_MAX_BUCKETS} {period}s is too long")
-    width = 10 if period == "day" else 7
     whens = [
-        (calls.c.occurred_at >= literal(s, UTCDateTime()), s.astimezone(tz).isoformat()[:width])
-        for s in reversed(starts)
+        (calls.c.occurred_at >= literal(s, UTCDateTime()), _local_label(period, s, tz))
+        for s in reversed(_window_starts(period, tz, start, end))
     ]
     return case(*whens, else_=None)
+
+
+def _local_label(period: str, at: datetime, tz: ZoneInfo) -> str:
+    return at.astimezone(tz).isoformat()[: 10 if period == "day" else 7]
 
 
 def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     tags: dict[str, str] = {}
     for key, value in where.items():
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError(f"where[{key!r}] must be a string, got {value!r}")
+        value = str(value)
         if key in _COLUMNS:
-            conditions.append(calls.c[key] == str(value))
+            conditions.append(calls.c[key] == value)
         elif isinstance(key, str) and _TAG_KEY.fullmatch(key):
-            tags[key] = str(value)
+            tags[key] = value
         else:
             raise ValueError(f"where key {key!r} must be model, provider or a tag key")
     if tags and postgres:
         conditions.append(calls.c.tags.op("@>")(cast(literal(json.dumps(tags)), JSONB)))
     else:
-        conditions += [_tag(key, False) == value for key, value in tags.items()]
+        conditions += [tag_value(key, False) == value for key, value in tags.items()]
     return conditions
+
+
+async def _rollup_report(
+    store: Store, tz: ZoneInfo, start: datetime, end: datetime, names: tuple[str, ...]
+) -> list[ReportRow] | None:
+    """The report from the global rollups, or None when [start, end) is not whole days in `tz` or the
+    rollups were written in another time zone: a window starting in the range, or the one before it
+    (which could reach into the range), does not start where a window of `tz` does."""
+    period = "month" if "day" not in names and _aligned("month", tz, start, end) else "day"
+    if not _aligned(period, tz, start, end):
+        return None
+    glob = (rollups.c.period == period, rollups.c.scope_key == "", rollups.c.scope_value == "")
+    query = (
+        select(rollups.c.window_start, rollups.c.spent_nanousd, rollups.c.calls,
+               *(rollups.c[n] for n in _TOKENS), rollups.c.unknown_cost_calls)
+        .where(*glob, rollups.c.window_start >= start, rollups.c.window_start < end)
+    )  # fmt: skip
+    before = select(func.max(rollups.c.window_start)).where(*glob, rollups.c.window_start < start)
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+        previous = (await conn.execute(before)).scalar()
+    starts = [r[0] for r in rows] + ([] if previous is None else [previous])
+    if any(window_bounds(period, at, tz)[0] != at for at in starts):
+        return None
+    sums: dict[tuple[str | None, ...], list[int]] = {} if names else {(): [0] * 8}
+    for window_start, *values in rows:
+        if values[1]:
+            key = tuple(_local_label(name, window_start, tz) for name in names)
+            total = sums.setdefault(key, [0] * 8)
+            for i, value in enumerate(values):
+                total[i] += int(value)
+    return [_row(names, (*key, *total)) for key, total in sorted(sums.items())]  # labels are never None
+
+
+def _aligned(period: str, tz: ZoneInfo, start: datetime, end: datetime) -> bool:
+    return all(window_bounds(period, at, tz)[0] == at for at in (start, end))
+
+
+def safe_cell(value: str) -> str:
+    """A CSV cell a spreadsheet will not run as a formula (OWASP: prefix a quote to = + - @ tab CR)."""
+    return "'" + value if value.startswith(_FORMULA) else value
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +286,16 @@ class BudgetStatus:
     """Spend at the window's end if it goes on at the pace so far (linear in elapsed time)."""
 
 
+Bounds = Callable[[str, datetime], tuple[datetime, datetime]]
+"""The (start, end) of the window of a period containing a time: `Guard.bounds`."""
+
+
 async def budget_status(
-    store: Store, rules: Sequence[BudgetRule], bounds: Any, *, now: datetime, top: int = 20
+    store: Store, rules: Sequence[BudgetRule], bounds: Bounds, *, now: datetime, top: int = 20
 ) -> list[BudgetStatus]:
     """The current window of every day and month budget; per-tag budgets show their `top` windows by spend."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
     found: list[BudgetStatus] = []
     async with store.engine.connect() as conn:
         for rule in rules:

@@ -11,11 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from ..budgets import Budget, resolve_rules, window_bounds
 from ..money import format_usd
-from ..reports import ReportRow, current_windows, report
+from ..reports import ReportRow, budget_status, current_windows, report, safe_cell
 from ..storage.store import Store
 
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+__all__ = ["register", "safe_cell"]
+
 _SUMS = ("cost_usd", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
          "reasoning_tokens", "unknown_cost_calls")  # fmt: skip
 
@@ -23,7 +25,7 @@ _SUMS = ("cost_usd", "calls", "input_tokens", "output_tokens", "cache_read_token
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
     cmd = commands.add_parser("report", help="cost, calls and tokens by day, month, model, provider or tag")
     add_url(cmd)
-    cmd.add_argument("--days", type=int, default=30, help="the last N days (default 30)")
+    cmd.add_argument("--days", type=int, default=30, help="today and the N-1 days before (default 30)")
     cmd.add_argument("--by", action="append", default=[], help="day, month, model, provider or a tag key")
     cmd.add_argument(
         "--where", action="append", default=[], metavar="KEY=VALUE", help="model=, provider= or tag"
@@ -39,12 +41,9 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
         "--timezone", default="UTC", help="the tracker's IANA zone (its day and month windows)"
     )
     budgets.add_argument("--top", type=int, default=20, help="per-tag windows shown per tag key")
+    budgets.add_argument("--daily", metavar="USD", help="a global daily limit: show spend against it")
+    budgets.add_argument("--monthly", metavar="USD", help="a global monthly limit: show spend against it")
     budgets.set_defaults(handler=_budgets)
-
-
-def safe_cell(value: str) -> str:
-    """A CSV cell a spreadsheet will not run as a formula (OWASP: prefix a quote)."""
-    return "'" + value if value.startswith(_FORMULA) else value
 
 
 def _where(pairs: Sequence[str]) -> dict[str, str]:
@@ -58,21 +57,22 @@ def _where(pairs: Sequence[str]) -> dict[str, str]:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    if args.days < 1:
-        raise ValueError(f"--days must be at least 1, got {args.days}")
-    end = datetime.now(UTC)
+    if not 1 <= args.days <= 3660:
+        raise ValueError(f"--days must be from 1 to 3660, got {args.days}")
+    tz = _zone(args.timezone)
+    today_start, end = window_bounds("day", datetime.now(UTC), tz)
+    noon = today_start + timedelta(hours=12) - timedelta(days=args.days - 1)  # DST-proof: any hour that day
+    start = window_bounds("day", noon, tz)[0]
     store = Store(args.url)
     try:
-        rows = await report(
-            store, ZoneInfo(args.timezone), start=end - timedelta(days=args.days), end=end,
-            group_by=args.by, where=_where(args.where),
-        )  # fmt: skip
+        rows = await report(store, tz, start=start, end=end, group_by=args.by, where=_where(args.where))
     finally:
         await store.close()
     table = [[*(v if v is not None else "(none)" for v in row.key), *_sums(row)] for row in rows]
     header = [*args.by, *_SUMS]
-    if args.format == "json":
-        print(json.dumps([dict(zip(header, line, strict=True)) for line in table], indent=2))
+    if args.format == "json":  # a missing tag is null here, "(none)" in a table or CSV
+        lines = [[*row.key, *_sums(row)] for row in rows]
+        print(json.dumps([dict(zip(header, line, strict=True)) for line in lines], indent=2))
     elif args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(header)
@@ -103,12 +103,23 @@ def _print_table(header: list[str], table: list[list[Any]], keys: int | None = N
             print("  ".join("-" * w for w in widths))
 
 
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ValueError, KeyError):
+        raise ValueError(f"--timezone must be an IANA time zone such as Europe/Paris, got {name!r}") from None
+
+
 async def _budgets(args: argparse.Namespace) -> int:
     """The rollup windows in force now. Limits live in the app's Tracker configuration, not in the
-    database, so this shows what each window has spent and holds; `tracker.budget_status()` adds limits."""
+    database, so this shows what each window has spent and holds; with --daily / --monthly it shows
+    those global limits' status instead (what `tracker.budget_status()` gives in code)."""
+    tz = _zone(args.timezone)
+    if args.daily is not None or args.monthly is not None:
+        return await _limits(args, tz)
     store = Store(args.url)
     try:
-        windows = await current_windows(store, ZoneInfo(args.timezone), now=datetime.now(UTC), top=args.top)
+        windows = await current_windows(store, tz, now=datetime.now(UTC), top=args.top)
     finally:
         await store.close()
     if not windows:
@@ -116,10 +127,31 @@ async def _budgets(args: argparse.Namespace) -> int:
         return 0
     header = ["period", "window", "scope", "spent_usd", "reserved_usd", "calls"]
     table = [
-        [w.period, w.window_start.astimezone(ZoneInfo(args.timezone)).date().isoformat(),
+        [w.period, w.window_start.astimezone(tz).date().isoformat(),
          "all" if not w.scope_key else f"{w.scope_key}={w.scope_value}", format_usd(w.spent),
          format_usd(w.reserved), w.calls]
         for w in windows
     ]  # fmt: skip
     _print_table(header, table, keys=3)
+    return 0
+
+
+async def _limits(args: argparse.Namespace, tz: ZoneInfo) -> int:
+    budgets = [Budget.daily(args.daily)] if args.daily is not None else []
+    budgets += [Budget.monthly(args.monthly)] if args.monthly is not None else []
+    store = Store(args.url)
+    try:
+        statuses = await budget_status(
+            store, resolve_rules(budgets, "notify"), lambda period, at: window_bounds(period, at, tz),
+            now=datetime.now(UTC),
+        )  # fmt: skip
+    finally:
+        await store.close()
+    header = ["budget", "window", "spent_usd", "reserved_usd", "remaining_usd", "percent", "projected_usd"]
+    table = [
+        [s.description, s.window_start.astimezone(tz).date().isoformat(), format_usd(s.spent),
+         format_usd(s.reserved), format_usd(s.remaining), f"{s.percent}%", format_usd(s.projected)]
+        for s in statuses
+    ]  # fmt: skip
+    _print_table(header, table, keys=2)
     return 0
