@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -37,12 +39,40 @@ async def test_recorded_call_sets_genai_attributes_and_metrics(tmp_path: Path) -
     assert Decimal(str(attributes["gen_ai.usage.cost"])) == record.cost
     data = reader.get_metrics_data()
     points = {
-        (metric.name, dict(point.attributes or {}).get("gen_ai.token.type")): point.value
+        (metric.name, dict(point.attributes or {}).get("gen_ai.token.type")): point
         for rm in data.resource_metrics
         for sm in rm.scope_metrics
         for metric in sm.metrics
         for point in metric.data.data_points
     }
-    assert points[("gen_ai.client.token.usage", "input")] == 1000
-    assert points[("gen_ai.client.token.usage", "output")] == 100
-    assert abs(points[("llm_spend.cost", None)] - float(record.cost or 0)) < 1e-12
+    inputs, outputs = (
+        points[("gen_ai.client.token.usage", "input")],
+        points[("gen_ai.client.token.usage", "output")],
+    )
+    assert (inputs.count, inputs.sum, outputs.count, outputs.sum) == (1, 1000, 1, 100)
+    assert list(inputs.explicit_bounds[:4]) == [1, 4, 16, 64]  # the semantic convention's buckets
+    assert abs(points[("llm_spend.cost", None)].value - float(record.cost or 0)) < 1e-12
+
+
+async def test_without_a_span_only_metrics_are_recorded(tmp_path: Path) -> None:
+    """Outside any span the call is still recorded and counted; nothing fails."""
+    reader = InMemoryMetricReader()
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        stop = instrument(tracker, meter_provider=MeterProvider(metric_readers=[reader]))
+        record = await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=2)
+        stop()
+    assert record.cost is not None
+    names = {
+        m.name
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert names == {"gen_ai.client.token.usage", "llm_spend.cost"}
+
+
+def test_a_missing_extra_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without opentelemetry-api installed, instrument() says which extra to install."""
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    with pytest.raises(ImportError, match=r"pip install 'llm-spend\[otel\]'"):
+        instrument(Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}"))

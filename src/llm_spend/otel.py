@@ -9,8 +9,10 @@ is instrumented), the GenAI semantic-convention attributes ``gen_ai.provider.nam
 ``gen_ai.usage.output_tokens``, ``gen_ai.usage.cache_read.input_tokens``,
 ``gen_ai.usage.cache_creation.input_tokens``, ``gen_ai.usage.reasoning.output_tokens`` and, as
 proposed, ``gen_ai.usage.cost`` (USD, as a float: attributes cannot hold decimals; the ledger keeps the
-exact amount). It also adds to the counters ``gen_ai.client.token.usage`` (by token type) and
-``llm_spend.cost`` (USD). Nothing is sent anywhere unless the app configured an exporter.
+exact amount). It also records each call's input and output tokens in the histogram
+``gen_ai.client.token.usage`` (by ``gen_ai.token.type``, the semantic convention's metric and buckets)
+and adds its cost to the counter ``llm_spend.cost`` (USD). Nothing is sent anywhere unless the app
+configured an exporter.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def instrument(tracker: Tracker, *, meter_provider: Any = None) -> Callable[[], 
     except ImportError:
         raise ImportError("llm_spend.otel needs opentelemetry-api: pip install 'llm-spend[otel]'") from None
     meter = (meter_provider or metrics.get_meter_provider()).get_meter("llm_spend")
-    tokens = meter.create_counter("gen_ai.client.token.usage", unit="{token}", description="LLM tokens")
+    tokens = _token_histogram(meter)
     cost = meter.create_counter("llm_spend.cost", unit="USD", description="LLM spend")
 
     def emit(record: CallRecord) -> None:
@@ -62,9 +64,21 @@ def instrument(tracker: Tracker, *, meter_provider: Any = None) -> Callable[[], 
         if span.is_recording():
             span.set_attributes(record_attributes(record))
         common = {"gen_ai.provider.name": record.provider, "gen_ai.response.model": record.model}
-        tokens.add(record.usage.input_tokens, {**common, "gen_ai.token.type": "input"})
-        tokens.add(record.usage.output_tokens, {**common, "gen_ai.token.type": "output"})
+        tokens.record(record.usage.input_tokens, {**common, "gen_ai.token.type": "input"})
+        tokens.record(record.usage.output_tokens, {**common, "gen_ai.token.type": "output"})
         if record.cost is not None:
             cost.add(float(record.cost), common)
 
     return tracker.subscribe(emit)
+
+
+_TOKEN_BUCKETS = [4**n for n in range(14)]
+"""The GenAI semantic convention's advice for gen_ai.client.token.usage: 1, 4, 16, ... 67108864."""
+
+
+def _token_histogram(meter: Any) -> Any:
+    kwargs = {"name": "gen_ai.client.token.usage", "unit": "{token}", "description": "Tokens per LLM call"}
+    try:
+        return meter.create_histogram(**kwargs, explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+    except TypeError:  # opentelemetry-api before 1.23 takes no bucket advice
+        return meter.create_histogram(**kwargs)
