@@ -48,12 +48,14 @@ STREAMS = {
 }
 
 
-class _StubCall:
-    async def _done(self) -> None:
-        return None
+class _Done:
+    def __await__(self) -> Any:
+        return iter(())
 
-    def record(self, usage: Usage | None, **fields: Any) -> Any:
-        return self._done()
+
+class _StubCall:
+    def record(self, usage: Usage | None, **fields: Any) -> _Done:
+        return _Done()
 
     async def extend(self) -> None:
         return None
