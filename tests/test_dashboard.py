@@ -1,0 +1,264 @@
+"""The dashboard app, driven over ASGI: authorization, validated filters, escaping, CSV, every page on
+SQLite and PostgreSQL. (The same pages in a real browser: test_dashboard_browser.py.)"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from llm_spend import Budget, Tracker, Usage
+from llm_spend.dashboard import create_app
+from llm_spend.dashboard.svg import usd
+from llm_spend.storage.store import PendingWrite
+from llm_spend.usage import CallRecord
+
+XSS = "<script>alert(1)</script>"
+FORMULA = '=HYPERLINK("http://evil")'
+
+
+async def seed(tracker: Tracker) -> list[CallRecord]:
+    """Six calls in the last hours: priced, unknown model, unknown-usage stream, untagged, hostile tags."""
+    now = datetime.now(UTC)
+    alice_chat, bob_chat = {"user_id": "alice", "feature": "chat"}, {"user_id": "bob", "feature": "chat"}
+    specs: list[tuple[str, str, Usage | None, dict[str, str], bool]] = [
+        ("openai", "gpt-4o", Usage(input_tokens=1000, output_tokens=100), alice_chat, False),
+        ("openai", "gpt-4o-mini", Usage(input_tokens=2000, output_tokens=50), bob_chat, False),
+        ("acme", "mystery", Usage(input_tokens=10, output_tokens=10), {"user_id": "alice"}, False),
+        ("openai", "gpt-4o", None, {"user_id": "bob"}, True),
+        ("openai", "gpt-4o-mini", Usage(input_tokens=300, output_tokens=30), {}, False),
+        (
+            "openai",
+            "gpt-4o-mini",
+            Usage(input_tokens=5, output_tokens=5),
+            {"user_id": XSS, "note": FORMULA},
+            False,
+        ),
+    ]
+    records = [
+        tracker._build(provider=p, model=m, usage=u, usage_source="manual", tags=tags, stream=stream,
+                       occurred_at=now - timedelta(minutes=10 * (i + 1)))
+        for i, (p, m, u, tags, stream) in enumerate(specs)
+    ]  # fmt: skip
+    records[-1] = replace(records[-1], request_id=FORMULA)  # e.g. a client-chosen X-Request-ID
+    windows = tracker.budget_guard.windows
+    await tracker.store.write([PendingWrite(r, windows(r.tags, r.occurred_at)) for r in records])
+    return records
+
+
+def allow(request: Request) -> bool:
+    return request.headers.get("x-key") == "yes"
+
+
+@pytest.fixture
+async def client(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, list[CallRecord]]]:
+    """The dashboard mounted at /spend of a host app, with a seeded tracker, signed in."""
+    budgets = [Budget.monthly(100), Budget.daily(1, per="user_id")]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        records = await seed(tracker)
+        host = Starlette(routes=[Mount("/spend", create_app(tracker, authorize=allow, page_size=2))])
+        transport = httpx.ASGITransport(host)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers={"x-key": "yes"}) as c:
+            yield c, records
+
+
+def cells(html: str, table: str) -> list[list[str]]:
+    """The text of each body row of the table with id `table`."""
+    body = html.split(f'id="{table}"', 1)[1].split("</tbody>", 1)[0].split("<tbody>", 1)[1]
+    rows = re.findall(r"<tr>(.*?)</tr>", body, re.S)
+    return [
+        [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)] for r in rows
+    ]
+
+
+def test_create_app_refuses_to_build_without_authorize_unless_public(sqlite_url: str) -> None:
+    """No authorize and no public=True is an error naming both; so is a non-callable authorize."""
+    tracker = Tracker(sqlite_url)
+    with pytest.raises(ValueError, match=r"authorize=.*public=True"):
+        create_app(tracker)
+    with pytest.raises(ValueError, match="authorize must be a callable"):
+        create_app(tracker, authorize="admin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="page_size"):
+        create_app(tracker, public=True, page_size=0)
+    assert isinstance(create_app(tracker, public=True), Starlette)
+
+
+async def test_authorize_refusals_are_401_or_403_and_show_nothing(sqlite_url: str) -> None:
+    """False is 403; an HTTPException keeps its status and headers; async callables work; a result
+    that is not a bool is a server error, never an open door."""
+
+    async def gate(request: Request) -> Any:
+        key = request.headers.get("x-key")
+        if key is None:
+            raise HTTPException(401, "sign in", headers={"WWW-Authenticate": 'Basic realm="spend"'})
+        return {"yes": True, "no": False}.get(key, key)
+
+    async with Tracker(sqlite_url) as tracker:
+        await seed(tracker)
+        app = create_app(tracker, authorize=gate)
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            anonymous = await c.get("/calls")
+            refused = await c.get("/calls.csv", headers={"x-key": "no"})
+            odd = await c.get("/", headers={"x-key": "maybe"})
+            allowed = await c.get("/calls", headers={"x-key": "yes"})
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == 'Basic realm="spend"'
+    assert refused.status_code == 403 and "text/html" in refused.headers["content-type"]
+    for response in (anonymous, refused, odd):
+        assert "gpt-4o" not in response.text and "$" not in response.text
+    assert odd.status_code == 500
+    assert allowed.status_code == 200 and "gpt-4o" in allowed.text
+
+
+async def test_every_page_renders_the_ledger(client: tuple[httpx.AsyncClient, list[CallRecord]]) -> None:
+    """Overview total, models, tag keys and values, budgets, data quality and paginated calls all match
+    the seeded calls, on SQLite and PostgreSQL."""
+    c, records = client
+    total = sum((r.cost or Decimal(0) for r in records), Decimal(0))
+    overview = await c.get("/spend/")
+    assert overview.status_code == 200
+    assert f'id="total-cost">{usd(total)}<' in overview.text
+    models = cells((await c.get("/spend/models")).text, "models")
+    assert [(row[1], row[2]) for row in models][:1] == [("gpt-4o", "2")]
+    assert sorted(row[1] for row in models) == ["gpt-4o", "gpt-4o-mini", "mystery"]
+    keys = cells((await c.get("/spend/tags")).text, "tag-keys")
+    assert keys == [["user_id", "5"], ["feature", "2"], ["note", "1"]]
+    users = cells((await c.get("/spend/tags", params={"key": "user_id"})).text, "tag-values")
+    assert [row[0] for row in users] == [
+        "alice",
+        "bob",
+        "(no user_id)",
+        "&lt;script&gt;alert(1)&lt;/script&gt;",
+    ]
+    quality = cells((await c.get("/spend/quality")).text, "quality")
+    assert [row[1] for row in quality] == ["1", "1", "0", "1", "1"]
+    budgets = (await c.get("/spend/budgets")).text
+    assert "monthly $100" in budgets and "daily $1 per user_id: alice" in budgets
+    months = await c.get("/spend/", params={"from": "2026-01-01", "to": "2026-05-31"})
+    assert "Spend per month" in months.text and months.text.count('class="col"') == 5
+    first = await c.get("/spend/calls")
+    second = await c.get("/spend/calls", params={"page": 2})
+    assert len(cells(first.text, "calls")) == 2 and 'rel="next"' in first.text
+    assert len(cells(second.text, "calls")) == 2 and 'rel="prev"' in second.text
+
+
+async def test_filters_narrow_and_links_stay_under_the_mount(
+    client: tuple[httpx.AsyncClient, list[CallRecord]],
+) -> None:
+    """model=, tag= and issue= narrow the calls table; every link points under the mount path."""
+    c, _ = client
+    mini = await c.get("/spend/calls", params={"model": "gpt-4o-mini", "tag": "user_id=bob"})
+    rows = cells(mini.text, "calls")
+    assert len(rows) == 1 and rows[0][1].startswith("gpt-4o-mini")
+    unknown = cells((await c.get("/spend/calls", params={"issue": "stream_no_usage"})).text, "calls")
+    assert len(unknown) == 1 and unknown[0][4] == "unknown usage"
+    hrefs = re.findall(r'href="([^"]+)"', mini.text)
+    assert hrefs and all(h.startswith("/spend/") for h in hrefs)
+
+
+async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, list[CallRecord]]) -> None:
+    """A tag value <script>alert(1)</script> appears escaped on every page that shows it, never raw."""
+    c, _ = client
+    pages = ["/spend/", "/spend/calls?tag=user_id%3D%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+             "/spend/tags?key=user_id", "/spend/budgets"]  # fmt: skip
+    for path in pages:
+        html = (await c.get(path)).text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html, path
+        assert "<script" not in html, path
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"from": "2026-02-30"}, "from must be a date"),
+        ({"from": "2020-01-01", "to": "2026-01-01"}, "longer than 366 days"),
+        ({"from": "2026-03-02", "to": "2026-03-01"}, "must not be after"),
+        ({"tag": "no equals"}, "KEY=VALUE"),
+        ({"tag": "bad key=1"}, "KEY=VALUE"),
+        ({"issue": "<b>"}, "issue must be one of"),
+        ({"page": "0"}, "page must be"),
+        ({"key": "a b"}, "is not a tag key"),
+        ({"key": "model"}, "is not a tag key"),
+        ({"tag": "provider=openai"}, "use the provider field"),
+        ({"model": "x" * 201}, "longer than 200"),
+    ],
+)
+async def test_bad_filters_get_a_400_page(sqlite_url: str, query: dict[str, str], message: str) -> None:
+    """Bad dates, ranges over 366 days, malformed tag filters, unknown issues and pages: a 400 page."""
+    async with Tracker(sqlite_url) as tracker:
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            for path in ("/", "/calls", "/calls.csv", "/tags", "/models", "/quality"):
+                response = await c.get(path, params=query)
+                assert response.status_code == 400, (path, query)
+                assert message in response.text and "<b>" not in response.text
+
+
+async def test_csv_export_is_the_filtered_rows_with_formulas_defused(
+    client: tuple[httpx.AsyncClient, list[CallRecord]],
+) -> None:
+    """calls.csv streams exactly the filtered calls; a cell starting with = never becomes a formula."""
+    c, records = client
+    response = await c.get("/spend/calls.csv", params={"model": "gpt-4o-mini"})
+    assert response.headers["content-disposition"].startswith('attachment; filename="llm-calls-')
+    assert response.headers["x-content-type-options"] == "nosniff"
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert {r["event_id"] for r in rows} == {r.event_id for r in records if r.model == "gpt-4o-mini"}
+    hostile = next(r for r in rows if "note" in r["tags"])
+    assert hostile["request_id"] == "'" + FORMULA
+    assert json.loads(hostile["tags"]) == {"user_id": XSS, "note": FORMULA}
+    costs = {r["event_id"]: r["cost_usd"] for r in rows}
+    assert all(Decimal(costs[r.event_id]) == r.cost for r in records if r.model == "gpt-4o-mini")
+    by_tag = list(
+        csv.DictReader(io.StringIO((await c.get("/spend/calls.csv", params={"tag": f"note={FORMULA}"})).text))
+    )
+    assert len(by_tag) == 1
+
+
+async def test_pages_carry_a_script_free_content_security_policy(
+    client: tuple[httpx.AsyncClient, list[CallRecord]],
+) -> None:
+    """Every answer, errors included, forbids scripts and framing and is not cached."""
+    c, _ = client
+    for path in ("/spend/", "/spend/calls?page=x", "/spend/nowhere"):
+        response = await c.get(path)
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["cache-control"] == "no-store"
+    assert (await c.get("/spend/nowhere")).status_code == 404
+
+
+def test_the_host_app_lifespan_is_all_it_needs(sqlite_url: str) -> None:
+    """Mounted in a host app whose lifespan enters the tracker, the dashboard shows calls the app records."""
+    tracker = Tracker(sqlite_url)
+
+    async def work(request: Request) -> Any:
+        from starlette.responses import JSONResponse
+
+        record = await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=1,
+                                     tags={"feature": "host"})  # fmt: skip
+        return JSONResponse({"cost": str(record.cost)})
+
+    app = Starlette(
+        lifespan=tracker.lifespan,
+        routes=[Route("/work", work), Mount("/spend", create_app(tracker, public=True))],
+    )
+    with TestClient(app) as c:
+        cost = Decimal(c.get("/work").json()["cost"])
+        page = c.get("/spend/calls", params={"tag": "feature=host"})
+    assert page.status_code == 200 and len(cells(page.text, "calls")) == 1
+    assert usd(cost) in page.text
