@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -288,3 +289,175 @@ def test_a_full_spool_logs_how_many_calls_are_lost(tmp_path: Path, caplog: pytes
     assert spool.dropped == 20 - kept
     assert spool.backlog()[1] <= 2_000
     assert any("LOST" in r.getMessage() and str(20 - kept) in r.getMessage() for r in caplog.records)
+
+
+def a_record(**fields: Any) -> CallRecord:
+    return CallRecord(
+        event_id=new_event_id(), occurred_at=datetime.now(UTC), provider="openai", model="gpt-4o-mini",
+        usage=Usage(input_tokens=1, output_tokens=1), cost=None, cost_nanousd=None,
+        pricing_status="unknown_model", price_source=None, usage_source="manual", **fields,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+async def test_calls_spooled_before_the_database_was_known_go_only_to_its_url(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A tracker that never reached its database spools lines without a database id; another
+    database sharing the spool keeps them, and only a tracker of the same URL replays them."""
+    async with Tracker(pg_url):
+        pass  # the schema
+    spool = tmp_path / "shared.spool"
+    await set_pg_outage(pg_url, True)
+    try:
+        async with Tracker(pg_url, spool_path=spool, auto_migrate=False) as tracker:
+            records = await track_wave(tracker, 12)
+            assert tracker.outage
+        lines = [json.loads(line) for path in spool.parent.glob("shared.spool*") for line in path.open()]
+        assert len(lines) == 12 and {line["db"] for line in lines} == {None}
+        other = f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"
+        async with Tracker(other, spool_path=spool) as tracker:
+            assert not tracker.outage
+        assert (await ledger(other))["ids"] == []
+        assert Spool(spool).backlog()[0] == 1
+    finally:
+        await set_pg_outage(pg_url, False)
+    async with Tracker(pg_url, spool_path=spool):
+        pass
+    state = await ledger(pg_url)
+    assert sorted(state["ids"]) == sorted(r.event_id for r in records)
+    assert Spool(spool).backlog() == (0, 0)
+
+
+@pytest.mark.timeout(120)
+async def test_another_databases_spool_lines_do_not_keep_a_tracker_in_outage(tmp_path: Path) -> None:
+    """After an outage, the probe replays this database's calls and leaves outage, though the shared
+    spool still holds another database's lines (kept for it, never written here)."""
+    url_a = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    url_b = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    spool = tmp_path / "shared.spool"
+    async with Tracker(url_a, spool_path=spool) as tracker:
+        set_sqlite_outage(url_a, True)
+        foreign = await track_wave(tracker, 5)
+        set_sqlite_outage(url_a, False)
+    async with Tracker(url_b, spool_path=spool) as tracker:
+        set_sqlite_outage(url_b, True)
+        ours = await track_wave(tracker, 7)
+        assert tracker.outage
+        set_sqlite_outage(url_b, False)
+        for _ in range(200):  # the probe's first retries come within a few seconds
+            if not tracker.outage:
+                break
+            await asyncio.sleep(0.1)
+        assert not tracker.outage
+        assert sorted((await ledger(url_b))["ids"]) == sorted(r.event_id for r in ours)
+    assert Spool(spool).backlog()[0] == 1
+    async with Tracker(url_a, spool_path=spool):
+        pass
+    assert sorted((await ledger(url_a))["ids"]) == sorted(r.event_id for r in foreign)
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash mid-append leaves half a line; the next append starts on a line of its own, so only
+    the torn call is lost (and logged), never the one after it."""
+    spool = Spool(tmp_path / "s.spool")
+    first, torn, after = a_record(), a_record(), a_record()
+    spool.append([PendingWrite(first, ()), PendingWrite(torn, ())], "db-1")
+    whole = spool.path.read_bytes()
+    spool.path.write_bytes(whole[: len(whole) - 40])  # the second line, cut short
+    spool.append([PendingWrite(after, ())], "db-1")
+    (path,) = spool.claim()
+    items, foreign = spool.read(path, "db-1")
+    assert [item.record.event_id for item in items] == [first.event_id, after.event_id]
+    assert foreign == []
+    assert any("damaged spool line" in r.getMessage() for r in caplog.records)
+
+
+def test_appends_racing_replay_claims_lose_nothing(tmp_path: Path) -> None:
+    """Four threads append while another claims and reads the spool over and over: every call
+    appended is read exactly once (no line lands in a file already claimed and read)."""
+    spool = Spool(tmp_path / "s.spool")
+    written: list[str] = []
+    read: list[str] = []
+    done = threading.Event()
+
+    def append() -> None:
+        for _ in range(150):
+            record = a_record()
+            written.append(record.event_id)
+            spool.append([PendingWrite(record, ())], "db-1")
+
+    def replay() -> None:
+        while True:
+            stop = done.is_set()
+            for path in spool.claim():
+                items, _ = spool.read(path, "db-1")
+                read.extend(item.record.event_id for item in items)
+                path.unlink()
+            if stop:
+                return
+
+    appenders = [threading.Thread(target=append) for _ in range(4)]
+    replayer = threading.Thread(target=replay)
+    replayer.start()
+    for thread in appenders:
+        thread.start()
+    for thread in appenders:
+        thread.join()
+    done.set()
+    replayer.join()
+    assert len(written) == 600
+    assert sorted(read) == sorted(written)
+
+
+@asynccontextmanager
+async def write_lock_held(url: str) -> AsyncIterator[None]:
+    """Another session holds the ledger's write lock while inside."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(sqlite_path(url), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    parsed = make_url(url)
+    pg = await asyncpg.connect(
+        host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database
+    )
+    try:
+        async with pg.transaction():
+            await pg.execute("LOCK TABLE llm_calls IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await pg.close()
+
+
+@pytest.mark.timeout(120)
+async def test_shutdown_deadline_holds_while_another_session_holds_the_write_lock(db_url: str) -> None:
+    """The lock is held until after the tracker has exited, with a write stuck on it and more calls
+    queued and waiting for room: the exit keeps its deadline, every call is in the spool, and the
+    next start writes each once."""
+    tracker = Tracker(db_url, shutdown_timeout=0.5, max_queue=5, max_batch=5)
+    async with tracker:
+        lock = write_lock_held(db_url)
+        await lock.__aenter__()
+        tasks = [asyncio.create_task(tracker.track(provider="openai", model="gpt-4o-mini",
+                                                   input_tokens=1, output_tokens=1))
+                 for _ in range(40)]  # fmt: skip
+        await asyncio.sleep(0.2)
+        assert tracker.backpressure_waits > 0
+    try:
+        records = await asyncio.gather(*tasks)  # each resolved: spooled, not lost, not hanging
+        lines = [line for path in tracker.spool._files() for line in path.read_text().splitlines()]
+        assert len(lines) == 40
+    finally:
+        await lock.__aexit__(None, None, None)
+    async with Tracker(db_url) as replayed:
+        assert replayed.spool.backlog() == (0, 0)
+    state = await ledger(db_url)
+    assert sorted(state["ids"]) == sorted(r.event_id for r in records)
+    assert state["day_calls"] == 40

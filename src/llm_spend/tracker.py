@@ -31,7 +31,7 @@ from .health import Health, check_health
 from .money import to_nanousd
 from .pricing import Cost, Pricer
 from .reports import BudgetStatus, ReportRow, budget_status, report
-from .storage.spool import Spool, default_spool_path
+from .storage.spool import Spool, default_spool_path, url_key
 from .storage.store import PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
 from .usage import CallRecord, Usage, UsageSource, check_text, check_tokens, new_event_id
@@ -143,7 +143,9 @@ class Tracker:
             media_allowance_tokens=media_allowance_tokens,
         )
         self.store = Store(url)
-        self.spool = Spool(spool_path if spool_path is not None else default_spool_path(self.store))
+        self.spool = Spool(
+            spool_path if spool_path is not None else default_spool_path(self.store), url_key=url_key(url)
+        )
         self.pricer = Pricer(
             price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
         )

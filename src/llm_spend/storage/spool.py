@@ -2,15 +2,18 @@
 
 A spool belongs to one database: every line carries the database's id, and replay skips (and keeps)
 lines of another database. A line written before the id could ever be read (the database was
-unreachable since start-up) carries none and belongs to the database the spool's URL names.
+unreachable since start-up) carries none; it carries a hash of the URL it was meant for instead, and
+only a database reached through that URL takes it.
 Replay first renames the file aside, so appends made meanwhile (by this process or another sharing
-the spool) go to a fresh file and nothing is read twice or lost. Replaying a line twice changes
-nothing: the ledger insert is idempotent on event_id.
+the spool) go to a fresh file and nothing is read twice or lost: an append holds an exclusive lock on
+the file while it writes, and so does the rename, so no line lands in a file already claimed.
+Replaying a line twice changes nothing: the ledger insert is idempotent on event_id.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +31,7 @@ from ..usage import CallRecord, Usage
 from .rows import PendingWrite, WindowKey, call_row
 from .store import Store
 
-__all__ = ["Spool", "default_spool_path"]
+__all__ = ["Spool", "default_spool_path", "url_key"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -41,15 +44,26 @@ def default_spool_path(store: Store) -> Path:
     if store.dialect == "sqlite" and url.database not in (None, "", ":memory:"):
         database = Path(str(url.database)).resolve()
         return database.with_name(database.name + ".spool")
-    digest = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:16]
-    return Path(".llm_spend_spool") / digest
+    return Path(".llm_spend_spool") / url_key(store.url)
+
+
+def url_key(url: str) -> str:
+    """A short hash naming a database URL (password left out; a SQLite file by its absolute path)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parsed = parsed.set(database=str(Path(str(parsed.database)).resolve()))
+    return hashlib.sha256(parsed.render_as_string(hide_password=True).encode()).hexdigest()[:16]
 
 
 class Spool:
     """A bounded, append-only JSON-lines file of PendingWrites for one database."""
 
-    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, url_key: str | None = None, max_bytes: int = 256 * 2**20
+    ) -> None:
         self.path = Path(path)
+        self.url_key = url_key
+        """Written on lines spooled before the database's id is known; only they replay by it."""
         self.max_bytes = max_bytes
         self.dropped = 0
         """Calls lost because the spool was full (each one logged as an error)."""
@@ -57,7 +71,8 @@ class Spool:
     def append(self, items: Sequence[PendingWrite], database_id: str | None) -> int:
         """Write items durably (fsync); returns how many fit under `max_bytes`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps(_encode(item, database_id), separators=(",", ":")) + "\n" for item in items]
+        url = None if database_id is not None else self.url_key
+        lines = [json.dumps(_encode(item, database_id, url), separators=(",", ":")) + "\n" for item in items]
         room = self.max_bytes - self.backlog()[1]
         kept: list[str] = []
         for line in lines:
@@ -72,27 +87,47 @@ class Spool:
                 self.path, self.max_bytes, len(lines) - len(kept),
             )  # fmt: skip
         if kept:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = self._open_locked()
             try:
-                os.write(fd, "".join(kept).encode())
-                os.fsync(fd)
+                data = "".join(kept).encode()
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # a crash tore the last line: keep ours off it
+                _write_all(fd, data)
             finally:
-                os.close(fd)
+                os.close(fd)  # and the lock with it
         return len(kept)
+
+    def _open_locked(self) -> int:
+        """The live file, opened for appending and locked; never a file that replay already claimed."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # claimed (renamed) between our open and our lock: open the new one
 
     def backlog(self) -> tuple[int, int]:
         """(files, bytes) waiting for replay."""
-        files = [p for p in self._files() if p.exists()]
-        return len(files), sum(p.stat().st_size for p in files)
+        sizes = [size for size in map(_size, self._files()) if size is not None]
+        return len(sizes), sum(sizes)
 
     def claim(self) -> list[Path]:
         """Move the live file aside for replay; returns every file awaiting replay, oldest first."""
-        if self.path.exists():
-            target = self.path.with_name(f"{self.path.name}{_REPLAY_MARK}{uuid.uuid4().hex}")
-            with contextlib.suppress(FileNotFoundError):  # another process claimed it first
-                os.replace(self.path, target)
-        claimed = [p for p in self._files() if p != self.path]
-        return sorted(claimed, key=lambda p: p.stat().st_mtime_ns)
+        with contextlib.suppress(FileNotFoundError):  # none, or another process claimed it first
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # wait for an append in progress to finish
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    target = self.path.with_name(f"{self.path.name}{_REPLAY_MARK}{uuid.uuid4().hex}")
+                    os.replace(self.path, target)
+            finally:
+                os.close(fd)
+        claimed = [(p, _mtime(p)) for p in self._files() if p != self.path]
+        return [p for p, mtime in sorted(claimed, key=lambda c: c[1]) if mtime >= 0]
 
     def read(self, path: Path, database_id: str) -> tuple[list[PendingWrite], list[str]]:
         """The items of `path` for this database, in order, and the lines that belong elsewhere."""
@@ -103,13 +138,29 @@ class Spool:
                 continue
             try:
                 data = json.loads(line)
-                if data.get("db") not in (database_id, None):
+                if not self._ours(data, database_id):
                     foreign.append(line)
                     continue
                 items.append(_decode(data))
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 logger.error("llm-spend: skipping a damaged spool line in %s: %s", path, exc)
         return items, foreign
+
+    def keep(self, path: Path, lines: Sequence[str]) -> None:
+        """Replace claimed file `path` by just `lines` (another database's), atomically and durably."""
+        temporary = path.with_name(f".{path.name}.tmp")  # outside the glob of files to replay
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, "".join(line + "\n" for line in lines).encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+
+    def _ours(self, data: dict[str, Any], database_id: str) -> bool:
+        owner = data["db"]
+        if owner is None:  # spooled before the id was known: ours if it was meant for our URL
+            return self.url_key is not None and data.get("url") == self.url_key
+        return bool(owner == database_id)
 
     def _files(self) -> Iterator[Path]:
         if self.path.exists():
@@ -118,11 +169,34 @@ class Spool:
             yield from self.path.parent.glob(f"{self.path.name}{_REPLAY_MARK}*")
 
 
-def _encode(item: PendingWrite, database_id: str | None) -> dict[str, Any]:
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` (os.write may write part of it) and fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # replayed and removed meanwhile
+        return None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # another process replayed it meanwhile
+        return -1
+
+
+def _encode(item: PendingWrite, database_id: str | None, url: str | None) -> dict[str, Any]:
     row = call_row(item.record)
     row["occurred_at"] = item.record.occurred_at.isoformat()
     return {
         "db": database_id,
+        "url": url,
         "call": row,
         "windows": [_key(k) for k in item.windows],
         "reservation_id": item.reservation_id,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -72,6 +73,12 @@ class _Refused(Exception):
     pass
 
 
+_BUSY_TIMEOUT = 30.0
+"""How long a transaction waits for another process's write lock before it fails."""
+_BUSY_STEP_MS = 50
+"""SQLite's own busy wait, one step of it: between steps, a close in progress stops the wait."""
+
+
 class SQLiteFile:
     """The write transactions of a SQLite file database, each run whole on one thread."""
 
@@ -79,13 +86,21 @@ class SQLiteFile:
         self._path = path
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._closing = False
 
     async def close(self) -> None:
-        """Close the connection and stop the thread; the next transaction starts them again."""
+        """Close the connection and stop the thread; the next transaction starts them again.
+
+        A transaction still waiting for another process's write lock gives up within one busy step
+        (its caller has gone: the writer spooled its batch), so closing never waits out the lock."""
         if self._executor is not None:
-            await self._run(self._close)
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            self._closing = True
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, self._close)
+            finally:
+                executor.shutdown(wait=True)
+                self._closing = False
 
     def _close(self, _conn: sqlite3.Connection | None = None) -> None:
         if self._conn is not None:
@@ -100,14 +115,22 @@ class SQLiteFile:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
-            for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
+            for pragma in ("journal_mode=WAL", f"busy_timeout={_BUSY_STEP_MS}", "synchronous=NORMAL"):
                 conn.execute(f"PRAGMA {pragma}")
             self._conn = conn
         return self._conn
 
     def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        deadline = time.monotonic() + _BUSY_TIMEOUT
+        while True:  # in WAL mode only BEGIN IMMEDIATE waits for a lock; COMMIT never does
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or self._closing or time.monotonic() > deadline:
+                    raise
         try:
             result = body(conn)
         except BaseException:

@@ -85,25 +85,35 @@ class Writer:
             return
         if self._probe is not None:
             self._probe.cancel()
-        await self._queue.put(None)
+        before = self.spooled
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            async with asyncio.timeout(timeout):  # a full queue counts against the deadline too
+                await self._queue.put(None)
+                await asyncio.shield(self._task)
         except TimeoutError:
-            before = self.spooled
-            self._task.cancel()
+            self._task.cancel()  # its batch in flight goes to the spool
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            left = []
-            while not self._queue.empty():
-                entry = self._queue.get_nowait()
-                if entry is not None:
-                    left.append(entry)
-            await self._to_spool(left)
+            logger.warning("llm-spend: shutdown drain timed out after %.1f s", timeout)
+        await self._to_spool(await self._leftovers())
+        if self.spooled != before:
             logger.warning(
-                "llm-spend: shutdown drain timed out after %.1f s; %d calls went to the spool %s",
-                timeout, self.spooled - before, self._spool.path,
+                "llm-spend: %d calls went to the spool %s at shutdown; the next start replays them",
+                self.spooled - before, self._spool.path,
             )  # fmt: skip
         self._task = None
+
+    async def _leftovers(self) -> list[tuple[PendingWrite, asyncio.Future[Result]]]:
+        """Everything still queued, including submissions that were waiting for room in the queue."""
+        left = []
+        while True:
+            while not self._queue.empty():
+                entry = self._queue.get_nowait()  # and a waiting submission takes the room
+                if entry is not None:
+                    left.append(entry)
+            await asyncio.sleep(0)  # let the woken submissions put their items
+            if self._queue.empty():
+                return left
 
     async def replay(self) -> int:
         """Write the spool's calls for this database, in order; returns how many were replayed."""
@@ -121,8 +131,7 @@ class Writer:
                     logger.error(
                         "llm-spend: %d spool lines in %s belong to another database", len(foreign), path
                     )
-                    with path.open("w") as handle:
-                        handle.write("\n".join(foreign) + "\n")
+                    await asyncio.to_thread(self._spool.keep, path, foreign)
                 else:
                     path.unlink()
             if done:
@@ -185,6 +194,8 @@ class Writer:
         return self._database_id
 
     async def _to_spool(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> int:
+        if not batch:
+            return 0
         # Written before this database's id could be read, a line is marked for this URL's database.
         owner = self._database_id
         kept = await asyncio.to_thread(self._spool.append, [item for item, _ in batch], owner)
@@ -206,12 +217,13 @@ class Writer:
         for attempt in itertools.count():
             if attempt:
                 await asyncio.sleep(_PROBE_DELAYS[min(attempt, len(_PROBE_DELAYS)) - 1])
+            spooled = self.spooled
             try:
                 await self.replay()
             except Exception as exc:
                 logger.warning("llm-spend: the database is still failing (%s); calls wait in the spool", exc)
             else:
-                if (await asyncio.to_thread(self._spool.backlog))[0]:
-                    continue  # calls were spooled while we replayed
-                self.outage = False
+                if self.spooled != spooled:
+                    continue  # calls were spooled while we replayed: replay them too
+                self.outage = False  # what is left in the spool, if anything, is another database's
                 return
