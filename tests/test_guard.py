@@ -327,3 +327,54 @@ async def test_unknown_context_window_needs_a_max_or_a_configured_cap(sqlite_url
             "google", model, input_tokens=100, output_tokens=8192, at=call.reservation.at
         )
         assert call.reservation is not None and call.reservation.estimate == expected.nanousd
+
+
+async def test_a_refusal_reports_the_locked_totals_and_reserves_nothing_anywhere(db_url: str) -> None:
+    """Two windows, the per-user one refusing: the refusal carries that window's spent and reserved
+    (another call's reservation held open), and the global window, which would have accepted, is
+    left exactly as it was (all or nothing in one statement on PostgreSQL, one transaction on SQLite)."""
+    budgets = [Budget.daily(100, mode="block"), Budget.daily("0.0006", per="user_id", mode="block")]
+    async with (
+        Tracker(db_url, budgets=budgets) as tracker,
+        tracker.guard(
+            provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=200, tags={"user_id": "a"}
+        ) as held,
+    ):
+        before = await ledger(db_url)
+        with pytest.raises(BudgetExceeded) as refused:
+            async with tracker.guard(
+                provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=200,
+                tags={"user_id": "a"},
+            ):  # fmt: skip
+                pytest.fail("the second call should have been refused")
+        assert await ledger(db_url) == before
+        await held.record(Usage(input_tokens=1000, output_tokens=200))
+    exc = refused.value
+    assert exc.scope_value == "a" and exc.spent == 0
+    assert exc.reserved == from_nanousd(before["day"][0][1]) > 0
+    assert (await ledger(db_url))["reservations"] == 0
+
+
+async def test_reserving_in_a_window_whose_row_was_deleted_recreates_it(db_url: str) -> None:
+    """Window rows known to this process vanish (a database reset under it): the next reservation
+    creates them again and holds, and the rollups equal the ledger written afterwards."""
+    async with Tracker(db_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100
+        ) as c:
+            await c.record(Usage(input_tokens=100, output_tokens=100))
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(calls.delete())
+                await conn.execute(rollups.delete())
+        finally:
+            await engine.dispose()
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100
+        ) as c:
+            assert (await ledger(db_url))["day"][0][1] > 0
+            record = await c.record(Usage(input_tokens=100, output_tokens=100))
+    state = await ledger(db_url)
+    assert state["calls"] == 1 and state["spent"] == record.cost_nanousd
+    assert state["day"] == [(record.cost_nanousd, 0, 1)]

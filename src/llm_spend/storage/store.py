@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .pg_reserve import PostgresReservations
 from .rows import (
     CALL_COLUMNS,
     SUMS,
@@ -81,13 +82,14 @@ class Store:
             if parsed.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool
         else:
-            kwargs.update(pool_size=5, max_overflow=5)
+            kwargs.update(pool_size=16, max_overflow=4)
         self.engine = create_async_engine(url, **kwargs)
         memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
         self._file = SQLiteFile(str(parsed.database)) if self.dialect == "sqlite" and not memory else None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
+        self._pg = PostgresReservations() if self.dialect == "postgresql" else None
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -211,6 +213,10 @@ class Store:
         ordered = sorted(amounts)
         if self._file is not None:
             return await self._file.reserve(reservation_id, ordered, now, expires_at)
+        if self._pg is not None:
+            async with self.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                return await self._pg.reserve(raw.driver_connection, reservation_id, ordered, now, expires_at)
         refusal: Refusal | None = None
         try:
             async with self._begin() as conn:
