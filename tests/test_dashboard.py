@@ -186,6 +186,10 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
     [
         ({"from": "2026-02-30"}, "from must be a date"),
         ({"from": "2020-01-01", "to": "2026-01-01"}, "longer than 366 days"),
+        ({"from": "2025-01-01", "to": "2026-01-02"}, "longer than 366 days"),  # 367 days
+        ({"page": "\u00b2"}, "page must be"),  # a superscript two: isdigit() but not int()
+        ({"model": "gpt\x00"}, "model contains a control character"),
+        ({"tag": "user_id=a\x00"}, "contains a control character"),
         ({"from": "2026-03-02", "to": "2026-03-01"}, "must not be after"),
         ({"tag": "no equals"}, "KEY=VALUE"),
         ({"tag": "bad key=1"}, "KEY=VALUE"),
@@ -197,9 +201,10 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
         ({"model": "x" * 201}, "longer than 200"),
     ],
 )
-async def test_bad_filters_get_a_400_page(sqlite_url: str, query: dict[str, str], message: str) -> None:
-    """Bad dates, ranges over 366 days, malformed tag filters, unknown issues and pages: a 400 page."""
-    async with Tracker(sqlite_url) as tracker:
+async def test_bad_filters_get_a_400_page(db_url: str, query: dict[str, str], message: str) -> None:
+    """Bad dates, ranges over 366 days, malformed tag filters, unknown issues and pages, control
+    characters (PostgreSQL refuses NUL in text): a 400 page on both databases."""
+    async with Tracker(db_url) as tracker:
         app = create_app(tracker, public=True)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
             for path in ("/", "/calls", "/calls.csv", "/tags", "/models", "/quality"):
@@ -262,3 +267,37 @@ def test_the_host_app_lifespan_is_all_it_needs(sqlite_url: str) -> None:
         page = c.get("/spend/calls", params={"tag": "feature=host"})
     assert page.status_code == 200 and len(cells(page.text, "calls")) == 1
     assert usd(cost) in page.text
+
+
+async def test_a_366_day_range_is_allowed(sqlite_url: str) -> None:
+    """The limit's edge: exactly 366 days renders."""
+    async with Tracker(sqlite_url) as tracker:
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            response = await c.get("/calls", params={"from": "2025-01-01", "to": "2026-01-01"})
+    assert response.status_code == 200
+
+
+async def test_tags_named_like_report_columns_are_shown_but_never_grouped(sqlite_url: str) -> None:
+    """Tags named model, provider, day or month are legal tags. The dashboard shows them on their
+    calls (as text, not filter links) and leaves them out of the tag keys it groups by, so the
+    overview's top tags are real tags and no page links to a 400."""
+    async with Tracker(sqlite_url) as tracker:
+        record = tracker._build(
+            provider="openai", model="gpt-4o-mini", usage=Usage(input_tokens=10, output_tokens=1),
+            usage_source="manual", tags={"model": "variant-b", "day": "monday", "team": "search"},
+        )  # fmt: skip
+        windows = tracker.budget_guard.windows(record.tags, record.occurred_at)
+        await tracker.store.write([PendingWrite(record, windows)])
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            overview, tags, calls_page = [await c.get(path) for path in ("/", "/tags", "/calls")]
+            assert overview.status_code == tags.status_code == calls_page.status_code == 200
+            assert "Top team" in overview.text and "Top day" not in overview.text
+            assert "Top models" in overview.text and "Top model<" not in overview.text
+            assert "key=team" in tags.text and "key=day" not in tags.text and "key=model" not in tags.text
+            assert "model=variant-b" in calls_page.text and "tag=model" not in calls_page.text
+            for link in re.findall(r'href="([^"]+)"', overview.text + tags.text + calls_page.text):
+                if link.startswith("/"):
+                    response = await c.get(link.replace("&amp;", "&"))
+                    assert response.status_code == 200, link

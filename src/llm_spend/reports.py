@@ -70,14 +70,18 @@ async def report(
     end: datetime,
     group_by: Sequence[str] = (),
     where: Mapping[str, str] | None = None,
+    limit: int | None = None,
 ) -> list[ReportRow]:
     """Sums of the calls in [start, end), grouped by `group_by`, filtered by `where` (all must match).
+    With `limit`, only the `limit` groups of highest cost (then most calls) are read from the ledger.
 
     Without `where`, grouped by nothing, "day" or "month", over whole days in `tz`, it reads the global
     day (or month) rollups: a few rows per day whatever the traffic, and totals that still count pruned
     calls. Anything else reads the ledger.
     """
     names = _check(start, end, group_by, where)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
     for period in _CALENDAR:
         if period in names:
             _window_starts(period, tz, start, end)  # a bounded number of buckets, whichever path
@@ -98,6 +102,9 @@ async def report(
         .where(*ledger_conditions(store, start, end, where))
         .group_by(*groups)
     )
+    if limit is not None:
+        query = query.order_by(func.sum(calls.c.cost_nanousd).desc().nulls_last(), func.count().desc())
+        query = query.limit(limit)
     async with store.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return sorted((_row(names, tuple(r)) for r in rows), key=_order)

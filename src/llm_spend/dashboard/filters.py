@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from ..budgets import window_bounds
-from .queries import ISSUES
+from .queries import ISSUES, NOT_TAG_KEYS
 
 __all__ = ["MAX_DAYS", "BadFilter", "Filters", "parse_filters"]
 
@@ -29,6 +29,8 @@ MAX_PAGE = 10_000
 MAX_TAG_FILTERS = 10
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _RESERVED = ("model", "provider")  # report keys that name columns, not tags
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,8}")
 
 
 class BadFilter(ValueError):
@@ -134,7 +136,7 @@ def parse_filters(params: Any, tz: ZoneInfo, today: date) -> Filters:
     if issue is not None and issue not in ISSUES:
         raise BadFilter(f"issue must be one of {', '.join(ISSUES)}, got {issue!r}")
     key = _text(params, "key", 64)
-    if key is not None and (not _TAG_KEY.fullmatch(key) or key in (*_RESERVED, "day", "month")):
+    if key is not None and (not _TAG_KEY.fullmatch(key) or key in NOT_TAG_KEYS):
         raise BadFilter(f"key {key!r} is not a tag key the report can group by (letters, digits, _ . -)")
     return Filters(
         first=first,
@@ -164,6 +166,8 @@ def _text(params: Any, name: str, limit: int) -> str | None:
         raise BadFilter(f"{name} is given {len(values)} times; give it once")
     if len(values[0]) > limit:
         raise BadFilter(f"{name} is longer than {limit} characters")
+    if _CONTROL.search(values[0]):
+        raise BadFilter(f"{name} contains a control character")
     return values[0]
 
 
@@ -193,6 +197,8 @@ def _tags(params: Any) -> tuple[tuple[str, str], ...]:
             raise BadFilter(f"{key!r} is not filtered as a tag here; use the {key} field")
         if len(value) > 300:
             raise BadFilter(f"the value of tag filter {key!r} is longer than 300 characters")
+        if _CONTROL.search(value):
+            raise BadFilter(f"the value of tag filter {key!r} contains a control character")
         if key in found and found[key] != value:
             raise BadFilter(f"tag {key!r} is filtered on two values; no call has both")
         found[key] = value
@@ -203,6 +209,6 @@ def _page(params: Any) -> int:
     text = _text(params, "page", 8)
     if text is None:
         return 1
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_PAGE:
         raise BadFilter(f"page must be a whole number from 1 to {MAX_PAGE}, got {text!r}")
     return int(text)

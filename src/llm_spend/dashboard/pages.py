@@ -21,7 +21,16 @@ from ..money import format_usd, from_nanousd
 from ..reports import ReportRow, budget_status, current_windows, ledger_conditions, report, safe_cell
 from . import svg
 from .filters import Filters, parse_filters
-from .queries import EXPORT_COLUMNS, ISSUES, calls_page, export_rows, issue_condition, models_with, quality
+from .queries import (
+    EXPORT_COLUMNS,
+    ISSUES,
+    NOT_TAG_KEYS,
+    calls_page,
+    export_rows,
+    issue_condition,
+    models_with,
+    quality,
+)
 from .queries import tag_keys as find_tag_keys
 
 if TYPE_CHECKING:
@@ -49,7 +58,9 @@ def environment(tz: ZoneInfo) -> jinja2.Environment:
         tokens=svg.tokens,
         local=lambda at, minutes=False: at.astimezone(tz).strftime(_TIME[:-3] if minutes else _TIME),
     )
-    env.globals.update(column_chart=svg.column_chart, meter=svg.meter, issues=ISSUES, nav=NAV)
+    env.globals.update(
+        column_chart=svg.column_chart, meter=svg.meter, issues=ISSUES, nav=NAV, not_tag_keys=NOT_TAG_KEYS
+    )
     return env
 
 
@@ -73,7 +84,7 @@ class Pages:
         if context["filters"] is not None:
             context["presets"] = _presets(context["filters"], datetime.now(self.tz).date())
         html = self.env.get_template(template).render(
-            base=request.scope.get("root_path", ""), path=request.url.path, site=self.title,
+            base=request.scope.get("root_path", ""), path=request.scope["path"], site=self.title,
             tz=self.tz.key, generated=datetime.now(self.tz).strftime("%Y-%m-%d %H:%M"), **context,
         )  # fmt: skip
         return HTMLResponse(html, status_code=code)
@@ -92,8 +103,10 @@ class Pages:
             found.append(issue_condition(f.issue, self.store.dialect == "postgresql"))
         return found
 
-    async def report(self, f: Filters, *group_by: str) -> list[ReportRow]:
-        return await report(self.store, self.tz, start=f.start, end=f.end, group_by=group_by, where=f.where())
+    async def report(self, f: Filters, *group_by: str, limit: int | None = None) -> list[ReportRow]:
+        return await report(
+            self.store, self.tz, start=f.start, end=f.end, group_by=group_by, where=f.where(), limit=limit
+        )
 
     # -- pages --------------------------------------------------------------------------------------
 
@@ -104,7 +117,7 @@ class Pages:
         series = {row.key[0]: row.cost for row in await self.report(f, period)}
         labels = _labels(f, period)
         keys = await find_tag_keys(self.store, self.conditions(f), limit=3)
-        top_tags = [(key, by_cost(await self.report(f, key))[:5]) for key, _ in keys]
+        top_tags = [(key, by_cost(await self.report(f, key, limit=5))) for key, _ in keys]
         return self.render(
             request, "overview.html", filters=f, title="Overview", total=total, before=before,
             change=svg.percent_change(total.cost, before.cost), period=period,
@@ -112,7 +125,8 @@ class Pages:
                 [(label, series.get(label, Decimal(0))) for label in labels],
                 short=(lambda label: label[5:]) if period == "day" else str,
             ),
-            budgets=(await self.budgets_now(top=3))[:8], models=by_cost(await self.report(f, "model"))[:6],
+            budgets=(await self.budgets_now(top=3))[:8],
+            models=by_cost(await self.report(f, "model", limit=6)),
             top_tags=top_tags,
         )  # fmt: skip
 
@@ -143,7 +157,7 @@ class Pages:
         if f.key is None:
             keys = await find_tag_keys(self.store, self.conditions(f), limit=200)
             return self.render(request, "tags.html", filters=f, title="Tags", keys=keys, rows=[], top=0)
-        rows = by_cost(await self.report(f, f.key))[:500]
+        rows = by_cost(await self.report(f, f.key, limit=500))
         title = f"Tag {f.key}"
         return self.render(request, "tags.html", filters=f, title=title, keys=[], rows=rows, top=_top(rows))
 

@@ -18,6 +18,9 @@ from ..money import from_nanousd
 from ..storage.schema import calls
 from ..storage.store import Store
 
+NOT_TAG_KEYS = ("model", "provider", "day", "month")
+"""Keys a report reads as columns or calendar periods: tags so named are shown, never grouped by."""
+
 __all__ = [
     "ISSUES",
     "CallRow",
@@ -144,6 +147,7 @@ async def tag_keys(
         keys = inner.subquery()
     query = (
         select(keys.c.key, func.count().label("n"))
+        .where(keys.c.key.not_in(NOT_TAG_KEYS))
         .group_by(keys.c.key)
         .order_by(func.count().desc(), keys.c.key)
         .limit(limit)
