@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -461,3 +462,78 @@ async def test_shutdown_deadline_holds_while_another_session_holds_the_write_loc
     state = await ledger(db_url)
     assert sorted(state["ids"]) == sorted(r.event_id for r in records)
     assert state["day_calls"] == 40
+
+
+@pytest.mark.timeout(120)
+async def test_a_spool_that_cannot_be_written_loses_calls_loudly_but_never_stops_recording(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database fails and the spool cannot be written either (its directory is a file): the
+    calls are logged as LOST and track() still returns; once the database answers, recording goes on."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    async with Tracker(sqlite_url, spool_path=blocker / "spool") as tracker:
+        set_sqlite_outage(sqlite_url, True)
+        lost = await asyncio.wait_for(track_wave(tracker, 5), 30)
+        set_sqlite_outage(sqlite_url, False)
+        kept = await asyncio.wait_for(track_wave(tracker, 5, 5), 30)
+    assert any("LOST" in r.getMessage() for r in caplog.records)
+    assert tracker.spool.dropped == 5 and len(lost) == 5
+    assert sorted((await ledger(sqlite_url))["ids"]) == sorted(r.event_id for r in kept)
+
+
+async def test_a_spooled_call_the_database_refuses_is_set_aside_not_blocking_the_rest(
+    db_url: str, tmp_path: Path
+) -> None:
+    """One spooled line the database cannot store (a lone surrogate, as no validation lets in now)
+    among good ones: the good ones are written, the bad one goes to `<spool>.rejected`, logged."""
+    async with Tracker(db_url) as tracker:
+        database_id = await tracker.store.identity()
+    spool = Spool(tmp_path / "s.spool")
+    good = [a_record() for _ in range(5)]
+    bad = replace(a_record(), provider="open\ud800ai")
+    spool.append([PendingWrite(r, ()) for r in [*good[:2], bad, *good[2:]]], database_id)
+    async with Tracker(db_url, spool_path=spool.path) as tracker:
+        assert not tracker.outage
+    assert sorted((await ledger(db_url))["ids"]) == sorted(r.event_id for r in good)
+    assert spool.backlog() == (0, 0)
+    rejected = tmp_path / "s.spool.rejected"
+    assert [json.loads(line)["call"]["event_id"] for line in rejected.open()] == [bad.event_id]
+
+
+@pytest.mark.timeout(120)
+async def test_a_spool_whose_start_up_replay_failed_is_replayed_once_the_database_answers(
+    sqlite_url: str,
+) -> None:
+    """Started while the database refused writes: the spool waits, and the probe replays it as soon
+    as the database answers, without a restart."""
+    async with Tracker(sqlite_url) as tracker:
+        set_sqlite_outage(sqlite_url, True)
+        spooled = await track_wave(tracker, 10)
+    async with Tracker(sqlite_url) as tracker:
+        assert tracker.outage and tracker.spool.backlog()[0] == 1
+        set_sqlite_outage(sqlite_url, False)
+        state = await wait_for_rows(sqlite_url, 10, seconds=30)
+        assert sorted(state["ids"]) == sorted(r.event_id for r in spooled)
+        for _ in range(100):
+            if not tracker.outage:
+                break
+            await asyncio.sleep(0.1)
+        assert not tracker.outage and tracker.spool.backlog() == (0, 0)
+
+
+async def test_text_no_database_can_store_is_refused_or_replaced_at_the_door(db_url: str) -> None:
+    """A NUL or a lone surrogate in provider/model is a ValueError naming the field; in a tag value it
+    is replaced, and the call is recorded on both databases."""
+    async with Tracker(db_url) as tracker:
+        for bad in ("open\x00ai", "open\ud800ai"):
+            with pytest.raises(ValueError, match="provider must not hold NUL"):
+                await tracker.track(provider=bad, model="gpt-4o-mini", input_tokens=1, output_tokens=1)
+            with pytest.raises(ValueError, match="model must not hold NUL"):
+                await tracker.track(provider="openai", model=bad, input_tokens=1, output_tokens=1)
+        record = await tracker.track(
+            provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1,
+            tags={"user_id": "a\x00b", "note": "x\ud800y"},
+        )  # fmt: skip
+    assert record.tags == {"user_id": "a\ufffdb", "note": "x?y"}
+    assert (await ledger(db_url))["ids"] == [record.event_id]

@@ -72,6 +72,8 @@ def _value(key: str, value: object, secret: bool) -> str:
     if secret:
         return REDACTED
     text = value if isinstance(value, str) else str(value)
+    if "\x00" in text or not text.isascii():  # NUL and lone surrogates: no database stores them
+        text = text.replace("\x00", "\ufffd").encode(errors="replace").decode()
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
         return text
     return text.encode()[:MAX_VALUE_BYTES].decode(errors="ignore")

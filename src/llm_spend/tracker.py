@@ -170,12 +170,16 @@ class Tracker:
             self._writer = Writer(
                 self.store, self.spool, max_batch=self._max_batch, max_queue=self._max_queue
             )
+            replayed = True
             try:
                 await self._writer.replay()  # calls spooled during an outage or by a killed process
             except Exception as exc:
+                replayed = False
                 logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
             await self._sweep()
             self._writer.start()
+            if not replayed:
+                self._writer.enter_outage()  # the probe replays the spool once the database answers
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
             self._loop = asyncio.get_running_loop()
         self._entered += 1

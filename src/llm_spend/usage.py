@@ -56,7 +56,17 @@ def check_text(name: str, value: object, limit: int) -> str:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     if len(value) > limit:
         raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
+    if "\x00" in value or not (value.isascii() or _encodable(value)):
+        raise ValueError(f"{name} must not hold NUL characters or lone surrogates, got {value!r}")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no database can store it
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,6 +146,17 @@ class Spool:
                 logger.error("llm-spend: skipping a damaged spool line in %s: %s", path, exc)
         return items, foreign
 
+    def reject(self, items: Sequence[PendingWrite]) -> Path:
+        """Set aside items the database refuses, in `<spool>.rejected` (never replayed)."""
+        path = self.path.with_name(self.path.name + ".rejected")
+        lines = "".join(json.dumps(_encode(item, None, None), separators=(",", ":")) + "\n" for item in items)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, lines.encode())
+        finally:
+            os.close(fd)
+        return path
+
     def keep(self, path: Path, lines: Sequence[str]) -> None:
         """Replace claimed file `path` by just `lines` (another database's), atomically and durably."""
         temporary = path.with_name(f".{path.name}.tmp")  # outside the glob of files to replay

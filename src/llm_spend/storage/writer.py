@@ -27,6 +27,18 @@ __all__ = ["SPOOLED", "Writer"]
 logger = logging.getLogger("llm_spend")
 
 
+def _data_error(exc: BaseException | None) -> bool:
+    """Whether the database refused the data itself (DB-API DataError, text it cannot encode), as
+    opposed to failing (unreachable, locked, read-only, ...): following the chain of causes."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if any(cls.__name__ in ("DataError", "UnicodeError") for cls in type(exc).__mro__):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__
+        seen += 1
+    return False
+
+
 class _Spooled:
     def __repr__(self) -> str:
         return "SPOOLED"
@@ -125,8 +137,7 @@ class Writer:
             for path in await asyncio.to_thread(self._spool.claim):
                 items, foreign = await asyncio.to_thread(self._spool.read, path, database_id)
                 for start in range(0, len(items), self._max_batch):
-                    await self._store.write(items[start : start + self._max_batch])
-                    done += min(self._max_batch, len(items) - start)
+                    done += await self._replay_chunk(items[start : start + self._max_batch])
                 if foreign:  # never replayed into this database; kept for its own
                     logger.error(
                         "llm-spend: %d spool lines in %s belong to another database", len(foreign), path
@@ -137,6 +148,29 @@ class Writer:
             if done:
                 logger.warning("llm-spend: replayed %d spooled calls into the database", done)
             return done
+
+    async def _replay_chunk(self, items: Sequence[PendingWrite]) -> int:
+        """Write replayed items. Rows the database cannot store (a data error, such as text it refuses)
+        are set aside, logged and kept in `<spool>.rejected`, so that they cannot hold back every call
+        spooled after them. Any other failure means the database is failing: it raises."""
+        try:
+            await self._store.write(items)
+            return len(items)
+        except Exception as exc:
+            if not _data_error(exc):
+                raise
+        refused = list(items) if len(items) == 1 else []
+        for item in items if len(items) > 1 else ():  # find the refused rows, one by one
+            try:
+                await self._store.write([item])
+            except Exception as exc:
+                if not _data_error(exc):
+                    raise
+                refused.append(item)
+        if refused:
+            path = await asyncio.to_thread(self._spool.reject, refused)
+            logger.error("llm-spend: the database refuses %d spooled calls; kept in %s", len(refused), path)
+        return len(items) - len(refused)
 
     async def _run(self) -> None:
         stopping = False
@@ -174,7 +208,7 @@ class Writer:
                 if attempt == len(delays):
                     logger.error("llm-spend: writing %d calls failed (%s); spooling them", len(items), exc)
                     await self._to_spool(batch)
-                    self._enter_outage()
+                    self.enter_outage()
                     return
                 logger.warning("llm-spend: writing %d calls failed (%s); retrying", len(items), exc)
                 await asyncio.sleep(delays[attempt])
@@ -198,14 +232,22 @@ class Writer:
             return 0
         # Written before this database's id could be read, a line is marked for this URL's database.
         owner = self._database_id
-        kept = await asyncio.to_thread(self._spool.append, [item for item, _ in batch], owner)
+        try:
+            kept = await asyncio.to_thread(self._spool.append, [item for item, _ in batch], owner)
+        except Exception as exc:  # e.g. a full disk: the calls cannot be kept anywhere
+            kept = 0
+            self._spool.dropped += len(batch)
+            logger.error(
+                "llm-spend: writing the spool %s failed (%s): %d calls could not be kept and are LOST",
+                self._spool.path, exc, len(batch),
+            )  # fmt: skip
         self.spooled += kept
         for _, future in batch:
             if not future.done():
                 future.set_result(SPOOLED)
         return kept
 
-    def _enter_outage(self) -> None:
+    def enter_outage(self) -> None:
         self.outage = True
         self._start_probe()
 
