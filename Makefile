@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/guard.py
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/pg_throughput.py
 	$(BIN)/python bench/pricing.py
 	$(BIN)/python bench/memory.py 200000
 
