@@ -9,7 +9,6 @@ Run: .venv/bin/python bench/pg_throughput.py
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 import uuid
@@ -17,7 +16,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 from guard import drop, pg_database
-from run import BATCH, CALL_COLUMNS, CALLS, SUMS, bench_track
+from run import BATCH, CALL_COLUMNS, CALLS, SUMS, bench_track, sample_row
 from sqlalchemy.engine import make_url
 
 from llm_spend.storage.store import Store
@@ -42,14 +41,7 @@ async def raw_asyncpg(url: str, sample: CallRecord) -> float:
     conn = await asyncpg.connect(
         host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database
     )
-    u, cost = sample.usage, sample.cost_nanousd or 0
-    tokens = (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
-    same = (
-        *(sample.provider, sample.model, *tokens, u.cache_write_1h_tokens, u.reasoning_tokens, cost),
-        *(sample.pricing_status, sample.price_source, sample.usage_source, False, None, None, None, None),
-    )
-    tags = json.dumps(dict(sample.tags))
-    sums = tuple(x * BATCH for x in (cost, 0, 1, 0, *tokens, u.reasoning_tokens))
+    same, tags, sums = sample_row(sample)
     started = time.perf_counter()
     for _ in range(CALLS // BATCH):
         day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)

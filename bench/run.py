@@ -211,19 +211,25 @@ UPSERT_ROLLUP = (
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores a DateTime on SQLite
 
 
-def bench_raw_sqlite(path: Path, sample: CallRecord) -> float:
-    """calls/s of stdlib sqlite3 writing the same rows as track(): ledger + day/month rollups."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
-        conn.execute(f"PRAGMA {pragma}")
+def sample_row(sample: CallRecord) -> tuple[tuple[Any, ...], str, tuple[int, ...]]:
+    """What track() writes for `sample`: the ledger columns after event_id and occurred_at up to tags,
+    the tags as JSON, and one batch's rollup increments (SUMS order)."""
     u, cost = sample.usage, sample.cost_nanousd or 0
     tokens = (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
     same = (
         *(sample.provider, sample.model, *tokens, u.cache_write_1h_tokens, u.reasoning_tokens, cost),
         *(sample.pricing_status, sample.price_source, sample.usage_source, False, None, None, None, None),
-    )  # every column after event_id and occurred_at, up to tags
-    tags = json.dumps(dict(sample.tags))
+    )
     sums = tuple(x * BATCH for x in (cost, 0, 1, 0, *tokens, u.reasoning_tokens))
+    return same, json.dumps(dict(sample.tags)), sums
+
+
+def bench_raw_sqlite(path: Path, sample: CallRecord) -> float:
+    """calls/s of stdlib sqlite3 writing the same rows as track(): ledger + day/month rollups."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
+        conn.execute(f"PRAGMA {pragma}")
+    same, tags, sums = sample_row(sample)
     started = time.perf_counter()
     for _ in range(CALLS // BATCH):
         day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
