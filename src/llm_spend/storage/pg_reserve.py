@@ -13,6 +13,7 @@ NOTHING`, no lock taken), and the keys known to exist are remembered, boundedly.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -27,6 +28,7 @@ _ORDER = 'period COLLATE "C", window_start, scope_key COLLATE "C", scope_value C
 _MAX_KNOWN = 100_000
 
 
+@functools.cache  # one text per number of windows: built once, and asyncpg's statement cache hits
 def _reserve_sql(n: int) -> str:
     want = ", ".join(
         f"(${4 * i + 5}::text, ${4 * i + 6}::timestamptz, ${4 * i + 7}::text, ${4 * i + 8}::text, "
@@ -58,6 +60,7 @@ SELECT {_KEY}, spent_nanousd, reserved_nanousd, ok, (SELECT count(*) FROM kept) 
 """
 
 
+@functools.cache
 def _create_sql(n: int) -> str:
     rows = ", ".join(
         f"(${4 * i + 1}::text, ${4 * i + 2}::timestamptz, ${4 * i + 3}::text, ${4 * i + 4}::text)"

@@ -159,14 +159,16 @@ class Writer:
         except Exception as exc:
             if not _data_error(exc):
                 raise
-        refused = list(items) if len(items) == 1 else []
-        for item in items if len(items) > 1 else ():  # find the refused rows, one by one
-            try:
-                await self._store.write([item])
-            except Exception as exc:
-                if not _data_error(exc):
-                    raise
-                refused.append(item)
+        refused = list(items)
+        if len(items) > 1:  # find the refused rows, one by one
+            refused = []
+            for item in items:
+                try:
+                    await self._store.write([item])
+                except Exception as exc:
+                    if not _data_error(exc):
+                        raise
+                    refused.append(item)
         if refused:
             path = await asyncio.to_thread(self._spool.reject, refused)
             logger.error("llm-spend: the database refuses %d spooled calls; kept in %s", len(refused), path)
