@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import Decimal, Inexact, localcontext
 from importlib.metadata import version
-from operator import attrgetter
+from operator import attrgetter, mul
 from typing import NamedTuple, TypeVar
 
 from genai_prices.data import providers as bundled_providers
@@ -65,8 +65,7 @@ _Rates = tuple[tuple[int, Decimal], ...]
 """A price per single unit as (tier start, rate), tiers in genai-prices' order; the base starts at -1."""
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
+class Cost(NamedTuple):
     """The price of one call, or why there is none (never a silent $0)."""
 
     amount: Decimal | None
@@ -103,10 +102,27 @@ _EXPLAINED = {
 
 
 class _Term(NamedTuple):
-    """One priced unit: its billed count as integer coefficients over the usage vector, and its rates."""
+    """One priced unit: its billed count as integer coefficients over the usage vector, and its rates
+    as integers in units of 10**-scale USD (tier start, rate), tiers in genai-prices' order."""
 
     counts: tuple[tuple[int, int], ...]
-    rates: _Rates
+    rates: tuple[tuple[int, int], ...]
+
+
+class _Compiled(NamedTuple):
+    """A price set compiled to integer arithmetic: sum count * rate over the terms is exact."""
+
+    terms: tuple[_Term, ...]
+    scale: int
+    """Rates are in 10**-scale USD, so the total is too."""
+    up: int
+    """10**(9 - scale) when scale <= 9, else 1: what turns a total into nano-USD exactly."""
+    down: int
+    """10**(scale - 9) when scale > 9, else 1: what a total is divided by (half-even) for nano-USD."""
+    checks: tuple[tuple[int, ...], ...]
+    """The count vectors (over the usage vector) of the terms that could come out negative."""
+    weights: tuple[int, ...] | None
+    """Without long-context tiers, the total is the usage vector dotted with these weights."""
 
 
 class _Limits(NamedTuple):
@@ -159,7 +175,8 @@ class Pricer:
         self._source = f"genai-prices {version('genai-prices')}"
         self._max_entries = max_entries
         self._entries: dict[tuple[str, str], _Entry | None] = {}
-        self._rates: dict[tuple[object, ...], tuple[_Term, ...] | None] = {}
+        self._rates: dict[tuple[object, ...], _Compiled | None] = {}
+        self._layered = self._overrides is not None or self._file is not None
         self._limits: dict[tuple[object, ...], _Limits | None] = {}
         self._warned: dict[tuple[str, str, str], None] = {}
 
@@ -177,10 +194,11 @@ class Pricer:
 
         Never raises for a data problem: those are logged once per (provider, model) and flagged in `status`.
         """
-        layered = self._layer(provider, model)
-        if layered is not None:
-            flat = layered[2].cost(usage)
-            return Cost(flat, to_nanousd(flat), "priced", layered[0].source, layered[1])
+        if self._layered:
+            layered = self._layer(provider, model)
+            if layered is not None:
+                flat = layered[2].cost(usage)
+                return Cost(flat, to_nanousd(flat), "priced", layered[0].source, layered[1])
         entry = self._entry(provider, model)
         if entry is None:
             return self._fallback_cost(provider, model, usage)
@@ -188,15 +206,16 @@ class Pricer:
             service_tier, batch = None, False
         key = (entry, service_tier, batch, _when(entry, at) if entry.constraints else None)
         try:
-            terms = self._rates[key]
+            compiled = self._rates[key]
         except KeyError:
-            terms = self._compile(entry, key, at, service_tier, batch)
-        if terms is None:
+            compiled = self._compile(entry, key, at, service_tier, batch)
+        if compiled is None:
             return self._unknown("unknown_model", provider, model)
-        amount = _total(terms, usage)
-        if amount is None:
+        total = _total(compiled, usage)
+        if total is None:
             return self._unknown("unknown_usage", provider, model)
-        return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
+        amount = Decimal(total).scaleb(-compiled.scale)
+        return Cost(amount, _to_nano(total, compiled), "priced", self._source, entry.model.id)
 
     def bound(
         self, provider: str, model: str, *, input_tokens: int, output_tokens: int, at: datetime
@@ -298,18 +317,18 @@ class Pricer:
 
     def _compile(
         self, entry: _Entry, key: tuple[object, ...], at: datetime, service_tier: str | None, batch: bool
-    ) -> tuple[_Term, ...] | None:
+    ) -> _Compiled | None:
         """Compile the prices that apply under `key`; None, with a warning, for an unusable price set."""
         context = {"service_tier": service_tier} if service_tier is not None else {}
         if batch:
             context["processing"] = "batch"
         model_price = entry.model.get_prices(at, context or None)
         try:
-            terms: tuple[_Term, ...] | None = _terms(model_price, self._registry)
+            compiled: _Compiled | None = _integral(_terms(model_price, self._registry))
         except (ValueError, ArithmeticError) as error:
             logger.warning("llm-spend: unusable price for %s in genai-prices: %s", entry.model.id, error)
-            terms = None
-        return _remember(self._rates, key, terms, self._max_entries)
+            compiled = None
+        return _remember(self._rates, key, compiled, self._max_entries)
 
     def _bound_rates(self, entry: _Entry, day: date) -> _Limits | None:
         """Every rate the model can charge on `day`, all price variants included, for `bound`."""
@@ -360,7 +379,7 @@ def _make_entry(provider: Provider, model: ModelInfo) -> _Entry:
 
 def _utc(at: datetime) -> datetime:
     """`at` in UTC; naive datetimes are UTC, as genai-prices reads them."""
-    return at if at.tzinfo is None else at.astimezone(UTC)
+    return at if at.tzinfo is None or at.tzinfo is UTC else at.astimezone(UTC)
 
 
 def _when(entry: _Entry, at: datetime) -> object:
@@ -397,7 +416,9 @@ def _rates(value: Decimal | TieredPrices, per: int) -> _Rates:
         return tuple((start, price / per) for start, price in prices)
 
 
-def _terms(model_price: ModelPrice, registry: UnitRegistry) -> tuple[_Term, ...]:
+def _terms(
+    model_price: ModelPrice, registry: UnitRegistry
+) -> list[tuple[tuple[tuple[int, int], ...], _Rates]]:
     """Compile a price set with genai-prices' leaf decomposition (`decompose.compute_leaf_values`).
 
     A unit's billed count is its usage minus the billed counts of its priced descendants (the units whose
@@ -408,7 +429,7 @@ def _terms(model_price: ModelPrice, registry: UnitRegistry) -> tuple[_Term, ...]
     validate_priced_units([unit for unit, _ in priced], registry)
     priced.sort(key=lambda item: (-len(item[0].dimensions), item[0].usage_key))
     counts: list[dict[int, int]] = []
-    terms: list[_Term] = []
+    terms: list[tuple[tuple[tuple[int, int], ...], _Rates]] = []
     for position, (unit, value) in enumerate(priced):
         count = {_RAW_KEYS.index(unit.usage_key): 1} if unit.usage_key in _RAW_KEYS else {}
         for other, (descendant, _) in zip(counts, priced[:position], strict=True):
@@ -417,31 +438,70 @@ def _terms(model_price: ModelPrice, registry: UnitRegistry) -> tuple[_Term, ...]
                     count[index] = count.get(index, 0) - coefficient
         counts.append({index: coefficient for index, coefficient in count.items() if coefficient})
         if counts[-1]:
-            terms.append(_Term(tuple(counts[-1].items()), _rates(value, unit.per)))
-    return tuple(terms)
+            terms.append((tuple(counts[-1].items()), _rates(value, unit.per)))
+    return terms
 
 
-def _total(terms: Sequence[_Term], usage: Usage) -> Decimal | None:
-    """Sum rate * count over the terms, exactly as genai-prices sums; None for a negative count.
+def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], _Rates]]) -> _Compiled:
+    """The terms with every rate an integer count of 10**-scale USD, scale the finest any rate needs."""
+    exponents = [rate.as_tuple().exponent for _, rates in terms for _, rate in rates]
+    scale = max([0, *(-e for e in exponents if isinstance(e, int))])
+    compiled = tuple(
+        _Term(counts, tuple((start, int(rate.scaleb(scale))) for start, rate in rates))
+        for counts, rates in terms
+    )
+    up, down = int(Decimal(10).scaleb(max(9 - scale, 0))), int(Decimal(10).scaleb(max(scale - 9, 0)))
+    vectors = [_vector(term.counts) for term in compiled]
+    checks = tuple(v for v, term in zip(vectors, compiled, strict=True) if any(c < 0 for _, c in term.counts))
+    weights = None
+    if all(len(term.rates) == 1 for term in compiled):
+        weights = tuple(
+            sum(v[i] * term.rates[0][1] for v, term in zip(vectors, compiled, strict=True))
+            for i in range(len(_RAW_KEYS))
+        )
+    return _Compiled(compiled, scale, up // 10, down // 10, checks, weights)
 
-    Every product and sum is exact in the default 28-digit context, so the order of terms does not matter.
-    """
+
+def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    vector = [0] * len(_RAW_KEYS)
+    for index, coefficient in counts:
+        vector[index] = coefficient
+    return tuple(vector)
+
+
+def _total(compiled: _Compiled, usage: Usage) -> int | None:
+    """Sum rate * count over the terms, as genai-prices sums, in integers; None for a negative count."""
     raw: tuple[int, ...] = _USAGE_FIELDS(usage)
     raw += (raw[3] - raw[4] if raw[4] else 0, 1)  # 5-minute writes are passed only beside 1-hour ones
+    for vector in compiled.checks:
+        if sum(map(mul, raw, vector)) < 0:
+            return None
+    if compiled.weights is not None:
+        dot: int = sum(map(mul, raw, compiled.weights))
+        return dot
     input_tokens = raw[0]
-    total = _ZERO
-    for counts, rates in terms:
+    total = 0
+    for counts, rates in compiled.terms:
         count = 0
         for index, coefficient in counts:
             count += coefficient * raw[index]
         if count:
-            if count < 0:
-                return None
             for start, rate in rates:  # the base starts at -1: a rate is always found
                 if input_tokens > start:
                     total += rate * count
                     break
     return total
+
+
+def _to_nano(total: int, compiled: _Compiled) -> int:
+    """`total` (in 10**-scale USD) in nano-USD, rounded half-even (as `money.to_nanousd`)."""
+    down = compiled.down
+    if down == 1:
+        return total * compiled.up
+    nano, rest = divmod(total, down)
+    if 2 * rest > down or (2 * rest == down and nano & 1):
+        nano += 1
+    return nano
 
 
 def _max_rate(rates: _Rates, input_tokens: int) -> Decimal:

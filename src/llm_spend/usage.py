@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,6 +80,27 @@ class Usage:
     reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
+        i, o, cr, cw, c1, r = (
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+            self.reasoning_tokens,
+        )
+        if (  # the common case in one expression; the checks below name what is wrong
+            type(i) is int
+            and type(o) is int
+            and type(cr) is int
+            and type(cw) is int
+            and type(c1) is int
+            and type(r) is int
+            and cr >= 0
+            and 0 <= c1 <= cw
+            and cr + cw <= i <= MAX_TOKENS
+            and 0 <= r <= o <= MAX_TOKENS
+        ):
+            return
         for name in Usage.__slots__:
             check_tokens(name, getattr(self, name))
         if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
@@ -141,10 +161,14 @@ class CallRecord:
         return self.usage.output_tokens
 
 
+_MS_BITS = (1 << 48) - 1
+_RAND_B_BITS = (1 << 62) - 1
+
+
 def new_event_id() -> str:
     """A UUIDv7 (time-ordered, RFC 9562) string: the call's idempotency key."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    rand = int.from_bytes(os.urandom(10))
+    value = (time.time_ns() // 1_000_000 & _MS_BITS) << 80 | (0x7000 | rand >> 68) << 64
+    value |= 0b10 << 62 | rand & _RAND_B_BITS
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
