@@ -23,7 +23,8 @@ __all__ = [
     "call_row",
     "rollup_deltas",
     "spent_after",
-    "sqlite_call_row",
+    "sqlite_call_rows",
+    "text_time",
     "window_json",
 ]
 
@@ -34,7 +35,6 @@ TOKEN_COLUMNS = (
     "cache_write_tokens",
     "reasoning_tokens",
 )
-_SUMS = ("spent_nanousd", "reserved_nanousd", "calls", "unknown_cost_calls", *TOKEN_COLUMNS)
 SUMS = ("spent_nanousd", "reserved_nanousd", "calls", "unknown_cost_calls", *TOKEN_COLUMNS)
 CALL_COLUMNS = tuple(column.name for column in calls.columns if column.name != "id")
 
@@ -67,17 +67,34 @@ class Refusal:
     reserved: int
 
 
-def sqlite_call_row(record: CallRecord) -> tuple[Any, ...]:
-    """A ledger row as SQLite stores it through SQLAlchemy (UTC text datetimes, JSON text tags)."""
-    usage = record.usage
-    occurred = record.occurred_at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-    return (
-        record.event_id, occurred, record.provider, record.model,
-        usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
-        usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
-        record.price_source, record.usage_source, int(record.stream), record.latency_ms, record.service_tier,
-        record.provider_response_id, record.request_id, json.dumps(dict(record.tags)),
-    )  # fmt: skip
+def text_time(value: datetime) -> str:
+    """An aware datetime as SQLAlchemy stores it in SQLite (naive UTC text, microseconds)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def sqlite_call_rows(batch: Sequence[PendingWrite]) -> list[tuple[Any, ...]]:
+    """Ledger rows as SQLite stores them through SQLAlchemy (UTC text datetimes, JSON text tags).
+
+    Calls made in one scope share its tags mapping (it is never mutated), so consecutive rows with
+    the same mapping share its JSON too.
+    """
+    rows = []
+    tags: object = None
+    tags_json = ""
+    for item in batch:
+        record, usage = item.record, item.record.usage
+        if record.tags is not tags:
+            tags, tags_json = record.tags, json.dumps(dict(record.tags))
+        rows.append((
+            record.event_id, text_time(record.occurred_at), record.provider, record.model,
+            usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+            usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
+            record.price_source, record.usage_source, int(record.stream), record.latency_ms,
+            record.service_tier, record.provider_response_id, record.request_id, tags_json,
+        ))  # fmt: skip
+    return rows
 
 
 def call_row(record: CallRecord) -> dict[str, Any]:

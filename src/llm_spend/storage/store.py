@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from .pg_reserve import PostgresReservations
+from .pg_write import write_batch
 from .rows import (
     CALL_COLUMNS,
     SUMS,
@@ -35,11 +36,12 @@ from .rows import (
     call_row,
     rollup_deltas,
     spent_after,
-    sqlite_call_row,
+    sqlite_call_rows,
+    text_time,
     window_json,
 )
 from .schema import UTCDateTime, calls, meta, reservations, rollups
-from .sqlite_file import SQLiteFile, text_time
+from .sqlite_file import SQLiteFile
 
 __all__ = ["HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey"]
 
@@ -114,6 +116,24 @@ class Store:
         async with lock, self.engine.begin() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[Any]:
+        """A PostgreSQL connection of the pool as asyncpg's own (statements autocommit on it).
+
+        SQLAlchemy does not see what fails on it: a connection that broke (closed, cancelled
+        mid-statement, an error that is not the server's answer) is invalidated here, so the pool
+        replaces it instead of lending it again."""
+        import asyncpg
+
+        async with self.engine.connect() as conn:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            try:
+                yield driver
+            except BaseException as exc:
+                if driver.is_closed() or not isinstance(exc, asyncpg.PostgresError):
+                    await asyncio.shield(conn.invalidate(exc if isinstance(exc, Exception) else None))
+                raise
+
     # -- schema -------------------------------------------------------------------------------------
 
     async def migrate(self) -> None:
@@ -147,6 +167,10 @@ class Store:
         """
         if self._file is not None:
             return await self._file.write(batch)
+        if self._pg is not None:
+            async with self._driver() as conn:
+                inserted, settled, totals = await write_batch(conn, batch)
+            return spent_after(batch, inserted, rollup_deltas(batch, inserted, settled), totals)
         try:
             return await self._write(batch, fast=self.dialect == "sqlite")
         except _Duplicates:  # a replay or retry: redo the batch, asking which rows are new
@@ -177,7 +201,7 @@ class Store:
         Event ids are fresh UUIDv7s, so normally every row is new; when the row count says some were
         not (a replay), the transaction is rolled back and redone with RETURNING.
         """
-        result = await conn.exec_driver_sql(_SQLITE_INSERT_CALLS, [sqlite_call_row(i.record) for i in batch])
+        result = await conn.exec_driver_sql(_SQLITE_INSERT_CALLS, sqlite_call_rows(batch))
         if result.rowcount != len(batch):
             raise _Duplicates
         return {item.record.event_id for item in batch}
@@ -214,9 +238,8 @@ class Store:
         if self._file is not None:
             return await self._file.reserve(reservation_id, ordered, now, expires_at)
         if self._pg is not None:
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                return await self._pg.reserve(raw.driver_connection, reservation_id, ordered, now, expires_at)
+            async with self._driver() as conn:
+                return await self._pg.reserve(conn, reservation_id, ordered, now, expires_at)
         refusal: Refusal | None = None
         try:
             async with self._begin() as conn:

@@ -1,0 +1,132 @@
+"""A PostgreSQL ledger write in one statement, one round trip, autocommitted.
+
+A batch (ledger rows, the reservations they settle, the rollup increments) used to be five round
+trips through SQLAlchemy: BEGIN, the rows, the settlements, the increments, COMMIT. Here it is one
+statement on the pool's raw asyncpg connection, its values sent as arrays (one per column). Its CTEs
+insert the rows (`ON CONFLICT (event_id) DO NOTHING`), delete the settled reservations, and compute
+each window's increment from what was actually inserted and deleted, so a replayed or duplicated
+call is counted once and a reservation released once, exactly as `rows.rollup_deltas` counts them.
+The increments lock the rollup rows in key order, the order of every other writer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .rows import CALL_COLUMNS, SUMS, TOKEN_COLUMNS, PendingWrite, WindowKey
+
+__all__ = ["write_batch"]
+
+_KEY = "period, window_start, scope_key, scope_value"
+_CALL_TYPES = {
+    "occurred_at": "timestamptz",
+    "stream": "bool",
+    "latency_ms": "int",
+    **dict.fromkeys((*TOKEN_COLUMNS, "cache_write_1h_tokens", "cost_nanousd"), "bigint"),
+}
+_N = len(CALL_COLUMNS)
+
+
+@functools.cache
+def _sql() -> str:
+    arrays = ", ".join(f"${i + 1}::{_CALL_TYPES.get(c, 'text')}[]" for i, c in enumerate(CALL_COLUMNS))
+    columns = ", ".join(CALL_COLUMNS)
+    values = ", ".join("tags::jsonb" if c == "tags" else c for c in CALL_COLUMNS)
+    m, w, r = _N + 1, _N + 3, _N + 7  # membership, windows, releases
+    tokens = ", ".join(f"sum(k.{c})::bigint" for c in TOKEN_COLUMNS)
+    zeros = ", ".join("0::bigint" for _ in TOKEN_COLUMNS)
+    sums = ", ".join(f"sum(d.{c})::bigint" for c in SUMS)
+    update = ", ".join(f"{c} = llm_spend_rollups.{c} + excluded.{c}" for c in SUMS)
+    return f"""
+WITH c AS (
+    SELECT * FROM unnest({arrays}) WITH ORDINALITY AS c({columns}, n)
+),
+new AS (
+    INSERT INTO llm_calls ({columns}) SELECT {values} FROM c ORDER BY n
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+),
+claimed AS (
+    DELETE FROM llm_spend_reservations WHERE id = ANY(${r}::text[]) RETURNING id
+),
+counted AS (
+    SELECT DISTINCT ON (c.event_id) c.* FROM c JOIN new USING (event_id) ORDER BY c.event_id, c.n
+),
+w AS (
+    SELECT * FROM unnest(${w}::text[], ${w + 1}::timestamptz[], ${w + 2}::text[], ${w + 3}::text[])
+        WITH ORDINALITY AS w({_KEY}, i)
+),
+d ({", ".join(("i", *SUMS))}) AS (
+    SELECT m.i, sum(coalesce(k.cost_nanousd, 0))::bigint, 0::bigint, count(*),
+           count(*) FILTER (WHERE k.cost_nanousd IS NULL), {tokens}
+    FROM unnest(${m}::bigint[], ${m + 1}::bigint[]) AS m(n, i) JOIN counted k ON k.n = m.n
+    GROUP BY m.i
+    UNION ALL
+    SELECT x.i, 0::bigint, -sum(x.amount)::bigint, 0::bigint, 0::bigint, {zeros}
+    FROM unnest(${r + 1}::text[], ${r + 2}::bigint[], ${r + 3}::bigint[]) AS x(id, i, amount)
+        JOIN claimed USING (id)
+    GROUP BY x.i
+),
+bumped AS (
+    INSERT INTO llm_spend_rollups ({_KEY}, {", ".join(SUMS)})
+    SELECT {", ".join("w." + c for c in _KEY.split(", "))}, {sums} FROM d JOIN w USING (i)
+    GROUP BY w.i, {", ".join("w." + c for c in _KEY.split(", "))} ORDER BY w.i
+    ON CONFLICT ({_KEY}) DO UPDATE SET {update}
+    RETURNING {_KEY}, spent_nanousd
+)
+SELECT 'n' AS kind, event_id AS id, NULL::text, NULL::timestamptz, NULL::text, NULL::text, NULL::bigint
+    FROM new
+UNION ALL SELECT 'c', id, NULL, NULL, NULL, NULL, NULL FROM claimed
+UNION ALL SELECT 'b', NULL, {_KEY}, spent_nanousd FROM bumped
+"""
+
+
+async def write_batch(
+    conn: Any, batch: Sequence[PendingWrite]
+) -> tuple[set[str], set[str], dict[WindowKey, int]]:
+    """Write the batch; returns (event ids inserted, reservations settled, windows' spent after)."""
+    windows: dict[WindowKey, int] = {}
+    for item in batch:
+        windows.update(dict.fromkeys(item.windows, 0))
+        windows.update(dict.fromkeys((key for key, _ in item.release), 0))
+    ordered = sorted(windows)
+    for index, key in enumerate(ordered, 1):
+        windows[key] = index
+    rows, tags, tags_json = [], None, ""
+    member_calls, member_windows = [], []
+    ids, release_ids, release_windows, release_amounts = [], [], [], []
+    for n, item in enumerate(batch, 1):
+        record, usage = item.record, item.record.usage
+        if record.tags is not tags:  # calls of one scope share its (never mutated) tags mapping
+            tags, tags_json = record.tags, json.dumps(dict(record.tags))
+        rows.append((
+            record.event_id, record.occurred_at, record.provider, record.model,
+            usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+            usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
+            record.price_source, record.usage_source, record.stream, record.latency_ms,
+            record.service_tier, record.provider_response_id, record.request_id, tags_json,
+        ))  # fmt: skip
+        for key in item.windows:
+            member_calls.append(n)
+            member_windows.append(windows[key])
+        if item.reservation_id:
+            ids.append(item.reservation_id)
+            for key, amount in item.release:
+                release_ids.append(item.reservation_id)
+                release_windows.append(windows[key])
+                release_amounts.append(amount)
+    keys = list(zip(*ordered, strict=True)) if ordered else [(), (), (), ()]
+    columns = list(zip(*rows, strict=True))
+    args = [*columns, member_calls, member_windows, *keys, ids, release_ids, release_windows, release_amounts]
+    inserted, settled, totals = set(), set(), {}
+    for kind, value, period, start, scope_key, scope_value, spent in await conn.fetch(_sql(), *args):
+        if kind == "n":
+            inserted.add(value)
+        elif kind == "c":
+            settled.add(value)
+        else:
+            totals[WindowKey(period, start, scope_key, scope_value)] = spent
+    return inserted, settled, totals
