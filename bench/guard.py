@@ -1,8 +1,21 @@
 """What a block-mode guard adds to a call: reserve + settle, p50 and p99, 16 calls in flight.
 
-Each guarded call reserves its estimate (one transaction of conditional updates), then records its
-usage (settled in the group-committed ledger write). The "call" itself is an `asyncio.sleep(0)`,
-so the figures are the guard's own cost. Run: .venv/bin/python bench/guard.py [--pg URL]
+Each guarded call reserves its estimate (`tracker.guard()`), makes the "provider call" (a sleep),
+and records its usage (`await call.record(...)`, settled in the group-committed ledger write, and
+awaited until it committed). What the guard adds to the call is measured inside each call: the
+time to enter the guard (the reservation) plus the time from the record to leaving the guard (the
+settlement), so the provider's own time is left out exactly. Two loads, on each database:
+
+- "provider 10-30 ms": 16 calls in flight, each provider call sleeping a random 10-30 ms (real LLM
+  calls take 0.3-30 s, so this is a denser load than any real one: about 800 calls/s);
+- "back to back": 16 workers with no provider time at all. The guard's time is then the whole
+  call, and with 16 of them queued on one process it measures throughput more than latency
+  (latency = 16 x the time each call holds the event loop and the database).
+
+Next to them, in the same run, the floor the database sets: one committed write transaction by the
+raw driver (sqlite3 on its thread with the same pragmas; asyncpg autocommit), p50 of 400, one at a
+time. A reservation and a settlement are two commits, so 2 x that floor is what no guard can beat.
+Run: .venv/bin/python bench/guard.py
 """
 
 from __future__ import annotations
@@ -10,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -23,16 +38,19 @@ from llm_spend import Budget, Tracker, Usage
 
 CONCURRENCY, CALLS = 16, 1_600
 PG_URL = os.environ.get("LLM_SPEND_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+LOADS = {"provider 10-30 ms": (0.010, 0.030), "back to back": (0.0, 0.0)}
 
 
-async def guarded_latencies(url: str) -> list[float]:
-    """Seconds per guarded call (reserve, call, record) with CONCURRENCY calls in flight."""
+async def guard_times(url: str, provider: tuple[float, float]) -> tuple[list[float], float]:
+    """Seconds the guard added to each call, and calls/s, with CONCURRENCY calls in flight."""
     budgets = [Budget.daily(1_000_000, mode="block"), Budget.daily(1_000, per="user_id", mode="block")]
-    latencies: list[float] = []
+    added: list[float] = []
+    rng = random.Random(7)
     async with Tracker(url, budgets=budgets) as tracker:
 
         async def worker(n: int) -> None:
             for i in range(CALLS // CONCURRENCY):
+                wait = rng.uniform(*provider)
                 started = time.perf_counter()
                 async with tracker.guard(
                     provider="openai",
@@ -41,12 +59,60 @@ async def guarded_latencies(url: str) -> list[float]:
                     max_output_tokens=200,
                     tags={"user_id": f"u{(n * 7 + i) % 50}"},
                 ) as call:
-                    await asyncio.sleep(0)
+                    reserved = time.perf_counter()
+                    await asyncio.sleep(wait)
+                    answered = time.perf_counter()
                     await call.record(Usage(input_tokens=300, output_tokens=100))
-                latencies.append(time.perf_counter() - started)
+                added.append((reserved - started) + (time.perf_counter() - answered))
 
+        began = time.perf_counter()
         await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
-    return latencies
+        rate = CALLS / (time.perf_counter() - began)
+    return added, rate
+
+
+def sqlite_commit_floor(path: Path) -> float:
+    """p50 seconds of one committed single-row transaction on a sqlite3 thread, awaited."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL"):
+        conn.execute(f"PRAGMA {pragma}")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+
+    def one() -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (v) VALUES ('x')")
+        conn.execute("COMMIT")
+
+    async def run() -> float:
+        times = []
+        for _ in range(400):
+            started = time.perf_counter()
+            await asyncio.to_thread(one)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        conn.close()
+
+
+async def pg_commit_floor(url: str) -> float:
+    """p50 seconds of one autocommitted single-row insert by raw asyncpg."""
+    parsed = make_url(url)
+    conn = await asyncpg.connect(
+        host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database
+    )
+    try:
+        await conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, v text)")
+        times = []
+        for _ in range(400):
+            started = time.perf_counter()
+            await conn.execute("INSERT INTO bench_floor (v) VALUES ('x')")
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+    finally:
+        await conn.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,26 +144,33 @@ async def drop(name: str) -> None:
     await conn.close()
 
 
-async def run() -> list[tuple[str, float, float]]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        lat = await guarded_latencies(f"sqlite+aiosqlite:///{Path(tmp) / 'guard.db'}")
-        rows.append(("SQLite file (WAL)", statistics.median(lat), percentile(lat, 0.99)))
-    pg = await pg_database()
-    if pg is not None:
-        try:
-            lat = await guarded_latencies(pg[0])
-            rows.append(("PostgreSQL", statistics.median(lat), percentile(lat, 0.99)))
-        finally:
-            await drop(pg[1])
-    return rows
+def line(database: str, load: str, added: list[float], rate: float) -> str:
+    p50, p99 = statistics.median(added) * 1e3, percentile(added, 0.99) * 1e3
+    return f"  {database:<12}{load:<20}{p50:>9.2f}{p99:>9.2f}{rate:>10,.0f}"
 
 
 def report() -> None:
-    print(f"guarded call: reserve + settle, {CONCURRENCY} in flight, {CALLS} calls")
-    print(f"  {'database':<22}{'p50 ms':>10}{'p99 ms':>10}")
-    for name, p50, p99 in asyncio.run(run()):
-        print(f"  {name:<22}{p50 * 1e3:>10.2f}{p99 * 1e3:>10.2f}")
+    print(f"guarded call: what reserve + settle add, {CONCURRENCY} calls in flight, {CALLS:,} calls a load")
+    print(f"  {'database':<12}{'load':<20}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, (load, provider) in enumerate(LOADS.items()):
+            added, rate = asyncio.run(guard_times(f"sqlite+aiosqlite:///{Path(tmp) / f'g{n}.db'}", provider))
+            print(line("SQLite", load, added, rate))
+        floor = sqlite_commit_floor(Path(tmp) / "floor.db")
+        print(f"  {'SQLite':<12}{'floor: one commit':<20}{floor * 1e3:>9.2f}")
+    for load, provider in LOADS.items():
+        pg = asyncio.run(pg_database())
+        if pg is None:
+            print("  PostgreSQL: no server answers, skipped")
+            return
+        try:
+            added, rate = asyncio.run(guard_times(pg[0], provider))
+            print(line("PostgreSQL", load, added, rate))
+            if load == "back to back":
+                floor = asyncio.run(pg_commit_floor(pg[0]))
+                print(f"  {'PostgreSQL':<12}{'floor: one commit':<20}{floor * 1e3:>9.2f}")
+        finally:
+            asyncio.run(drop(pg[1]))
 
 
 if __name__ == "__main__":

@@ -120,14 +120,12 @@ class Guard:
         self, reservation_id: str, amounts: list[tuple[WindowKey, int, int]], at: datetime, lease: timedelta
     ) -> Refusal | None:
         """The store's reservation; cancelled midway, it still ends, and what it took is given back."""
-        task = asyncio.ensure_future(
-            self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
-        )
+        under_way = self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(under_way)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                if await task is None:
+                if await under_way is None:
                     await self.store.release(reservation_id)
             raise
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Generator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -76,7 +75,7 @@ class GuardedCall:
             service_tier=service_tier, provider_response_id=provider_response_id,
         )  # fmt: skip
         if reservation is None:
-            self._pending = _Recording(tracker._record(record))
+            self._pending = _Recording(tracker, record, tracker._submit(record))
             return self._pending
         if record.cost_nanousd is not None and record.cost_nanousd > reservation.estimate:
             tracker.budget_guard.excess_calls += 1
@@ -84,15 +83,20 @@ class GuardedCall:
                 "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
-        self._pending = _Recording(
-            tracker._record(record, reservation_id=reservation.id, release=reservation.windows)
-        )
+        written = tracker._submit(record, reservation_id=reservation.id, release=reservation.windows)
+        self._pending = _Recording(tracker, record, written)
         return self._pending
 
     async def extend(self) -> None:
         """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
         if self.reservation is not None:
             await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
+
+    def _unfinished(self) -> bool:
+        """Whether leaving the block still has work: a record nobody awaited, or a reservation."""
+        if self._pending is not None:
+            return not self._pending.awaited
+        return self.reservation is not None
 
     async def _finish(self) -> None:
         if self._pending is not None:
@@ -106,12 +110,15 @@ class GuardedCall:
 
 
 class _Recording:
-    """The write of a guarded call's record, already under way; awaiting it gives the CallRecord."""
+    """The write of a guarded call's record, already queued; awaiting it (once) gives the CallRecord
+    after the commit, and applies the budgets."""
 
-    def __init__(self, coro: Coroutine[Any, Any, CallRecord]) -> None:
-        self.task = asyncio.ensure_future(coro)
+    def __init__(self, tracker: Tracker, record: CallRecord, written: Awaitable[Any]) -> None:
+        self._tracker, self._record, self._written = tracker, record, written
         self.awaited = False
 
     def __await__(self) -> Generator[Any, None, CallRecord]:
+        if self.awaited:
+            raise RuntimeError("a guarded call's record is awaited once")
         self.awaited = True
-        return self.task.__await__()
+        return self._tracker._recorded(self._record, self._written).__await__()

@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -156,6 +156,8 @@ class Tracker:
         self._entered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: list[Callback] = []
+        self._background: set[asyncio.Task[CallRecord]] = set()
+        """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
 
     @property
     def budgets(self) -> tuple[Budget, ...]:
@@ -380,11 +382,26 @@ class Tracker:
 
     async def _record(self, record: CallRecord, **settle: Any) -> CallRecord:
         """Write a record, then apply the budgets: notify crossings, raise for raise/block modes."""
+        return await self._recorded(record, self._submit(record, **settle))
+
+    def _submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
+        """Queue the record's write (with its reservation's settlement); it is under way on return."""
         writer = self._writer
         if writer is None:
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
-        spent_after = await writer.submit(PendingWrite(record, windows, **settle))
+        return writer.submit(PendingWrite(record, windows, **settle))
+
+    async def _recorded(self, record: CallRecord, written: Awaitable[Any]) -> CallRecord:
+        """Wait for a queued write, then apply the budgets. A caller cancelled while it waits leaves
+        that to a background task, so a crossing it made is still noticed and notified."""
+        try:
+            spent_after = await asyncio.shield(written)
+        except asyncio.CancelledError:
+            task = asyncio.ensure_future(self._recorded(record, written))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
         if spent_after is None or spent_after is SPOOLED:
             return record  # already recorded under this event_id, or waiting in the spool for replay
         assert isinstance(spent_after, dict)
@@ -394,7 +411,7 @@ class Tracker:
         if self.on_exceeded is not None:
             for crossing in to_notify:
                 await _call(self.on_exceeded, crossing, "on_exceeded callback")
-        for subscriber in tuple(self._subscribers):
+        for subscriber in tuple(self._subscribers) if self._subscribers else ():
             await _call(subscriber, record, "subscriber")
         if to_raise is not None:
             raise to_raise
@@ -515,7 +532,8 @@ class Tracker:
         try:
             yield call
         finally:
-            await asyncio.shield(call._finish())
+            if call._unfinished():
+                await asyncio.shield(call._finish())
 
     async def _reserve(self, tags: Mapping[str, str], estimate: int) -> Reservation | None:
         """Reserve, or, when the database fails, refuse (fail_closed) or go unreserved (fail_open)."""

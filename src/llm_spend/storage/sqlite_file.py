@@ -79,11 +79,11 @@ def _key(key: WindowKey) -> tuple[str, str, str, str]:
     return key.period, text_time(key.start), key.scope_key, key.scope_value
 
 
-class _Refused(Exception):
-    """A window refused a reservation: its savepoint is rolled back."""
+class Undo(Exception):
+    """Raised by a function to roll back what it wrote and answer `value` (not an error)."""
 
-    def __init__(self, refusal: Refusal) -> None:
-        self.refusal = refusal
+    def __init__(self, value: object) -> None:
+        self.value = value
 
 
 class _Worker:
@@ -131,6 +131,9 @@ class _Worker:
         if len(bodies) == 1:  # alone, the transaction is its savepoint
             try:
                 outcome: list[tuple[bool, Any]] = [(True, bodies[0](conn))]
+            except Undo as undo:
+                conn.rollback()
+                return [(True, undo.value)]
             except BaseException as exc:
                 conn.rollback()
                 return [(False, exc)]
@@ -140,6 +143,9 @@ class _Worker:
                 conn.execute("SAVEPOINT llm_spend_op")
                 try:
                     outcome.append((True, body(conn)))
+                except Undo as undo:
+                    conn.execute("ROLLBACK TO llm_spend_op")
+                    outcome.append((True, undo.value))
                 except BaseException as exc:
                     if not conn.in_transaction:  # an error that ended the whole transaction
                         return [(False, exc)] * len(bodies)
@@ -203,28 +209,28 @@ class SQLiteFile:
             worker.queue.put(None)
             await asyncio.to_thread(worker.thread.join)
 
-    async def _run(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `body(conn)` in the next transaction; its result once that transaction committed."""
+    def _run(self, body: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `body(conn)` in the next transaction; the future has its result once that committed."""
         worker = self._worker
         if worker is None:
             worker = self._worker = _Worker(self._path)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         worker.queue.put((body, future, loop))
-        return await future
+        return future
 
     # -- the transactions ---------------------------------------------------------------------------
 
     async def write(self, batch: Sequence[PendingWrite]) -> list[dict[WindowKey, int] | None]:
         return await self._run(lambda conn: _write(conn, batch))
 
-    async def reserve(
+    def reserve(
         self,
         reservation_id: str,
         ordered: Sequence[tuple[WindowKey, int, int]],
         now: datetime,
         expires: datetime,
-    ) -> Refusal | None:
+    ) -> asyncio.Future[Refusal | None]:
         def body(conn: sqlite3.Connection) -> None:
             windows = json.dumps(
                 [[k.period, k.start.isoformat(), k.scope_key, k.scope_value, a] for k, a, _ in ordered]
@@ -236,13 +242,9 @@ class SQLiteFile:
             for key, amount, limit in ordered:
                 if amount > limit or conn.execute(_RESERVE, (*_key(key), amount, limit)).fetchone() is None:
                     row = conn.execute(_TOTALS, _key(key)).fetchone()
-                    raise _Refused(Refusal(key, *(row or (0, 0))))
+                    raise Undo(Refusal(key, *(row or (0, 0))))
 
-        try:
-            await self._run(body)
-        except _Refused as refused:
-            return refused.refusal
-        return None
+        return self._run(body)
 
     async def release(self, where: str, params: tuple[Any, ...]) -> int:
         """Delete the reservations matching `where` and give their money back; returns how many."""

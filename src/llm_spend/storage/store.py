@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .pg_reserve import PostgresReservations
+from .pg_reserve import Pending, PostgresReservations
 from .pg_write import write_batch
 from .rows import (
     CALL_COLUMNS,
@@ -91,7 +91,7 @@ class Store:
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
-        self._pg = PostgresReservations() if self.dialect == "postgresql" else None
+        self._pg = PostgresReservations(self._driver) if self.dialect == "postgresql" else None
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -219,27 +219,36 @@ class Store:
 
     # -- reservations -------------------------------------------------------------------------------
 
-    async def reserve(
+    def reserve(
         self,
         reservation_id: str,
         amounts: Sequence[tuple[WindowKey, int, int]],
         *,
         now: datetime,
         expires_at: datetime,
-    ) -> Refusal | None:
+    ) -> asyncio.Future[Refusal | None]:
         """Reserve `amount` in each (window, amount, limit), all or nothing, in one transaction.
 
         Each window takes one conditional statement: ``reserved += x WHERE spent + reserved + x <=
-        limit`` (an upsert, so a window's first reservation creates its row). Returns None when every
-        window accepted, else the first window that refused with its totals before the attempt, and
-        nothing stays reserved anywhere.
+        limit``. The future says None when every window accepted, else the first window that
+        refused with its totals before the attempt, and nothing stays reserved anywhere. A future,
+        not a coroutine: the reservation is under way once this returns (so a caller that is
+        cancelled can still learn whether it was granted, and give it back).
         """
         ordered = sorted(amounts)
         if self._file is not None:
-            return await self._file.reserve(reservation_id, ordered, now, expires_at)
+            return self._file.reserve(reservation_id, ordered, now, expires_at)
         if self._pg is not None:
-            async with self._driver() as conn:
-                return await self._pg.reserve(conn, reservation_id, ordered, now, expires_at)
+            return self._pg.reserve(Pending(reservation_id, ordered, now, expires_at))
+        return asyncio.ensure_future(self._reserve(reservation_id, ordered, now, expires_at))
+
+    async def _reserve(
+        self,
+        reservation_id: str,
+        ordered: Sequence[tuple[WindowKey, int, int]],
+        now: datetime,
+        expires_at: datetime,
+    ) -> Refusal | None:
         refusal: Refusal | None = None
         try:
             async with self._begin() as conn:

@@ -1,9 +1,11 @@
 """Writer: group commit, retries, and the spool. One task writes everything pending in one transaction.
 
 `await writer.submit(item)` returns after the transaction holding that item committed, with the
-item's window totals. Under load the queue fills while a transaction runs and the next transaction
-takes all of it (up to `max_batch`): one commit per call caps out near 1,000 calls/s on SQLite;
-batches reach tens of thousands. The queue is bounded: when it is full, callers wait.
+item's window totals; `submit` queues the item at once (it returns a future while the queue has
+room), so a write is under way even before anybody awaits it. Under load the queue fills while a
+transaction runs and the next transaction takes all of it (up to `max_batch`): one commit per call
+caps out near 1,000 calls/s on SQLite; batches reach tens of thousands. The queue is bounded: when
+it is full, callers wait.
 
 When the database fails, a batch is retried with backoff; if it still fails, the writer enters an
 outage: batches are tried once and spooled when they fail, so callers are not held up, and a probe
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from .spool import Spool
 from .store import PendingWrite, Store, WindowKey
@@ -82,12 +84,18 @@ class Writer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llm-spend-writer")
 
-    async def submit(self, item: PendingWrite) -> Result:
+    def submit(self, item: PendingWrite) -> Awaitable[Result]:
+        """Queue `item`; the awaitable gives its result once its transaction committed."""
         if self._task is None or self._task.done():
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if self._queue.full():
             self.waits += 1
+            return self._wait_for_room(item, future)
+        self._queue.put_nowait((item, future))
+        return future
+
+    async def _wait_for_room(self, item: PendingWrite, future: asyncio.Future[Result]) -> Result:
         await self._queue.put((item, future))
         return await future
 
