@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -73,6 +74,14 @@ _BUSY_STEP_MS = 50
 """SQLite's own busy wait, one step of it: between steps, a close in progress stops the wait."""
 _MAX_ROUND = 256
 """The most functions one transaction runs (the rest wait for the next)."""
+_CHECKPOINT_EVERY = 100
+"""Transactions committed on the loop's thread between two checkpoints asked of the thread."""
+_WAL_CAP = 64 << 20
+"""The WAL size past which a checkpoint makes writers wait until it restarted the WAL."""
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """A marker: after its round, the thread checkpoints the WAL (see `_Worker._checkpoint`)."""
 
 
 def _key(key: WindowKey) -> tuple[str, str, str, str]:
@@ -116,7 +125,12 @@ class _Worker:
                         stop = True
                         break
                     ops.append(op)
-                _answer(ops, self._round(conn, [body for body, _, _ in ops]))
+                checkpoint = any(body is _checkpoint for body, _, _ in ops)
+                ops = [op for op in ops if op[0] is not _checkpoint]
+                if ops:
+                    _answer(ops, self._round(conn, [body for body, _, _ in ops]))
+                if checkpoint:
+                    self._checkpoint(conn)
                 if stop:
                     return
         finally:
@@ -160,6 +174,18 @@ class _Worker:
             return [(False, exc)] * len(bodies)
         return outcome
 
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database without stopping writers (PASSIVE). While writes go on the
+        WAL cannot start over, so it grows until a pause; past `_WAL_CAP` writers wait (RESTART)."""
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one will do
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if size > _WAL_CAP:  # what is left to copy after the passive one is little: a short wait
+                conn.execute("PRAGMA wal_checkpoint(RESTART)")
+
     def _begin(self, conn: sqlite3.Connection) -> None:
         deadline = time.monotonic() + _BUSY_TIMEOUT
         while True:  # in WAL mode only BEGIN IMMEDIATE waits for a lock; COMMIT never does
@@ -198,6 +224,11 @@ class SQLiteFile:
     def __init__(self, path: str) -> None:
         self._path = path
         self._worker: _Worker | None = None
+        self._pending = 0
+        """Functions handed to the thread and not answered yet (counted on the loop's thread)."""
+        self._inline: sqlite3.Connection | None = None
+        self._inline_thread: int | None = None
+        self._inline_commits = 0
 
     async def close(self) -> None:
         """Finish what was submitted, close the connection and stop the thread; the next write starts
@@ -208,21 +239,84 @@ class SQLiteFile:
             worker.closing = True
             worker.queue.put(None)
             await asyncio.to_thread(worker.thread.join)
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
 
-    def _run(self, body: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _run(self, body: Callable[[sqlite3.Connection], T], *, small: bool = True) -> asyncio.Future[T]:
         """Run `body(conn)` in the next transaction; the future has its result once that committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if small and self._pending == 0 and self._here(future, body):
+            return future
         worker = self._worker
         if worker is None:
             worker = self._worker = _Worker(self._path)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
+        self._pending += 1
+        future.add_done_callback(self._answered)
         worker.queue.put((body, future, loop))
         return future
+
+    def _answered(self, _future: asyncio.Future[Any]) -> None:
+        self._pending -= 1
+
+    def _here(self, future: asyncio.Future[T], body: Callable[[sqlite3.Connection], T]) -> bool:
+        """Run a small transaction on the calling thread when nobody holds the write lock (no wait)."""
+        conn = self._inline
+        if conn is None:
+            conn = self._inline = sqlite3.connect(
+                self._path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            for pragma in (
+                "journal_mode=WAL",
+                "busy_timeout=0",
+                "synchronous=NORMAL",
+                "wal_autocheckpoint=0",
+            ):
+                conn.execute(f"PRAGMA {pragma}")
+            self._inline_thread = threading.get_ident()
+        elif self._inline_thread != threading.get_ident():
+            return False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                return False
+            future.set_exception(exc)
+            return True
+        try:
+            result = body(conn)
+        except Undo as undo:
+            conn.rollback()
+            future.set_result(undo.value)  # type: ignore[arg-type]
+            return True
+        except BaseException as exc:
+            conn.rollback()
+            future.set_exception(exc)
+            return True
+        try:
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            future.set_exception(exc)
+            return True
+        future.set_result(result)
+        self._inline_commits += 1
+        if self._inline_commits % _CHECKPOINT_EVERY == 0:
+            self._worker_for_checkpoint().queue.put((_checkpoint, future, asyncio.get_running_loop()))
+        return True
+
+    def _worker_for_checkpoint(self) -> _Worker:
+        """Those commits do not checkpoint (it would block the loop on fsync): the thread does."""
+        if self._worker is None:
+            self._worker = _Worker(self._path)
+        return self._worker
 
     # -- the transactions ---------------------------------------------------------------------------
 
     async def write(self, batch: Sequence[PendingWrite]) -> list[dict[WindowKey, int] | None]:
-        return await self._run(lambda conn: _write(conn, batch))
+        return await self._run(lambda conn: _write(conn, batch), small=len(batch) <= 16)
 
     def reserve(
         self,
@@ -261,7 +355,7 @@ class SQLiteFile:
             conn.executemany(_UNRESERVE, [(amount, *_key(key)) for key, amount in sorted(deltas.items())])
             return len(rows)
 
-        return await self._run(body)
+        return await self._run(body, small=where == "id = ?")
 
     async def extend(self, reservation_id: str, expires: datetime) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
