@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .pg_drivers import Drivers
 from .pg_reserve import Pending, PostgresReservations
 from .pg_write import write_batch
 from .rows import (
@@ -84,14 +85,19 @@ class Store:
             if parsed.database in (None, "", ":memory:"):
                 kwargs["poolclass"] = StaticPool
         else:
-            kwargs.update(pool_size=16, max_overflow=4)
+            kwargs.update(pool_size=16, max_overflow=4, pool_use_lifo=True)
         self.engine = create_async_engine(url, **kwargs)
         memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
         self._file = SQLiteFile(str(parsed.database)) if self.dialect == "sqlite" and not memory else None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
-        self._pg = PostgresReservations(self._driver) if self.dialect == "postgresql" else None
+        self._drivers = Drivers(self.engine)
+        self._pg = (
+            PostgresReservations(lambda: self._drivers.lend("reservations"))
+            if self.dialect == "postgresql"
+            else None
+        )
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -99,6 +105,7 @@ class Store:
     async def close(self) -> None:
         if self._file is not None:
             await self._file.close()
+        await self._drivers.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -115,24 +122,6 @@ class Store:
             lock = self._locks[loop] = asyncio.Lock()
         async with lock, self.engine.begin() as conn:
             yield conn
-
-    @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[Any]:
-        """A PostgreSQL connection of the pool as asyncpg's own (statements autocommit on it).
-
-        SQLAlchemy does not see what fails on it: a connection that broke (closed, cancelled
-        mid-statement, an error that is not the server's answer) is invalidated here, so the pool
-        replaces it instead of lending it again."""
-        import asyncpg
-
-        async with self.engine.connect() as conn:
-            driver: Any = (await conn.get_raw_connection()).driver_connection
-            try:
-                yield driver
-            except BaseException as exc:
-                if driver.is_closed() or not isinstance(exc, asyncpg.PostgresError):
-                    await asyncio.shield(conn.invalidate(exc if isinstance(exc, Exception) else None))
-                raise
 
     # -- schema -------------------------------------------------------------------------------------
 
@@ -168,7 +157,7 @@ class Store:
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
-            async with self._driver() as conn:
+            async with self._drivers.lend("writes") as conn:
                 inserted, settled, totals = await write_batch(conn, batch)
             return spent_after(batch, inserted, rollup_deltas(batch, inserted, settled), totals)
         try:
