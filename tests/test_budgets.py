@@ -623,3 +623,35 @@ async def test_unknown_price_never_counts_as_zero_silently(sqlite_url: str, trac
         await engine.dispose()
     assert tuple(row) == (0, 3, 3)
     assert seen == []
+
+
+async def test_a_crossing_whose_caller_was_cancelled_is_still_notified(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """The call that crosses a notify-mode budget is cancelled while its write waits (another
+    process holds the write lock): the call is still recorded, and on_exceeded still runs once."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    seen: list[BudgetExceeded] = []
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.daily("0.01")], on_exceeded=seen.append)
+    await tracker.track(**CALL)
+    holder = sqlite3.connect(str(make_url(sqlite_url).database), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        crossing = asyncio.ensure_future(tracker.track(**CALL))
+        await asyncio.sleep(0.2)
+        crossing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await crossing
+        assert seen == []
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    assert len(seen) == 1 and seen[0].spent == 2 * CALL_COST
+    assert await count_calls(sqlite_url) == 2

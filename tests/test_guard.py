@@ -378,3 +378,76 @@ async def test_reserving_in_a_window_whose_row_was_deleted_recreates_it(db_url: 
     state = await ledger(db_url)
     assert state["calls"] == 1 and state["spent"] == record.cost_nanousd
     assert state["day"] == [(record.cost_nanousd, 0, 1)]
+
+
+async def _hold_together(tracker: Tracker, users: list[str]) -> tuple[list[BudgetExceeded | int], Any]:
+    """Guarded calls entered at once (one per user given) and held open until every one is granted
+    or refused; returns each one's reserved estimate or refusal, and the ledger while they were held."""
+    release = asyncio.Event()
+
+    async def one(user: str) -> BudgetExceeded | int:
+        try:
+            async with tracker.guard(
+                provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500,
+                tags={"user_id": user},
+            ) as call:  # fmt: skip
+                assert call.reservation is not None
+                await release.wait()
+                return call.reservation.estimate
+        except BudgetExceeded as exc:
+            return exc
+
+    tasks = [asyncio.ensure_future(one(user)) for user in users]
+    async with asyncio.timeout(30):
+        while True:
+            held = await ledger(tracker.url)
+            if held["reservations"] + sum(task.done() for task in tasks) == len(tasks):
+                break
+            await asyncio.sleep(0.02)
+    release.set()
+    return list(await asyncio.gather(*tasks)), held
+
+
+def _estimate() -> int:
+    from datetime import UTC, datetime
+
+    from llm_spend.pricing import Pricer
+
+    bound = Pricer().bound("openai", MODEL, input_tokens=1000, output_tokens=500, at=datetime.now(UTC))
+    assert bound.nanousd is not None
+    return bound.nanousd
+
+
+async def test_reservations_made_together_are_each_granted_or_refused_exactly(db_url: str) -> None:
+    """Guarded calls reserving at once (one statement on PostgreSQL) against a limit of exactly five
+    estimates: three together all fit and are granted; then, of twelve together, five are granted
+    and seven refused at preflight, the window holding exactly five estimates, and nothing after."""
+    estimate = _estimate()
+    budgets = [Budget.daily(from_nanousd(5 * estimate), mode="block")]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        few, held_few = await _hold_together(tracker, ["a", "b", "c"])
+        many, held_many = await _hold_together(tracker, [f"u{i}" for i in range(12)])
+    assert few == [estimate] * 3 and held_few["day"][0][1] == 3 * estimate
+    granted = [r for r in many if isinstance(r, int)]
+    refused = [r for r in many if isinstance(r, BudgetExceeded)]
+    assert granted == [estimate] * 5 and len(refused) == 7
+    assert all(exc.stage == "preflight" and exc.requested == from_nanousd(estimate) for exc in refused)
+    assert held_many["day"][0][1] == 5 * estimate and held_many["reservations"] == 5
+    state = await ledger(db_url)
+    assert state["day"][0][1] == 0 and state["reservations"] == 0 and state["calls"] == 0
+
+
+async def test_reservations_made_together_refuse_per_window(db_url: str) -> None:
+    """Calls of three users reserve at once, each user's window holding one and a half estimates:
+    each user's first call is granted and their second refused by their own window, and the global
+    window holds exactly the three granted estimates."""
+    estimate = _estimate()
+    budgets = [
+        Budget.daily(100, mode="block"),
+        Budget.daily(from_nanousd(estimate + estimate // 2), per="user_id", mode="block"),
+    ]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        results, held = await _hold_together(tracker, ["a", "b", "a", "c", "b"])
+    assert [isinstance(r, int) for r in results] == [True, True, False, True, False]
+    assert [r.scope_value for r in results if isinstance(r, BudgetExceeded)] == ["a", "b"]
+    assert held["day"][0][1] == 3 * estimate and held["reservations"] == 3

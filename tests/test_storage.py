@@ -340,3 +340,83 @@ def test_sqlite_uses_wal(sqlite_url: str) -> None:
     assert path is not None
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+
+
+# -- SQLite files: the write thread and the loop's own connection -------------------------------------
+
+
+def _day_key(record: CallRecord) -> WindowKey:
+    return next(key for key in _windows(record) if key.period == "day")
+
+
+async def test_writes_waiting_for_a_lock_commit_together_and_each_alone(sqlite_url: str) -> None:
+    """While another process holds the write lock, writes queue on the thread; once it lets go they
+    commit in one transaction, each in its own savepoint: a ledger write the database refuses (a
+    trigger) and a refused reservation change nothing, while the others around them all commit."""
+    store = Store(sqlite_url)
+    await store.migrate()
+    path = str(make_url(sqlite_url).database)
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON llm_calls WHEN NEW.model = 'refused-model' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+        conn.commit()
+    good, bad, later = _record(), _record(), _record(cost_nanousd=1_000)
+    bad = CallRecord(**{**{f: getattr(bad, f) for f in bad.__slots__}, "model": "refused-model"})
+    day = _day_key(good)
+    now = datetime.now(UTC)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        pending = [
+            asyncio.ensure_future(store.write([PendingWrite(good, _windows(good))])),
+            store.reserve("r-fits", [(day, 400, 1_000)], now=now, expires_at=now),
+            asyncio.ensure_future(store.write([PendingWrite(bad, _windows(bad))])),
+            store.reserve("r-too-big", [(day, 700, 1_000)], now=now, expires_at=now),
+            asyncio.ensure_future(store.write([PendingWrite(later, _windows(later))])),
+        ]
+        await asyncio.sleep(0.2)
+        assert not any(item.done() for item in pending)  # all wait for the lock
+        holder.execute("COMMIT")
+        results = await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        holder.close()
+        await store.close()
+    assert results[0] == [{day: 6_000_000, _windows(good)[1]: 6_000_000}]
+    assert results[1] is None
+    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert results[3] is not None and results[3].key == day and results[3].reserved == 400
+    assert results[4] is not None and results[4][0] is not None
+    calls, rollups = await _snapshot(sqlite_url)
+    assert sorted(r[0] for r in calls) == sorted([good.event_id, later.event_id])
+    assert {(r[0], r[3], r[4], r[5]) for r in rollups} == {
+        ("day", 6_001_000, 400, 2),
+        ("month", 6_001_000, 0, 2),
+    }
+    assert await scalar_rows(sqlite_url, "SELECT id FROM llm_spend_reservations") == [("r-fits",)]
+
+
+async def test_the_wal_is_checkpointed_and_restarted_while_writes_go_on(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small writes commit on the loop's connection, which never checkpoints; the thread does, and
+    past the WAL cap it restarts the WAL, so the file stops growing however long writes go on."""
+    from llm_spend.storage import sqlite_file
+
+    monkeypatch.setattr(sqlite_file, "_WAL_CAP", 256 << 10)
+    store = Store(sqlite_url)
+    await store.migrate()
+    wal = str(make_url(sqlite_url).database) + "-wal"
+    sizes = []
+    try:
+        for n in range(1_500):
+            record = _record()
+            await store.write([PendingWrite(record, _windows(record))])
+            if n % 100 == 99:
+                await asyncio.sleep(0.05)  # the thread's checkpoint runs beside the writes
+                sizes.append(await asyncio.to_thread(os.path.getsize, wal))
+    finally:
+        await store.close()
+    assert max(sizes) < 6 << 20, sizes  # 1,500 writes of ~6 pages each: ~36 MB unchecked
+    assert await scalar_rows(sqlite_url, "SELECT COUNT(*) FROM llm_calls") == [(1_500,)]
