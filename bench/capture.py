@@ -70,31 +70,39 @@ class StubTracker:
         yield call
 
 
-async def per_call(client: httpx2.AsyncClient) -> float:
-    """Median µs per non-streaming chat call, over CALL_RUNS runs of CALLS calls."""
+async def per_call(clients: dict[str, httpx2.AsyncClient]) -> dict[str, float]:
+    """Median µs per non-streaming chat call of each client, over CALL_RUNS runs of CALLS calls,
+    the clients' runs interleaved so that a slow moment of the machine hits them alike."""
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 500}
-    for _ in range(100):
-        await client.post(CHAT, json=body)
-    runs = []
-    for _ in range(CALL_RUNS):
-        started = time.perf_counter()
-        for _ in range(CALLS):
+    runs: dict[str, list[float]] = {name: [] for name in clients}
+    for client in clients.values():
+        for _ in range(200):
             await client.post(CHAT, json=body)
-        runs.append((time.perf_counter() - started) / CALLS * 1e6)
-    return statistics.median(runs)
+    for _ in range(CALL_RUNS):
+        for name, client in clients.items():
+            started = time.perf_counter()
+            for _ in range(CALLS):
+                await client.post(CHAT, json=body)
+            runs[name].append((time.perf_counter() - started) / CALLS * 1e6)
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
-async def per_chunk(client: httpx2.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int]:
-    """Median µs per streamed chunk (one SSE event each), reading the raw stream as an SDK does."""
-    runs, chunks = [], 0
+async def per_chunk(
+    clients: dict[str, httpx2.AsyncClient], url: str, body: dict[str, Any]
+) -> tuple[dict[str, float], int]:
+    """Median µs per streamed chunk (one SSE event each), reading the raw stream as an SDK does,
+    the clients' streams interleaved."""
+    runs: dict[str, list[float]] = {name: [] for name in clients}
+    chunks = 0
     for _ in range(STREAM_RUNS):
-        started = time.perf_counter()
-        async with client.stream("POST", url, json=body) as response:
-            chunks = 0
-            async for _ in response.aiter_raw():
-                chunks += 1
-        runs.append((time.perf_counter() - started) / chunks * 1e6)
-    return statistics.median(runs), chunks
+        for name, client in clients.items():
+            started = time.perf_counter()
+            async with client.stream("POST", url, json=body) as response:
+                chunks = 0
+                async for _ in response.aiter_raw():
+                    chunks += 1
+            runs[name].append((time.perf_counter() - started) / chunks * 1e6)
+    return {name: statistics.median(values) for name, values in runs.items()}, chunks
 
 
 def client(fake: FakeProviderTransport, tracker: Any | None) -> httpx2.AsyncClient:
@@ -109,20 +117,21 @@ async def main() -> None:
         async with Tracker(f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}") as tracker:
             setups = {"plain": None, "capture only": StubTracker(), "+ SQLite ledger": tracker}
             print(f"\nnon-streaming chat call, µs per call (median of {CALL_RUNS} x {CALLS})")
-            base = None
-            for name, guard in setups.items():
-                async with client(FakeProviderTransport(usage=USAGE), guard) as http:
-                    micros = await per_call(http)
-                base = micros if base is None else base
-                print(f"  {name:18} {micros:8.1f}   added {micros - base:7.1f}")
+            clients = {
+                name: client(FakeProviderTransport(usage=USAGE), guard) for name, guard in setups.items()
+            }
+            calls = await per_call(clients)
+            for name, micros in calls.items():
+                print(f"  {name:18} {micros:8.1f}   added {micros - calls['plain']:7.1f}")
             print(f"\nstreamed chunk, µs per chunk (median of {STREAM_RUNS} streams of ~{CHUNKS} events)")
             for stream, (url, body) in STREAMS.items():
-                base = None
-                for name, guard in list(setups.items())[:2]:
-                    async with client(FakeProviderTransport(usage=USAGE, text=text), guard) as http:
-                        micros, chunks = await per_chunk(http, url, body)
-                    base = micros if base is None else base
-                    added = micros - base
+                streaming = {
+                    name: client(FakeProviderTransport(usage=USAGE, text=text), guard)
+                    for name, guard in list(setups.items())[:2]
+                }
+                chunk_us, chunks = await per_chunk(streaming, url, body)
+                for name, micros in chunk_us.items():
+                    added = micros - chunk_us["plain"]
                     print(f"  {stream:17} {name:13} {micros:7.2f}   added {added:5.2f}   ({chunks} chunks)")
 
 

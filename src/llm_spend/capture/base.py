@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, NamedTuple, Protocol
 
 from ..usage import MAX_TOKENS, Usage
+
+_orjson: ModuleType | None
+try:  # the extra [fast]: 2-3 times faster to read the JSON of requests and responses
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the stdlib does the same, slower
+    _orjson = None
 
 __all__ = [
     "MEDIA_ALLOWANCE",
@@ -46,7 +53,7 @@ TOOLS_ALLOWANCE = 1_000
 """Tokens counted once for a request with tools: the provider's own tool-use instructions."""
 _TEMPLATE_ALLOWANCE = 16
 """Tokens counted once per request for the chat template around the reply."""
-_MEDIA_MARKERS = (b"image", b"audio", b"file", b"document", b"inlineData", b"inline_data", b"fileData")
+_MEDIA_MARKERS = re.compile(rb"image|audio|file|document|inlineData|inline_data|fileData")
 _MEDIA_TYPES = frozenset(
     ("image", "image_url", "input_image", "audio", "input_audio", "file", "input_file", "document")
 )
@@ -54,8 +61,7 @@ _MEDIA_KEYS = frozenset(("inlineData", "inline_data", "fileData", "file_data"))
 _TOOL_KEYS = ("tools", "functions")
 
 
-@dataclass(frozen=True, slots=True)
-class CallInfo:
+class CallInfo(NamedTuple):
     """What the request body says about the call, before it is sent."""
 
     model: str | None
@@ -65,8 +71,7 @@ class CallInfo:
     """All choices together; None when the request sets no limit."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the response says about the call. `usage` is None when no usage arrived."""
 
     usage: Usage | None = None
@@ -128,7 +133,15 @@ def event_type(data: bytes) -> bytes:
 
 
 def load_json(data: bytes) -> Any:
-    """Decode JSON, or None when it is not JSON (a stream chunk cut short, an HTML error page)."""
+    """Decode JSON, or None when it is not JSON (a stream chunk cut short, an HTML error page).
+
+    With orjson installed it decodes; what it refuses (NaN, integers past 64 bits) the stdlib
+    decides, so the result never depends on which is installed."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(data)
+        except ValueError:
+            pass
     try:
         return json.loads(data)
     except ValueError:
@@ -182,7 +195,7 @@ def input_bound(body: bytes, parsed: Mapping[str, Any], media_allowance: int) ->
     size = len(body) + _TEMPLATE_ALLOWANCE
     if any(parsed.get(key) for key in _TOOL_KEYS):
         size += TOOLS_ALLOWANCE
-    if any(marker in body for marker in _MEDIA_MARKERS):
+    if _MEDIA_MARKERS.search(body) is not None:
         media_bytes, parts = _media(parsed)
         size += parts * media_allowance - media_bytes
     return min(max(size, 0), MAX_TOKENS)

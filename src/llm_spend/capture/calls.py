@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..exceptions import BudgetExceeded
 from ..usage import Usage, UsageSource
-from .base import Adapter, Outcome, input_bound
+from .base import Adapter, Outcome, input_bound, load_json
 
 __all__ = ["GuardedCallLike", "Plan", "TrackerLike", "decode_body", "leave", "plan_call", "settle"]
 
@@ -87,10 +87,7 @@ def plan_call(
     media_allowance: int,
 ) -> Plan:
     """Read the request body once: model, stream flag, max output tokens and an input bound."""
-    try:
-        body = json.loads(raw) if raw else None
-    except ValueError:
-        body = None
+    body = load_json(raw) if raw else None
     if not isinstance(body, dict):
         body = None
     info = adapter.call_info(kind, path, body or {})
@@ -149,10 +146,13 @@ def decode_body(raw: bytes, encoding: str | None) -> bytes | None:
 
 def read_outcome(plan: Plan, body: bytes | None) -> Outcome:
     """The outcome of a complete JSON response; a body that cannot be read gives unknown usage."""
-    if body is None:
+    parsed = None if body is None else load_json(body)
+    if parsed is None:
+        if body is not None:
+            logger.warning("llm-spend: unreadable %s response (not JSON); usage unknown", plan.provider)
         return Outcome()
     try:
-        return plan.adapter.outcome(plan.kind, json.loads(body))
+        return plan.adapter.outcome(plan.kind, parsed)
     except Exception:  # a provider sending something unexpected must not break the caller's call
         logger.warning("llm-spend: unreadable %s response; usage unknown", plan.provider, exc_info=True)
         return Outcome()

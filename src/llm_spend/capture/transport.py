@@ -112,10 +112,8 @@ class _Base:
         )
 
     def _finisher(
-        self, plan: Plan, response: Any, guard: Any, call: Any, started: float, loop: Any
+        self, plan: Plan, response: Any, sse: bool, guard: Any, call: Any, started: float, loop: Any
     ) -> Finisher:
-        content_type = response.headers.get("content-type", "")
-        sse = content_type.startswith("text/event-stream")
         return Finisher(
             guard,
             call,
@@ -128,8 +126,8 @@ class _Base:
         )
 
 
-def _streams(plan: Plan, response: Any) -> bool:
-    return plan.stream or response.headers.get("content-type", "").startswith("text/event-stream")
+def _sse(response: Any) -> bool:
+    return bool(response.headers.get("content-type", "").startswith("text/event-stream"))
 
 
 def _elapsed_ms(started: float) -> int:
@@ -155,8 +153,9 @@ class SpendAsyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             await leave(guard, None)
             return response
-        if _streams(plan, response):
-            finisher = self._finisher(plan, response, guard, call, started, asyncio.get_running_loop())
+        sse = _sse(response)
+        if sse or plan.stream:
+            finisher = self._finisher(plan, response, sse, guard, call, started, asyncio.get_running_loop())
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 for chunk in [chunk async for chunk in response.stream]:
                     finisher.feed(chunk)
@@ -214,8 +213,9 @@ class SpendSyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             run_on(loop, leave(guard, None))
             return response
-        if _streams(plan, response):
-            finisher = self._finisher(plan, response, guard, call, started, loop)
+        sse = _sse(response)
+        if sse or plan.stream:
+            finisher = self._finisher(plan, response, sse, guard, call, started, loop)
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 for chunk in list(response.stream):
                     finisher.feed(chunk)
