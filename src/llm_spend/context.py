@@ -171,9 +171,17 @@ class with_tags:
         return cast(F, wrapper)
 
 
-def set_request_scope(request_id: str, tags: Mapping[str, str | None]) -> tuple[Any, Any]:
-    """Enter a request's scope (used by SpendMiddleware); returns tokens for `reset_request_scope`."""
-    return request_id_var.set(request_id), _tags.set(merge_tags(_tags.get(), tags))
+def set_request_scope(
+    request_id: str, tags: dict[str, str | None] | Mapping[str, str | None]
+) -> tuple[tuple[Any, Any], Mapping[str, str]]:
+    """Enter a request's scope (used by SpendMiddleware): tokens for `reset_request_scope`, and the
+    tags now in effect. `tags` (as `normalize_tags` returns them) is not used afterwards by the caller."""
+    base = _tags.get()
+    if not base and type(tags) is dict and None not in tags.values():  # no copy of a fresh mapping
+        merged: Mapping[str, str] = MappingProxyType(cast(dict[str, str], tags))
+    else:
+        merged = merge_tags(base, tags)
+    return (request_id_var.set(request_id), _tags.set(merged)), merged
 
 
 def reset_request_scope(tokens: tuple[Any, Any]) -> None:

@@ -48,6 +48,8 @@ class Guard:
         scopes = {(r.budget.period, r.scope_key) for r in rules if r.budget.per is not None}
         self._scopes: tuple[tuple[str, str], ...] = (("day", ""), ("month", ""), *sorted(scopes))
         self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block")
+        self._block_scopes = tuple((i, r.budget.per) for i, r in self._block)
+        """(rule index, tag key or None for global) of each block-mode rule, for `refusal`."""
         self._bounds: dict[str, tuple[datetime, datetime]] = {}
         self._exhausted: dict[tuple[int, str], tuple[datetime, BudgetExceeded]] = {}
         self.excess_calls = 0
@@ -175,17 +177,17 @@ class Guard:
 
     def refusal(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
         """A block-mode window that applies to `tags` and is known exhausted, from memory only."""
-        if not self._exhausted:
+        exhausted = self._exhausted
+        if not exhausted:
             return None
-        now = datetime.now(UTC)
-        for index, rule in self._block:
-            value = rule.scope_value(tags)
+        for index, per in self._block_scopes:
+            value = "" if per is None else tags.get(per)
             if value is None:
                 continue
-            entry = self._exhausted.get((index, value))
+            entry = exhausted.get((index, value))
             if entry is None:
                 continue
-            if now < entry[0]:
+            if datetime.now(UTC) < entry[0]:
                 return entry[1]
-            del self._exhausted[(index, value)]
+            del exhausted[(index, value)]
         return None

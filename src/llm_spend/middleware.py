@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .context import current_tags, normalize_tags, reset_request_scope, set_request_scope
+from .context import normalize_tags, reset_request_scope, set_request_scope
 from .exceptions import BudgetExceeded
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class SpendMiddleware:
         self.tags = tags
         self.status_code = status_code
         self.preflight = preflight
+        self._refusal = tracker.preflight if preflight else None
         self.request_id_header = request_id_header.lower().encode("latin-1")
         # Generated ids: a random per-instance prefix and a counter (uuid4 costs ~5 µs here).
         self._id_prefix = os.urandom(8).hex()
@@ -66,10 +67,15 @@ class SpendMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        tags = await self._request_tags(scope) if self.tags is not None else {}
-        tokens = set_request_scope(self._request_id(scope), tags)
+        tags: Mapping[str, str | None] = {}
+        if self.tags is not None:
+            found: Any = self.tags(Request(scope))
+            if type(found) is not dict:  # the common case skips the slower checks
+                found = await self._awaited_mapping(found)
+            tags = normalize_tags(found)
+        tokens, merged = set_request_scope(self._request_id(scope), tags)
         try:
-            refusal = self.tracker.preflight(current_tags()) if self.preflight else None
+            refusal = self._refusal(merged) if self._refusal is not None else None
             if refusal is not None:
                 await self._refuse(refusal, send)
                 return
@@ -98,17 +104,15 @@ class SpendMiddleware:
                 break
         return f"{self._id_prefix}-{next(self._id_counter):x}"
 
-    async def _request_tags(self, scope: Scope) -> Mapping[str, str | None]:
-        assert self.tags is not None
-        result: Any = self.tags(Request(scope))
-        if type(result) is not dict:  # the common case skips the slower checks
-            if inspect.isawaitable(result):
-                result = await result
-            if not isinstance(result, Mapping):
-                raise TypeError(
-                    f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}"
-                )
-        return normalize_tags(result)
+    @staticmethod
+    async def _awaited_mapping(result: Any) -> Mapping[str, object]:
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, Mapping):
+            raise TypeError(
+                f"SpendMiddleware tags callable must return a mapping, got {type(result).__name__}"
+            )
+        return result
 
     async def _refuse(self, exc: BudgetExceeded, send: Send) -> None:
         headers = [(b"content-type", b"application/json")]

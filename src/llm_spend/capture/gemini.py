@@ -28,6 +28,8 @@ __all__ = ["ADAPTER", "GeminiAdapter"]
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent)$")
 _USAGE = b'"usageMetadata"'
 _FINAL = (b'"finishReason"', b'"blockReason"')
+_REASON = b'Reason"'
+"""In both keys above: one scan of each chunk finds neither, the common case."""
 
 
 class GeminiAdapter:
@@ -96,7 +98,7 @@ class GenerateStream:
             self._last = data
         elif not self._first:
             self._first = data
-        if not self._final and (_FINAL[0] in data or _FINAL[1] in data):
+        if not self._final and _REASON in data and (_FINAL[0] in data or _FINAL[1] in data):
             self._final = True
 
     def outcome(self) -> Outcome:

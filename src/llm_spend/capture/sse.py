@@ -27,6 +27,7 @@ EventSink = Callable[[bytes, bytes], None]
 _NL = b"\n"
 _CR = b"\r"
 _END = b"\n\n"
+_CRLF_END = b"\r\n\r\n"
 _DATA = b"data: "
 _EVENT = b"event: "
 
@@ -45,6 +46,16 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> None:
         """Parse one network chunk (bytes of the body, in order, as received)."""
+        if (  # one `data:` line ended by CRLF CRLF, alone in its chunk (Gemini's shape)
+            chunk.endswith(_CRLF_END)
+            and not self._tail
+            and not self._cr
+            and chunk.startswith(_DATA)
+            and chunk.find(_CR) == len(chunk) - 4
+            and chunk.find(_NL) == len(chunk) - 3
+        ):
+            self._sink(b"", chunk[6:-4])
+            return
         if self._cr:
             self._cr = False
             if chunk[:1] == _NL:
