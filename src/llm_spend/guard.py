@@ -123,6 +123,8 @@ class Guard:
     ) -> Refusal | None:
         """The store's reservation; cancelled midway, it still ends, and what it took is given back."""
         under_way = self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
+        if under_way.done():  # made already (on the SQLite connection of this thread)
+            return under_way.result()
         try:
             return await asyncio.shield(under_way)
         except asyncio.CancelledError:

@@ -170,7 +170,11 @@ class Tracker:
             if self.auto_migrate:
                 await self.store.migrate()
             self._writer = Writer(
-                self.store, self.spool, max_batch=self._max_batch, max_queue=self._max_queue
+                self.store,
+                self.spool,
+                max_batch=self._max_batch,
+                max_queue=self._max_queue,
+                abandoned=self._abandoned,
             )
             replayed = True
             try:
@@ -393,15 +397,17 @@ class Tracker:
         return writer.submit(PendingWrite(record, windows, **settle))
 
     async def _recorded(self, record: CallRecord, written: Awaitable[Any]) -> CallRecord:
-        """Wait for a queued write, then apply the budgets. A caller cancelled while it waits leaves
-        that to a background task, so a crossing it made is still noticed and notified."""
-        try:
-            spent_after = await asyncio.shield(written)
-        except asyncio.CancelledError:
-            task = asyncio.ensure_future(self._recorded(record, written))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            raise
+        """Wait for a queued write, then apply the budgets (a caller cancelled while it waits leaves
+        that to `_abandoned`, so a crossing it made is still noticed and notified)."""
+        return await self._judge(record, await written)
+
+    def _abandoned(self, item: PendingWrite, spent_after: Any) -> None:
+        task = asyncio.ensure_future(self._judge(item.record, spent_after, raising=False))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _judge(self, record: CallRecord, spent_after: Any, *, raising: bool = True) -> CallRecord:
+        """After the commit: notify crossings, hand the record to subscribers, raise for raise/block."""
         if spent_after is None or spent_after is SPOOLED:
             return record  # already recorded under this event_id, or waiting in the spool for replay
         assert isinstance(spent_after, dict)
@@ -413,7 +419,7 @@ class Tracker:
                 await _call(self.on_exceeded, crossing, "on_exceeded callback")
         for subscriber in tuple(self._subscribers) if self._subscribers else ():
             await _call(subscriber, record, "subscriber")
-        if to_raise is not None:
+        if to_raise is not None and raising:
             raise to_raise
         return record
 

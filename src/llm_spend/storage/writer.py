@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from .spool import Spool
 from .store import PendingWrite, Store, WindowKey
@@ -64,7 +64,11 @@ class Writer:
         *,
         max_batch: int = 500,
         max_queue: int = 10_000,
+        abandoned: Callable[[PendingWrite, Result], object] | None = None,
     ) -> None:
+        """`abandoned(item, result)` is called for a committed item whose caller stopped waiting
+        (its future was cancelled), so what follows the write can still be done for it."""
+        self._abandoned = abandoned
         self._store = store
         self._spool = spool
         self._database_id: str | None = None
@@ -76,6 +80,8 @@ class Writer:
         self._probe: asyncio.Task[None] | None = None
         self._replaying = asyncio.Lock()
         self.outage = False
+        self._waiting = 0
+        """Submissions waiting for room in the queue (they go in before the end of the queue)."""
         self.waits = 0
         """How many submissions found the queue full and waited (backpressure)."""
         self.spooled = 0
@@ -96,7 +102,11 @@ class Writer:
         return future
 
     async def _wait_for_room(self, item: PendingWrite, future: asyncio.Future[Result]) -> Result:
-        await self._queue.put((item, future))
+        self._waiting += 1
+        try:
+            await self._queue.put((item, future))
+        finally:
+            self._waiting -= 1
         return await future
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline, not a cancel
@@ -108,6 +118,8 @@ class Writer:
         before = self.spooled
         try:
             async with asyncio.timeout(timeout):  # a full queue counts against the deadline too
+                while self._waiting:  # the end comes after the calls that wait for room
+                    await asyncio.sleep(0.001)
                 await self._queue.put(None)
                 await asyncio.shield(self._task)
         except TimeoutError:
@@ -223,9 +235,11 @@ class Writer:
                 logger.warning("llm-spend: writing %d calls failed (%s); retrying", len(items), exc)
                 await asyncio.sleep(delays[attempt])
             else:
-                for (_, future), result in zip(batch, results, strict=True):
+                for (item, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
+                    elif future.cancelled() and self._abandoned is not None:
+                        self._abandoned(item, result)
                 if self.outage:
                     self.outage = False
                     self._start_probe()  # the database is back: replay what waited
