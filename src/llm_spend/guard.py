@@ -139,6 +139,8 @@ class Guard:
         self, tags: Mapping[str, str], at: datetime, cost: int | None, spent_after: Mapping[WindowKey, int]
     ) -> tuple[BudgetExceeded | None, list[BudgetExceeded]]:
         """Judge a recorded call: (the exception to raise or None, the crossings to notify)."""
+        if not self.rules:
+            return None, []
         now = datetime.now(UTC)
         to_raise: BudgetExceeded | None = None
         to_notify: list[BudgetExceeded] = []

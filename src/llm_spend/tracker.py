@@ -156,7 +156,7 @@ class Tracker:
         self._entered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: list[Callback] = []
-        self._background: set[asyncio.Task[CallRecord]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
 
     @property
@@ -397,31 +397,35 @@ class Tracker:
         return writer.submit(PendingWrite(record, windows, **settle))
 
     async def _recorded(self, record: CallRecord, written: Awaitable[Any]) -> CallRecord:
-        """Wait for a queued write, then apply the budgets (a caller cancelled while it waits leaves
-        that to `_abandoned`, so a crossing it made is still noticed and notified)."""
-        return await self._judge(record, await written)
+        """Wait for a queued write, then apply the budgets: notify crossings, hand the record to
+        subscribers, raise for raise/block modes. (A caller cancelled while it waits leaves that to
+        `_abandoned`, so a crossing it made is still noticed and notified.)"""
+        to_raise, to_notify = self._judge(record, await written)
+        if (to_notify and self.on_exceeded is not None) or self._subscribers:
+            await self._callbacks(record, to_notify)
+        if to_raise is not None:
+            raise to_raise
+        return record
 
-    def _abandoned(self, item: PendingWrite, spent_after: Any) -> None:
-        task = asyncio.ensure_future(self._judge(item.record, spent_after, raising=False))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _judge(self, record: CallRecord, spent_after: Any, *, raising: bool = True) -> CallRecord:
-        """After the commit: notify crossings, hand the record to subscribers, raise for raise/block."""
+    def _judge(self, record: CallRecord, spent_after: Any) -> tuple[BudgetExceeded | None, list[Any]]:
         if spent_after is None or spent_after is SPOOLED:
-            return record  # already recorded under this event_id, or waiting in the spool for replay
+            return None, []  # already recorded under this event_id, or waiting in the spool for replay
         assert isinstance(spent_after, dict)
-        to_raise, to_notify = self.budget_guard.after(
-            record.tags, record.occurred_at, record.cost_nanousd, spent_after
-        )
+        return self.budget_guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after)
+
+    async def _callbacks(self, record: CallRecord, to_notify: list[BudgetExceeded]) -> None:
         if self.on_exceeded is not None:
             for crossing in to_notify:
                 await _call(self.on_exceeded, crossing, "on_exceeded callback")
-        for subscriber in tuple(self._subscribers) if self._subscribers else ():
+        for subscriber in tuple(self._subscribers):
             await _call(subscriber, record, "subscriber")
-        if to_raise is not None and raising:
-            raise to_raise
-        return record
+
+    def _abandoned(self, item: PendingWrite, spent_after: Any) -> None:
+        _, to_notify = self._judge(item.record, spent_after)
+        if (to_notify and self.on_exceeded is not None) or self._subscribers:
+            task = asyncio.ensure_future(self._callbacks(item.record, to_notify))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # -- health -------------------------------------------------------------------------------------
 

@@ -48,8 +48,7 @@ class WindowKey(NamedTuple):
     scope_value: str
 
 
-@dataclass(frozen=True, slots=True)
-class PendingWrite:
+class PendingWrite(NamedTuple):
     """A call to record: its ledger row, the rollup windows it counts in, and what it releases."""
 
     record: CallRecord

@@ -82,6 +82,8 @@ class Writer:
         self.outage = False
         self._waiting = 0
         """Submissions waiting for room in the queue (they go in before the end of the queue)."""
+        self._none_waiting = asyncio.Event()
+        self._none_waiting.set()
         self.waits = 0
         """How many submissions found the queue full and waited (backpressure)."""
         self.spooled = 0
@@ -103,10 +105,13 @@ class Writer:
 
     async def _wait_for_room(self, item: PendingWrite, future: asyncio.Future[Result]) -> Result:
         self._waiting += 1
+        self._none_waiting.clear()
         try:
             await self._queue.put((item, future))
         finally:
             self._waiting -= 1
+            if not self._waiting:
+                self._none_waiting.set()
         return await future
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline, not a cancel
@@ -118,8 +123,7 @@ class Writer:
         before = self.spooled
         try:
             async with asyncio.timeout(timeout):  # a full queue counts against the deadline too
-                while self._waiting:  # the end comes after the calls that wait for room
-                    await asyncio.sleep(0.001)
+                await self._none_waiting.wait()  # the end comes after the calls waiting for room
                 await self._queue.put(None)
                 await asyncio.shield(self._task)
         except TimeoutError:
