@@ -46,7 +46,9 @@ class Guard:
         self.tz = tz
         self.store = store
         scopes = {(r.budget.period, r.scope_key) for r in rules if r.budget.per is not None}
-        self._scopes: tuple[tuple[str, str], ...] = (("day", ""), ("month", ""), *sorted(scopes))
+        self._tag_scopes: tuple[tuple[str, str], ...] = tuple(sorted(scopes))
+        self._global: tuple[datetime, datetime, tuple[WindowKey, ...]] | None = None
+        """The global day and month windows, and the span of time in which both hold."""
         self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block")
         self._block_scopes = tuple((i, r.budget.per) for i, r in self._block)
         """(rule index, tag key or None for global) of each block-mode rule, for `refusal`."""
@@ -67,9 +69,16 @@ class Guard:
 
     def windows(self, tags: Mapping[str, str], at: datetime) -> tuple[WindowKey, ...]:
         """The rollup rows a call at `at` with `tags` counts in: global day and month, per-tag ones."""
-        keys = []
-        for period, scope_key in self._scopes:
-            value = tags.get(scope_key) if scope_key else ""
+        known = self._global
+        if known is None or not known[0] <= at < known[1]:
+            day, month = self.bounds("day", at), self.bounds("month", at)
+            both = (WindowKey("day", day[0], "", ""), WindowKey("month", month[0], "", ""))
+            known = self._global = (max(day[0], month[0]), min(day[1], month[1]), both)
+        if not self._tag_scopes:
+            return known[2]  # one tuple for every call of the day, which the writers recognize
+        keys = list(known[2])
+        for period, scope_key in self._tag_scopes:
+            value = tags.get(scope_key)
             if value is not None:
                 keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
         return tuple(keys)

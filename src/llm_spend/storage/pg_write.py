@@ -89,9 +89,13 @@ async def write_batch(
 ) -> tuple[set[str], set[str], dict[WindowKey, int]]:
     """Write the batch; returns (event ids inserted, reservations settled, windows' spent after)."""
     windows: dict[WindowKey, int] = {}
+    last: object = None
     for item in batch:
-        windows.update(dict.fromkeys(item.windows, 0))
-        windows.update(dict.fromkeys((key for key, _ in item.release), 0))
+        if item.windows is not last:  # calls of one day without tag scopes share one tuple
+            last = item.windows
+            windows.update(dict.fromkeys(item.windows, 0))
+        if item.release:
+            windows.update(dict.fromkeys((key for key, _ in item.release), 0))
     ordered = sorted(windows)
     for index, key in enumerate(ordered, 1):
         windows[key] = index
