@@ -16,10 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, bindparam, delete, event, func, select, update
+from sqlalchemy import Connection, bindparam, delete, event, func, select, text, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -126,7 +124,12 @@ class Store:
     # -- schema -------------------------------------------------------------------------------------
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest migration; safe to call again and from many processes."""
+        """Bring the schema to the newest migration; safe to call again and from many processes.
+
+        A schema already at the newest revision is left alone without loading Alembic (a start
+        costs a query, not Alembic's import, about half a second on a slow machine)."""
+        if await self.revision() == HEAD_REVISION:
+            return
         async with _migration_lock(), self.engine.connect() as conn:
             await conn.run_sync(_upgrade)
             await conn.commit()
@@ -134,11 +137,7 @@ class Store:
     async def revision(self) -> str | None:
         """The schema's current migration revision, or None before the first migration."""
         async with self.engine.connect() as conn:
-            return await conn.run_sync(
-                lambda sync: MigrationContext.configure(
-                    sync, opts={"version_table": "llm_spend_alembic_version"}
-                ).get_current_revision()
-            )
+            return await conn.run_sync(_current_revision)
 
     async def identity(self) -> str:
         """The database's random id (created by the migrations): what a spool file belongs to."""
@@ -414,7 +413,17 @@ def _migration_lock() -> asyncio.Lock:
     return lock
 
 
+def _current_revision(sync_conn: Connection) -> str | None:
+    if not sa_inspect(sync_conn).has_table("llm_spend_alembic_version"):
+        return None
+    revision = sync_conn.execute(text("SELECT version_num FROM llm_spend_alembic_version")).scalar()
+    return None if revision is None else str(revision)
+
+
 def _upgrade(sync_conn: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     config.attributes["connection"] = sync_conn
