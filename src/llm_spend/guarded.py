@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .guard import Reservation
@@ -15,7 +17,7 @@ from .usage import CallRecord, Usage, UsageSource, check_text
 if TYPE_CHECKING:
     from .tracker import Tracker
 
-__all__ = ["GuardedCall"]
+__all__ = ["GuardedCall", "Guarding"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -122,3 +124,27 @@ class _Recording:
             raise RuntimeError("a guarded call's record is awaited once")
         self.awaited = True
         return self._tracker._recorded(self._record, self._written).__await__()
+
+
+class Guarding:
+    """What `tracker.guard(...)` returns: ``async with`` it to reserve and get the `GuardedCall`;
+    leaving settles what the call recorded, or releases its reservation (shielded from cancellation)."""
+
+    __slots__ = ("_args", "_call", "_open")
+
+    def __init__(self, open_call: Callable[..., Awaitable[GuardedCall]], *args: Any) -> None:
+        self._open, self._args = open_call, args
+        self._call: GuardedCall | None = None
+
+    async def __aenter__(self) -> GuardedCall:
+        if self._call is not None:
+            raise RuntimeError("a tracker.guard(...) is entered once; call guard() again for another call")
+        self._call = await self._open(*self._args)
+        return self._call
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        call = self._call
+        if call is not None and call._unfinished():
+            await asyncio.shield(call._finish())

@@ -26,7 +26,7 @@ from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
-from .guarded import GuardedCall
+from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
 from .money import to_nanousd
 from .pricing import Cost, Pricer
@@ -502,8 +502,7 @@ class Tracker:
         """A block-mode window applying to `tags` known to be exhausted (memory only, no I/O)."""
         return self.budget_guard.refusal(tags)
 
-    @asynccontextmanager
-    async def guard(
+    def guard(
         self,
         *,
         provider: str,
@@ -511,7 +510,7 @@ class Tracker:
         input_tokens: int,
         max_output_tokens: int | None = None,
         tags: Mapping[str, object] | None = None,
-    ) -> AsyncIterator[GuardedCall]:
+    ) -> Guarding:
         """Reserve an upper bound of a call's cost in every block-mode window, then make the call inside.
 
         Raises BudgetExceeded(stage="preflight") before the call when any window refuses (nothing
@@ -519,6 +518,17 @@ class Tracker:
         `input_tokens` must bound the input from above (UTF-8 bytes of the text do); without
         `max_output_tokens` the bound is the model's context window minus the input.
         """
+        return Guarding(self._open, provider, model, input_tokens, max_output_tokens, tags)
+
+    async def _open(
+        self,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int | None,
+        tags: Mapping[str, object] | None,
+    ) -> GuardedCall:
+        """Entering `guard()`: validate, reserve (block mode), and hand out the call."""
         provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
@@ -539,11 +549,7 @@ class Tracker:
                 raise UnknownPriceError(provider, model)
         call = GuardedCall(self, provider, model, merged, reservation)
         call.max_output_tokens = granted
-        try:
-            yield call
-        finally:
-            if call._unfinished():
-                await asyncio.shield(call._finish())
+        return call
 
     async def _reserve(self, tags: Mapping[str, str], estimate: int) -> Reservation | None:
         """Reserve, or, when the database fails, refuse (fail_closed) or go unreserved (fail_open)."""
