@@ -32,7 +32,8 @@ FORMULA = '=HYPERLINK("http://evil")'
 
 
 async def seed(tracker: Tracker) -> list[CallRecord]:
-    """Six calls in the last hours: priced, unknown model, unknown-usage stream, untagged, hostile tags."""
+    """Six calls in the last seconds (so all of them today, even just after midnight): priced, unknown
+    model, unknown-usage stream, untagged, hostile tags."""
     now = datetime.now(UTC)
     alice_chat, bob_chat = {"user_id": "alice", "feature": "chat"}, {"user_id": "bob", "feature": "chat"}
     specs: list[tuple[str, str, Usage | None, dict[str, str], bool]] = [
@@ -51,7 +52,7 @@ async def seed(tracker: Tracker) -> list[CallRecord]:
     ]
     records = [
         tracker._build(provider=p, model=m, usage=u, usage_source="manual", tags=tags, stream=stream,
-                       occurred_at=now - timedelta(minutes=10 * (i + 1)))
+                       occurred_at=now - timedelta(seconds=i + 1))
         for i, (p, m, u, tags, stream) in enumerate(specs)
     ]  # fmt: skip
     records[-1] = replace(records[-1], request_id=FORMULA)  # e.g. a client-chosen X-Request-ID
