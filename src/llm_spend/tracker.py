@@ -183,6 +183,11 @@ class Tracker:
                 replayed = False
                 logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
             await self._sweep()
+            if replayed:
+                try:
+                    await self.store.warm()
+                except Exception as exc:  # the database failing now is the writer's to handle
+                    logger.warning("llm-spend: preparing the database's statements failed: %s", exc)
             self._writer.start()
             if not replayed:
                 self._writer.enter_outage()  # the probe replays the spool once the database answers

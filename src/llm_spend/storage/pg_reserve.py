@@ -152,6 +152,13 @@ class PostgresReservations:
             queue = self._queues[loop] = _Queue(self._run)
         return queue.put(loop, pending)
 
+    async def warm(self) -> None:
+        """Prepare the batch statement on the lane's connection with a batch of none (changes
+        nothing), so that the first calls after a start do not wait for it to be parsed and planned
+        in a fresh server process: 20-30 ms on a slow machine, while sixteen calls queue."""
+        async with self._connect() as conn:
+            await conn.fetchrow(_BATCH_SQL, *([()] * 13))
+
     async def _run(self, batch: Sequence[Pending]) -> list[Refusal | None]:
         async with self._connect() as conn:
             keys = {key for item in batch for key, _, _ in item.ordered}

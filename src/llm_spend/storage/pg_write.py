@@ -123,7 +123,7 @@ async def write_batch(
                 release_windows.append(windows[key])
                 release_amounts.append(amount)
     keys = list(zip(*ordered, strict=True)) if ordered else [(), (), (), ()]
-    columns = list(zip(*rows, strict=True))
+    columns = list(zip(*rows, strict=True)) if rows else [()] * _N
     args = [*columns, member_calls, member_windows, *keys, ids, release_ids, release_windows, release_amounts]
     inserted, settled, totals = set(), set(), {}
     for kind, value, period, start, scope_key, scope_value, spent in await conn.fetch(_sql(), *args):

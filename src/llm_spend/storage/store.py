@@ -100,6 +100,13 @@ class Store:
             weakref.WeakKeyDictionary()
         )
 
+    async def warm(self) -> None:
+        """Ready the connections and statements of the hot writes before the first call needs them."""
+        if self._pg is not None:
+            await self._pg.warm()
+            async with self._drivers.lend("writes") as conn:
+                await write_batch(conn, [])
+
     async def close(self) -> None:
         if self._file is not None:
             await self._file.close()
