@@ -404,6 +404,7 @@ async def _hold_together(tracker: Tracker, users: list[str]) -> tuple[list[Budge
             if held["reservations"] + sum(task.done() for task in tasks) == len(tasks):
                 break
             await asyncio.sleep(0.02)
+    held = await ledger(tracker.url)  # read again: the poll's queries may straddle the last commit
     release.set()
     return list(await asyncio.gather(*tasks)), held
 
