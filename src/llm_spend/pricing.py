@@ -121,8 +121,9 @@ class _Compiled(NamedTuple):
     """10**(scale - 9) when scale > 9, else 1: what a total is divided by (half-even) for nano-USD."""
     checks: tuple[tuple[int, ...], ...]
     """The count vectors (over the usage vector) of the terms that could come out negative."""
-    weights: tuple[int, ...] | None
-    """Without long-context tiers, the total is the usage vector dotted with these weights."""
+    bands: tuple[tuple[int, tuple[int, ...]], ...]
+    """(tier start, weights), highest start first: for a call with more input tokens than the start,
+    the total is the usage vector dotted with the weights (one band at -1 without tiers)."""
 
 
 class _Limits(NamedTuple):
@@ -453,13 +454,15 @@ def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], _Rates]]) -> _C
     up, down = int(Decimal(10).scaleb(max(9 - scale, 0))), int(Decimal(10).scaleb(max(scale - 9, 0)))
     vectors = [_vector(term.counts) for term in compiled]
     checks = tuple(v for v, term in zip(vectors, compiled, strict=True) if any(c < 0 for _, c in term.counts))
-    weights = None
-    if all(len(term.rates) == 1 for term in compiled):
+    starts = sorted({-1, *(start for term in compiled for start, _ in term.rates)}, reverse=True)
+    bands = []
+    for band in starts:  # every tier holds from its start to the next one: one weight vector each
+        rates = [next(rate for start, rate in term.rates if band + 1 > start) for term in compiled]
         weights = tuple(
-            sum(v[i] * term.rates[0][1] for v, term in zip(vectors, compiled, strict=True))
-            for i in range(len(_RAW_KEYS))
+            sum(v[i] * rate for v, rate in zip(vectors, rates, strict=True)) for i in range(len(_RAW_KEYS))
         )
-    return _Compiled(compiled, scale, up // 10, down // 10, checks, weights)
+        bands.append((band, weights))
+    return _Compiled(compiled, scale, up // 10, down // 10, checks, tuple(bands))
 
 
 def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
@@ -476,21 +479,12 @@ def _total(compiled: _Compiled, usage: Usage) -> int | None:
     for vector in compiled.checks:
         if sum(map(mul, raw, vector)) < 0:
             return None
-    if compiled.weights is not None:
-        dot: int = sum(map(mul, raw, compiled.weights))
-        return dot
     input_tokens = raw[0]
-    total = 0
-    for counts, rates in compiled.terms:
-        count = 0
-        for index, coefficient in counts:
-            count += coefficient * raw[index]
-        if count:
-            for start, rate in rates:  # the base starts at -1: a rate is always found
-                if input_tokens > start:
-                    total += rate * count
-                    break
-    return total
+    for start, weights in compiled.bands:  # the base band starts at -1: one always applies
+        if input_tokens > start:
+            dot: int = sum(map(mul, raw, weights))
+            return dot
+    raise AssertionError("no band starts at -1")  # pragma: no cover
 
 
 def _to_nano(total: int, compiled: _Compiled) -> int:
