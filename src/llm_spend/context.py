@@ -79,6 +79,10 @@ def _value(key: str, value: object, secret: bool) -> str:
     return text.encode()[:MAX_VALUE_BYTES].decode(errors="ignore")
 
 
+def _plain(text: str) -> bool:
+    return len(text) <= MAX_VALUE_BYTES // 4 and text.isascii() and "\x00" not in text
+
+
 def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
     """Validate keys and normalize values: str, at most 256 UTF-8 bytes, secrets redacted.
 
@@ -92,6 +96,9 @@ def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
     normalized: dict[str, str | None] = {}
     for key, value in tags.items():
         kind = _key_kind(key) if isinstance(key, str) else None
+        if kind is False and type(value) is str and _plain(value):  # kept as it is (see `_value`)
+            normalized[key] = value
+            continue
         if kind is None:
             raise ValueError(f"tag key {key!r} must match [A-Za-z0-9_.-]{{1,64}}")
         normalized[key] = None if value is None else _value(key, value, kind)
