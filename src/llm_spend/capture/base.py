@@ -58,7 +58,6 @@ _MEDIA_TYPES = frozenset(
     ("image", "image_url", "input_image", "audio", "input_audio", "file", "input_file", "document")
 )
 _MEDIA_KEYS = frozenset(("inlineData", "inline_data", "fileData", "file_data"))
-_TOOL_KEYS = ("tools", "functions")
 
 
 class CallInfo(NamedTuple):
@@ -193,7 +192,7 @@ def make_usage(
 def input_bound(body: bytes, parsed: Mapping[str, Any], media_allowance: int) -> int:
     """An upper bound of the input tokens of a JSON request (see the module docstring)."""
     size = len(body) + _TEMPLATE_ALLOWANCE
-    if any(parsed.get(key) for key in _TOOL_KEYS):
+    if parsed.get("tools") or parsed.get("functions"):
         size += TOOLS_ALLOWANCE
     if _MEDIA_MARKERS.search(body) is not None:
         media_bytes, parts = _media(parsed)

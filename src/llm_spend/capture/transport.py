@@ -65,27 +65,30 @@ class _Base:
     def inner(self) -> Any:
         return self._inner
 
-    def _plan(self, request: Any, raw: bytes, adapter: Any, kind: str, provider: str) -> Plan:
+    def _plan(self, raw: bytes, adapter: Any, kind: str, provider: str, path: str) -> Plan:
         options = self._options
         return plan_call(
             adapter,
             kind,
             provider,
-            request.url.path,
+            path,
             raw,
             include_stream_usage=options.include_stream_usage,
             media_allowance=options.media_allowance_tokens,
         )
 
-    def _route(self, request: Any) -> tuple[Any, str, str] | None:
+    def _route(self, request: Any) -> tuple[Any, str, str, str] | None:
+        """(adapter, kind, provider id, path) of a request to a billed endpoint, else None."""
         url = request.url
-        route = self._router.match(url.host, url.port)
+        host = url.host
+        route = self._router.match(host, url.port)
         if route is None:
             return None
-        kind = route.adapter.kind(request.method, url.path)
+        path = url.path
+        kind = route.adapter.kind(request.method, path)
         if kind is None:
             return None
-        return route.adapter, kind, route.provider_for(url.host)
+        return route.adapter, kind, route.provider_for(host), path
 
     def _prepared(self, request: Any, plan: Plan, call: GuardedCallLike) -> Any:
         """The request to send: identity encoding, and the rewritten body if the plan changed it."""
@@ -141,7 +144,7 @@ class SpendAsyncTransport(_Base):
         found = self._route(request)
         if found is None:
             return await self._inner.handle_async_request(request)
-        plan = self._plan(request, await request.aread(), *found)
+        plan = self._plan(await request.aread(), *found)
         guard = self._guard(plan)
         call = await guard.__aenter__()
         started = time.perf_counter()
@@ -201,7 +204,7 @@ class SpendSyncTransport(_Base):
         if found is None:
             return self._inner.handle_request(request)
         loop = self._tracker_loop()
-        plan = self._plan(request, request.read(), *found)
+        plan = self._plan(request.read(), *found)
         guard = self._guard(plan)
         call = run_on(loop, guard.__aenter__())
         started = time.perf_counter()
