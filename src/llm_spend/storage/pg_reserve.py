@@ -26,11 +26,11 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from .rows import Refusal, WindowKey, window_json
+from .rows import WINDOW_COLUMNS, Refusal, WindowKey, window_json
 
 __all__ = ["PostgresReservations"]
 
-_KEY = "period, window_start, scope_key, scope_value"
+_KEY = WINDOW_COLUMNS
 _ORDER = 'period COLLATE "C", window_start, scope_key COLLATE "C", scope_value COLLATE "C"'
 _MATCH = " AND ".join(f"r.{c} = w.{c}" for c in _KEY.split(", "))
 _LOCK_ORDER = ", ".join("r." + c for c in _ORDER.split(", "))

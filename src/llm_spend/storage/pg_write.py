@@ -16,11 +16,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .rows import CALL_COLUMNS, SUMS, TOKEN_COLUMNS, PendingWrite, WindowKey
+from .rows import CALL_COLUMNS, SUMS, TOKEN_COLUMNS, WINDOW_COLUMNS, PendingWrite, WindowKey
 
 __all__ = ["write_batch"]
 
-_KEY = "period, window_start, scope_key, scope_value"
+_KEY = WINDOW_COLUMNS
 _CALL_TYPES = {
     "occurred_at": "timestamptz",
     "stream": "bool",

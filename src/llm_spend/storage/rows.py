@@ -17,6 +17,7 @@ from .schema import calls
 __all__ = [
     "CALL_COLUMNS",
     "SUMS",
+    "WINDOW_COLUMNS",
     "PendingWrite",
     "Refusal",
     "WindowKey",
@@ -37,6 +38,8 @@ TOKEN_COLUMNS = (
 )
 SUMS = ("spent_nanousd", "reserved_nanousd", "calls", "unknown_cost_calls", *TOKEN_COLUMNS)
 CALL_COLUMNS = tuple(column.name for column in calls.columns if column.name != "id")
+WINDOW_COLUMNS = "period, window_start, scope_key, scope_value"
+"""A rollup row's key columns, in the order of `WindowKey`, as SQL."""
 
 
 class WindowKey(NamedTuple):

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from .rows import (
     CALL_COLUMNS,
     SUMS,
+    WINDOW_COLUMNS,
     PendingWrite,
     Refusal,
     WindowKey,
@@ -48,7 +49,7 @@ _INSERT_CALLS = (
     f"INSERT INTO llm_calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
-_KEY = "period, window_start, scope_key, scope_value"
+_KEY = WINDOW_COLUMNS
 _BUMP = (
     f"INSERT INTO llm_spend_rollups ({_KEY}, {', '.join(SUMS)}) "
     f"VALUES (?, ?, ?, ?, {', '.join('?' * len(SUMS))}) "
@@ -106,10 +107,8 @@ class _Worker:
         self.thread.start()
 
     def _serve(self) -> None:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn = _connect(self.path, f"busy_timeout={_BUSY_STEP_MS}")
         try:
-            for pragma in ("journal_mode=WAL", f"busy_timeout={_BUSY_STEP_MS}", "synchronous=NORMAL"):
-                conn.execute(f"PRAGMA {pragma}")
             while True:
                 first = self.queue.get()
                 if first is None:
@@ -143,29 +142,21 @@ class _Worker:
         except BaseException as exc:
             return [(False, exc)] * len(bodies)
         if len(bodies) == 1:  # alone, the transaction is its savepoint
+            return [_alone(conn, bodies[0])]
+        outcome: list[tuple[bool, Any]] = []
+        for body in bodies:
+            conn.execute("SAVEPOINT llm_spend_op")
             try:
-                outcome: list[tuple[bool, Any]] = [(True, bodies[0](conn))]
+                outcome.append((True, body(conn)))
             except Undo as undo:
-                conn.rollback()
-                return [(True, undo.value)]
+                conn.execute("ROLLBACK TO llm_spend_op")
+                outcome.append((True, undo.value))
             except BaseException as exc:
-                conn.rollback()
-                return [(False, exc)]
-        else:
-            outcome = []
-            for body in bodies:
-                conn.execute("SAVEPOINT llm_spend_op")
-                try:
-                    outcome.append((True, body(conn)))
-                except Undo as undo:
-                    conn.execute("ROLLBACK TO llm_spend_op")
-                    outcome.append((True, undo.value))
-                except BaseException as exc:
-                    if not conn.in_transaction:  # an error that ended the whole transaction
-                        return [(False, exc)] * len(bodies)
-                    conn.execute("ROLLBACK TO llm_spend_op")
-                    outcome.append((False, exc))
-                conn.execute("RELEASE llm_spend_op")
+                if not conn.in_transaction:  # an error that ended the whole transaction
+                    return [(False, exc)] * len(bodies)
+                conn.execute("ROLLBACK TO llm_spend_op")
+                outcome.append((False, exc))
+            conn.execute("RELEASE llm_spend_op")
         try:
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -196,6 +187,33 @@ class _Worker:
                 busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
                 if not busy or self.closing or time.monotonic() > deadline:
                     raise
+
+
+def _connect(path: str, *pragmas: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", *pragmas):
+        conn.execute(f"PRAGMA {pragma}")
+    return conn
+
+
+def _alone(conn: sqlite3.Connection, body: Body) -> tuple[bool, Any]:
+    """Run `body` in the transaction just begun on `conn` and end it: (True, result) once committed,
+    (True, value) for an `Undo`, (False, exception) for a failure; both of those roll back."""
+    try:
+        result = body(conn)
+    except Undo as undo:
+        conn.rollback()
+        return True, undo.value
+    except BaseException as exc:
+        conn.rollback()
+        return False, exc
+    try:
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            conn.rollback()
+        return False, exc
+    return True, result
 
 
 def _answer(ops: Sequence[_Op], outcome: Sequence[tuple[bool, Any]]) -> None:
@@ -249,9 +267,7 @@ class SQLiteFile:
         future: asyncio.Future[T] = loop.create_future()
         if small and self._pending == 0 and self._here(future, body):
             return future
-        worker = self._worker
-        if worker is None:
-            worker = self._worker = _Worker(self._path)
+        worker = self._thread()
         self._pending += 1
         future.add_done_callback(self._answered)
         worker.queue.put((body, future, loop))
@@ -264,16 +280,7 @@ class SQLiteFile:
         """Run a small transaction on the calling thread when nobody holds the write lock (no wait)."""
         conn = self._inline
         if conn is None:
-            conn = self._inline = sqlite3.connect(
-                self._path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            for pragma in (
-                "journal_mode=WAL",
-                "busy_timeout=0",
-                "synchronous=NORMAL",
-                "wal_autocheckpoint=0",
-            ):
-                conn.execute(f"PRAGMA {pragma}")
+            conn = self._inline = _connect(self._path, "busy_timeout=0", "wal_autocheckpoint=0")
             self._inline_thread = threading.get_ident()
         elif self._inline_thread != threading.get_ident():
             return False
@@ -284,31 +291,18 @@ class SQLiteFile:
                 return False
             future.set_exception(exc)
             return True
-        try:
-            result = body(conn)
-        except Undo as undo:
-            conn.rollback()
-            future.set_result(undo.value)  # type: ignore[arg-type]
+        ok, value = _alone(conn, body)
+        if not ok:
+            future.set_exception(value)
             return True
-        except BaseException as exc:
-            conn.rollback()
-            future.set_exception(exc)
-            return True
-        try:
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.rollback()
-            future.set_exception(exc)
-            return True
-        future.set_result(result)
+        future.set_result(value)
         self._inline_commits += 1
-        if self._inline_commits % _CHECKPOINT_EVERY == 0:
-            self._worker_for_checkpoint().queue.put((_checkpoint, future, asyncio.get_running_loop()))
+        if self._inline_commits % _CHECKPOINT_EVERY == 0:  # this connection does not checkpoint
+            self._thread().queue.put((_checkpoint, future, asyncio.get_running_loop()))
         return True
 
-    def _worker_for_checkpoint(self) -> _Worker:
-        """Those commits do not checkpoint (it would block the loop on fsync): the thread does."""
+    def _thread(self) -> _Worker:
+        """The write thread, started on first need (again after a close)."""
         if self._worker is None:
             self._worker = _Worker(self._path)
         return self._worker
