@@ -1,10 +1,12 @@
 """Request-scoped attribution held in contextvars: tags and the request id.
 
 `with_tags(**tags)` is a sync and async context manager and a decorator. Scopes nest (the inner
-value wins) and always restore the previous state in ``finally``. The mapping in the ContextVar is
-never mutated: each scope sets a new read-only mapping (copy on write), so tasks created with
-`asyncio.create_task` and threads started with `asyncio.to_thread` see the tags of their creator and
-nothing they do leaks back.
+value wins) and always restore the previous state in ``finally``. One ContextVar holds a `_Scope`:
+the tags in effect, the request being served, and the enclosing scope, restored on exit. A
+scope is never changed once set: each `with_tags` sets a new one with a new read-only mapping (copy on
+write), so tasks created with `asyncio.create_task` and threads started with `asyncio.to_thread` see
+the tags of their creator and nothing they do leaks back. One variable, not one per field, because a
+ContextVar set and reset is the largest cost a request pays here (docs/performance.md).
 
 contextvars-extras is used here and nowhere else (docs/decisions.md says why it is acceptable).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar, cast
 
@@ -32,6 +34,7 @@ __all__ = [
 MAX_TAGS: Final = 50
 MAX_VALUE_BYTES: Final = 256
 REDACTED: Final = "[REDACTED]"
+_PLAIN_LEN: Final = MAX_VALUE_BYTES // 4  # any str this long fits in MAX_VALUE_BYTES as UTF-8
 _KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # A key is secret-looking when one of its words (split on _ . -) is one of these: `api_key`,
 # `X-API-Key`, `client_secret`, `session_token` and `token_count` are; `max_tokens` and `author` not.
@@ -40,29 +43,44 @@ _SECRET = re.compile(
     r"|credentials?|private[_.\-]?key|access[_.\-]?key)(?:$|[_.\-])"
 )
 _EMPTY: Mapping[str, str] = MappingProxyType({})
-
-_tags: ContextVarExt[Mapping[str, str]] = ContextVarExt("llm_spend.tags", default=_EMPTY)
-request_id_var: ContextVarExt[str | None] = ContextVarExt("llm_spend.request_id", default=None)
-_scope_tokens: ContextVarExt[tuple[Any, ...]] = ContextVarExt("llm_spend.scope_tokens", default=())
+# Keys seen valid and not secret-looking: checked once, then known (keys repeat; bounded).
+_PLAIN_KEYS: set[str] = set()
+_PLAIN_KEYS_MAX: Final = 4096
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# What the context holds: (tags, request id, enclosing scope). A plain tuple, the cheapest object to
+# build. The request id is `(resolve, *args)`, worked out as `resolve(*args)` only when asked, so a
+# request that makes no LLM call never works one out; it gives the same id each time. `with_tags`
+# restores the enclosing scope on exit.
+RequestId = tuple[Callable[[Any, int], str], Any, int]
+_Scope = tuple[Mapping[str, str], RequestId | None, Any]
+_TAGS: Final = 0
+_REQUEST_ID: Final = 1
+_OUTER: Final = 2
+
+_scope: ContextVarExt[_Scope] = ContextVarExt("llm_spend.scope", default=(_EMPTY, None, None))
+# The C methods of the underlying ContextVar: ContextVarExt.get is a Python wrapper, and a scope is
+# never deleted or reset to its default, the cases that wrapper exists for.
+_get: Callable[[], _Scope] = _scope.get_raw
+_set: Callable[[_Scope], Any] = _scope.set
+_reset: Callable[[Any], None] = _scope.reset
+
+
 def current_tags() -> Mapping[str, str]:
     """The tags in effect here, as a read-only mapping."""
-    tags: Mapping[str, str] = _tags.get()
-    return tags
+    return _get()[_TAGS]
 
 
 def current_request_id() -> str | None:
     """The id of the HTTP request being served, set by SpendMiddleware, or None."""
-    request_id: str | None = request_id_var.get()
-    return request_id
+    request_id = _get()[_REQUEST_ID]
+    return None if request_id is None else request_id[0](request_id[1], request_id[2])
 
 
-@functools.lru_cache(maxsize=4096)
 def _key_kind(key: str) -> bool | None:
-    """None for an invalid key, else whether it looks like a secret (cached: keys repeat)."""
+    """None for an invalid key, else whether it looks like a secret."""
     if not _KEY.fullmatch(key):
         return None
     return _SECRET.search(key.lower()) is not None
@@ -79,10 +97,6 @@ def _value(key: str, value: object, secret: bool) -> str:
     return text.encode()[:MAX_VALUE_BYTES].decode(errors="ignore")
 
 
-def _plain(text: str) -> bool:
-    return len(text) <= MAX_VALUE_BYTES // 4 and text.isascii() and "\x00" not in text
-
-
 def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
     """Validate keys and normalize values: str, at most 256 UTF-8 bytes, secrets redacted.
 
@@ -95,12 +109,20 @@ def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
         raise ValueError(f"at most {MAX_TAGS} tags are allowed, got {len(tags)}")
     normalized: dict[str, str | None] = {}
     for key, value in tags.items():
-        kind = _key_kind(key) if isinstance(key, str) else None
-        if kind is False and type(value) is str and _plain(value):  # kept as it is (see `_value`)
+        if (  # kept as it is (see `_value`): a short plain str under a known plain key
+            key in _PLAIN_KEYS
+            and type(value) is str
+            and len(value) <= _PLAIN_LEN
+            and value.isascii()
+            and "\x00" not in value
+        ):
             normalized[key] = value
             continue
+        kind = _key_kind(key) if isinstance(key, str) else None
         if kind is None:
             raise ValueError(f"tag key {key!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        if kind is False and len(_PLAIN_KEYS) < _PLAIN_KEYS_MAX:
+            _PLAIN_KEYS.add(key)
         normalized[key] = None if value is None else _value(key, value, kind)
     return normalized
 
@@ -114,7 +136,7 @@ def merge_tags(base: Mapping[str, str], new: Mapping[str, str | None]) -> Mappin
         merged = {k: v for k, v in merged.items() if v is not None}
     if len(merged) > MAX_TAGS:
         raise ValueError(f"at most {MAX_TAGS} tags are allowed in one scope, got {len(merged)}")
-    return MappingProxyType(cast(dict[str, str], merged))
+    return MappingProxyType(merged)  # type: ignore[arg-type]  # the None values are gone
 
 
 class with_tags:
@@ -128,16 +150,15 @@ class with_tags:
     def __enter__(self) -> Mapping[str, str]:
         # The token is kept in the context, not on self: one scope object may be entered by many
         # tasks and threads at once (e.g. a module-level `CHAT = with_tags(feature="chat")`).
-        merged = merge_tags(_tags.get(), self._new)
-        _scope_tokens.set((*_scope_tokens.get(), _tags.set(merged)))
-        return merged
+        outer = _get()
+        tags = merge_tags(outer[_TAGS], self._new)
+        _set((tags, outer[_REQUEST_ID], outer))
+        return tags
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        tokens = _scope_tokens.get()
-        _scope_tokens.set(tokens[:-1])
-        _tags.reset(tokens[-1])
+        _set(_get()[_OUTER])
 
     async def __aenter__(self) -> Mapping[str, str]:
         return self.__enter__()
@@ -159,39 +180,44 @@ class with_tags:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                token = _tags.set(merge_tags(_tags.get(), new))
+                token = _enter(new)
                 try:
-                    return await cast(Callable[..., Awaitable[Any]], func)(*args, **kwargs)
+                    return await func(*args, **kwargs)
                 finally:
-                    _tags.reset(token)
+                    _reset(token)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            token = _tags.set(merge_tags(_tags.get(), new))
+            token = _enter(new)
             try:
                 return func(*args, **kwargs)
             finally:
-                _tags.reset(token)
+                _reset(token)
 
         return cast(F, wrapper)
 
 
+def _enter(new: Mapping[str, str | None]) -> Any:
+    """Set a scope of the enclosing one's tags overlaid by `new`; its token."""
+    outer = _get()
+    return _set((merge_tags(outer[_TAGS], new), outer[_REQUEST_ID], outer))
+
+
 def set_request_scope(
-    request_id: str, tags: dict[str, str | None] | Mapping[str, str | None]
-) -> tuple[tuple[Any, Any], Mapping[str, str]]:
-    """Enter a request's scope (used by SpendMiddleware): tokens for `reset_request_scope`, and the
-    tags now in effect. `tags` (as `normalize_tags` returns them) is not used afterwards by the caller."""
-    base = _tags.get()
+    request_id: RequestId, tags: dict[str, str | None] | Mapping[str, str | None]
+) -> tuple[Any, Mapping[str, str]]:
+    """Enter a request's scope (used by SpendMiddleware): the token for `reset_request_scope`, and
+    the tags now in effect. `request_id` works out the request's id, as above; `tags` (as
+    `normalize_tags` returns them) is not used afterwards by the caller."""
+    outer = _get()
+    base = outer[_TAGS]
     if not base and type(tags) is dict and None not in tags.values():  # no copy of a fresh mapping
-        merged: Mapping[str, str] = MappingProxyType(cast(dict[str, str], tags))
+        merged: Mapping[str, str] = MappingProxyType(tags)  # type: ignore[arg-type]
     else:
         merged = merge_tags(base, tags)
-    return (request_id_var.set(request_id), _tags.set(merged)), merged
+    return _set((merged, request_id, outer)), merged
 
 
-def reset_request_scope(tokens: tuple[Any, Any]) -> None:
-    request_token, tags_token = tokens
-    _tags.reset(tags_token)
-    request_id_var.reset(request_token)
+reset_request_scope = _reset

@@ -57,7 +57,7 @@ class SpendMiddleware:
         self.tags = tags
         self.status_code = status_code
         self.preflight = preflight
-        self._refusal = tracker.preflight if preflight else None
+        self._refusal = tracker.budget_guard.refusal if preflight else None  # = tracker.preflight
         self.request_id_header = request_id_header.lower().encode("latin-1")
         # Generated ids: a random per-instance prefix and a counter (uuid4 costs ~5 µs here).
         self._id_prefix = os.urandom(8).hex()
@@ -73,18 +73,21 @@ class SpendMiddleware:
             if type(found) is not dict:  # the common case skips the slower checks
                 found = await self._awaited_mapping(found)
             tags = normalize_tags(found)
-        tokens, merged = set_request_scope(self._request_id(scope), tags)
+        # The id is worked out only when a call is recorded: from the header, else from a number
+        # drawn now (so every call of the request gets the same id).
+        request_id = (self._request_id, scope["headers"], next(self._id_counter))
+        token, merged = set_request_scope(request_id, tags)
         try:
             refusal = self._refusal(merged) if self._refusal is not None else None
             if refusal is not None:
                 await self._refuse(refusal, send)
                 return
-            started = False
+            started = False  # once anything went out (a response starts with its first message)
 
-            async def send_wrapper(message: Message) -> None:
+            def send_wrapper(message: Message) -> Awaitable[None]:  # no coroutine of its own
                 nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
+                started = True
+                return send(message)
 
             try:
                 await self.app(scope, receive, send_wrapper)
@@ -93,16 +96,16 @@ class SpendMiddleware:
                     raise
                 await self._refuse(exc, send)
         finally:
-            reset_request_scope(tokens)
+            reset_request_scope(token)
 
-    def _request_id(self, scope: Scope) -> str:
-        for name, value in scope["headers"]:
+    def _request_id(self, headers: list[tuple[bytes, bytes]], number: int) -> str:
+        for name, value in headers:
             if name == self.request_id_header:
                 text: str = value.decode("latin-1")
                 if _REQUEST_ID.fullmatch(text):
                     return text
                 break
-        return f"{self._id_prefix}-{next(self._id_counter):x}"
+        return f"{self._id_prefix}-{number:x}"
 
     @staticmethod
     async def _awaited_mapping(result: Any) -> Mapping[str, object]:
