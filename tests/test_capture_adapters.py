@@ -253,6 +253,34 @@ def test_input_bound_is_the_body_bytes_with_allowances_for_tools_and_media() -> 
     assert bound < 1_000 and bound >= len(raw_media) - 100_000 + 500 - 200
 
 
+_BLOB = "QUJD" * 5_000  # 20 kB of base64: far more bytes than the allowance
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _BLOB}},  # OpenAI chat
+        {"type": "input_audio", "input_audio": {"data": _BLOB, "format": "wav"}},
+        {"type": "file", "file": {"file_data": _BLOB}},
+        {"type": "input_image", "image_url": "data:image/png;base64," + _BLOB},  # Responses
+        {"type": "input_file", "file_data": _BLOB},
+        {"type": "image", "source": {"type": "base64", "data": _BLOB}},  # Anthropic
+        {"type": "document", "source": {"type": "base64", "data": _BLOB}},
+        {"inlineData": {"mimeType": "image/png", "data": _BLOB}},  # Gemini
+        {"inline_data": {"mime_type": "image/png", "data": _BLOB}},
+        {"fileData": {"fileUri": "gs://b/" + _BLOB}},
+        {"file_data": {"file_uri": "gs://b/" + _BLOB}},
+    ],
+)
+@pytest.mark.parametrize("indent", [None, 2])
+def test_every_media_shape_counts_as_the_allowance(part: dict[str, object], indent: int | None) -> None:
+    """Each provider's media part, compact or pretty-printed, counts as the allowance, not its bytes."""
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    raw = json.dumps(body, indent=indent).encode()
+    part_bytes = len(json.dumps(part, separators=(",", ":")).encode())
+    assert input_bound(raw, body, 500) == len(raw) + 16 + 500 - part_bytes
+
+
 def test_resolve_route_builtin_and_configured_hosts() -> None:
     """Official hosts are built in; configured hosts (exact, host:port, *.suffix) pick adapter and id."""
     providers = {

@@ -53,7 +53,11 @@ TOOLS_ALLOWANCE = 1_000
 """Tokens counted once for a request with tools: the provider's own tool-use instructions."""
 _TEMPLATE_ALLOWANCE = 16
 """Tokens counted once per request for the chat template around the reply."""
-_MEDIA_MARKERS = re.compile(rb"image|audio|file|document|inlineData|inline_data|fileData")
+_MEDIA_MARKERS = re.compile(rb'"(?:image|audio|file|document|inline|input_)')
+"""How every media type (`_MEDIA_TYPES`) and media key (`_MEDIA_KEYS`) starts, quote included: the
+quote makes the search fast (a regex that starts with one literal byte skips to it; text holds few
+quotes), where searching each marker anywhere took 25 times longer than parsing the JSON. A body
+that spells a media type with a JSON escape for its first letter is not seen as media."""
 _MEDIA_TYPES = frozenset(
     ("image", "image_url", "input_image", "audio", "input_audio", "file", "input_file", "document")
 )
