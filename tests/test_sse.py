@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -89,6 +90,52 @@ def test_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
         b"data: plain\n\nevent: two\rdata: cr\r\rdata: [DONE]\n\n"
     )
     assert parse(*split(stream, cuts)) == parse(stream)
+
+
+def reference(stream: bytes) -> list[tuple[bytes, bytes]]:
+    """The events the SSE specification gives, read line by line (and the last event even without
+    its blank line, as `SSEParser.close` delivers it)."""
+    events: list[tuple[bytes, bytes]] = []
+    event, data = b"", []
+    for line in re.split(rb"\r\n|\r|\n", stream):
+        if not line:
+            if data:
+                events.append((event, b"\n".join(data)))
+            event, data = b"", []
+            continue
+        if line.startswith(b":"):
+            continue
+        name, colon, value = line.partition(b":")
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value
+    if data:
+        events.append((event, b"\n".join(data)))
+    return events
+
+
+_VALUE = st.binary(max_size=12).map(lambda value: value.replace(b"\r", b"").replace(b"\n", b""))
+_LINE = st.one_of(
+    st.tuples(st.sampled_from([b"data: ", b"data:", b"event: ", b": ", b"id: "]), _VALUE).map(b"".join),
+    st.just(b"data"),
+)
+_END_OF_LINE = st.sampled_from([b"\n", b"\r\n", b"\r"])
+_EVENT = st.tuples(
+    st.lists(st.tuples(_LINE, _END_OF_LINE).map(b"".join), min_size=1, max_size=3), _END_OF_LINE
+).map(lambda parts: b"".join(parts[0]) + parts[1])
+
+
+@settings(max_examples=500, deadline=None)
+@given(events=st.lists(_EVENT, max_size=8), cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_the_parser_gives_the_events_of_the_specification(events: list[bytes], cuts: list[int]) -> None:
+    """Property: one event per chunk (the shapes the fast path takes), or the stream cut anywhere,
+    gives the events the specification reads from the same bytes."""
+    stream = b"".join(events)
+    assert parse(*events) == reference(stream)
+    assert parse(*split(stream, cuts)) == reference(stream)
 
 
 def fake_stream(path: str, body: bytes, usage: Usage) -> bytes:

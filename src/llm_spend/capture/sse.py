@@ -8,7 +8,8 @@ counts once); comment lines (``:``) and the ``id:`` / ``retry:`` fields are igno
 decoded here: a sink checks bytes cheaply and decodes JSON only for the few events that carry usage.
 
 Only the unfinished event is kept between chunks. The common shapes, one ``data:`` line with or
-without one ``event:`` line before it, take a fast path of a few C-level bytes operations.
+without one ``event:`` line before it, alone in their chunk, take a fast path of a few C-level bytes
+operations.
 
 `close()` ends the stream leniently: an event without its terminating blank line (or its last
 newline) is still delivered, since a provider closing right after its final event must not lose the
@@ -46,44 +47,48 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> None:
         """Parse one network chunk (bytes of the body, in order, as received)."""
-        if (  # one `data:` line ended by CRLF CRLF, alone in its chunk (Gemini's shape)
-            chunk.endswith(_CRLF_END)
-            and not self._tail
-            and not self._cr
-            and chunk.startswith(_DATA)
-            and chunk.find(_CR) == len(chunk) - 4
-            and chunk.find(_NL) == len(chunk) - 3
-        ):
-            self._sink(b"", chunk[6:-4])
+        if not self._tail and not self._cr and self._whole(chunk):
             return
         if self._cr:
             self._cr = False
             if chunk[:1] == _NL:
                 chunk = chunk[1:]
-        if _CR in chunk:
+        if 13 in chunk:  # a CR (an int: a memchr, where a bytes needle costs ten times more)
             self._cr = chunk[-1:] == _CR
             chunk = chunk.replace(b"\r\n", _NL).replace(_CR, _NL)
         if self._tail:
             chunk = self._tail + chunk
-            self._tail = b""
-        end = len(chunk) - 2
-        first = chunk.find(_NL)
-        if first == end and chunk.startswith(_DATA) and chunk.endswith(_END):  # one `data:` line
-            self._sink(b"", chunk[6:end])
-            return
-        if (  # `event:` then `data:`
-            first > 0
-            and chunk.startswith(_EVENT)
-            and chunk.find(_NL, first + 1) == end
-            and chunk.startswith(_DATA, first + 1)
-            and chunk.endswith(_END)
-        ):
-            self._sink(chunk[7:first], chunk[first + 7 : end])
-            return
         blocks = chunk.split(_END)
         self._tail = blocks.pop()
         for block in blocks:
             self._block(block)
+
+    def _whole(self, chunk: bytes) -> bool:
+        """Deliver a chunk that is exactly one event of a common shape; False for any other chunk.
+
+        The shapes: one ``data:`` line ended by LF LF (OpenAI) or by CRLF CRLF (Gemini), and one
+        ``event:`` line then one ``data:`` line (Anthropic, OpenAI responses)."""
+        size = len(chunk)
+        lf = chunk.find(_NL)
+        if chunk.startswith(_DATA):
+            if lf == size - 2 and chunk[-1] == 10 and 13 not in chunk:
+                self._sink(b"", chunk[6:lf])
+                return True
+            if lf == size - 3 and chunk.endswith(_CRLF_END) and chunk.find(_CR) == size - 4:
+                self._sink(b"", chunk[6 : size - 4])
+                return True
+            return False
+        if (
+            lf > 0
+            and chunk.startswith(_EVENT)
+            and chunk.find(_NL, lf + 1) == size - 2
+            and chunk[-1] == 10
+            and chunk.startswith(_DATA, lf + 1)
+            and 13 not in chunk
+        ):
+            self._sink(chunk[7:lf], chunk[lf + 7 : size - 2])
+            return True
+        return False
 
     def close(self) -> None:
         """End of stream: deliver what a stream cut right after its last event still holds."""
