@@ -47,13 +47,35 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> None:
         """Parse one network chunk (bytes of the body, in order, as received)."""
-        if not self._tail and not self._cr and self._whole(chunk):
-            return
+        if not self._tail and not self._cr:
+            # A chunk that is exactly one event of a common shape: one `data:` line ended by LF LF
+            # (OpenAI) or CRLF CRLF (Gemini), or one `event:` line then one `data:` line (Anthropic,
+            # OpenAI responses). CR is looked for as an int: a memchr, where a bytes needle costs
+            # ten times more.
+            size = len(chunk)
+            lf = chunk.find(_NL)
+            if chunk.startswith(_DATA):
+                if lf == size - 2 and chunk[-1] == 10 and 13 not in chunk:
+                    self._sink(b"", chunk[6:lf])
+                    return
+                if lf == size - 3 and chunk.endswith(_CRLF_END) and chunk.find(_CR) == size - 4:
+                    self._sink(b"", chunk[6 : size - 4])
+                    return
+            elif (
+                lf > 0
+                and chunk.startswith(_EVENT)
+                and chunk.find(_NL, lf + 1) == size - 2
+                and chunk[-1] == 10
+                and chunk.startswith(_DATA, lf + 1)
+                and 13 not in chunk
+            ):
+                self._sink(chunk[7:lf], chunk[lf + 7 : size - 2])
+                return
         if self._cr:
             self._cr = False
             if chunk[:1] == _NL:
                 chunk = chunk[1:]
-        if 13 in chunk:  # a CR (an int: a memchr, where a bytes needle costs ten times more)
+        if 13 in chunk:
             self._cr = chunk[-1:] == _CR
             chunk = chunk.replace(b"\r\n", _NL).replace(_CR, _NL)
         if self._tail:
@@ -63,33 +85,6 @@ class SSEParser:
         for block in blocks:
             self._block(block)
 
-    def _whole(self, chunk: bytes) -> bool:
-        """Deliver a chunk that is exactly one event of a common shape; False for any other chunk.
-
-        The shapes: one ``data:`` line ended by LF LF (OpenAI) or by CRLF CRLF (Gemini), and one
-        ``event:`` line then one ``data:`` line (Anthropic, OpenAI responses)."""
-        size = len(chunk)
-        lf = chunk.find(_NL)
-        if chunk.startswith(_DATA):
-            if lf == size - 2 and chunk[-1] == 10 and 13 not in chunk:
-                self._sink(b"", chunk[6:lf])
-                return True
-            if lf == size - 3 and chunk.endswith(_CRLF_END) and chunk.find(_CR) == size - 4:
-                self._sink(b"", chunk[6 : size - 4])
-                return True
-            return False
-        if (
-            lf > 0
-            and chunk.startswith(_EVENT)
-            and chunk.find(_NL, lf + 1) == size - 2
-            and chunk[-1] == 10
-            and chunk.startswith(_DATA, lf + 1)
-            and 13 not in chunk
-        ):
-            self._sink(chunk[7:lf], chunk[lf + 7 : size - 2])
-            return True
-        return False
-
     def close(self) -> None:
         """End of stream: deliver what a stream cut right after its last event still holds."""
         tail, self._tail = self._tail, b""
@@ -98,7 +93,7 @@ class SSEParser:
 
     def _block(self, block: bytes) -> None:
         """One event's lines, without the blank line that ended it."""
-        if block[:6] == _DATA and _NL not in block:
+        if block[:6] == _DATA and 10 not in block:
             self._sink(b"", block[6:])
             return
         if block[:7] == _EVENT:

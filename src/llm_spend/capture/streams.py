@@ -25,6 +25,7 @@ from .sse import SSEParser
 __all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream"]
 
 logger = logging.getLogger("llm_spend")
+_monotonic = time.monotonic
 
 
 class _Nothing:
@@ -47,12 +48,12 @@ class Finisher:
         "_context",
         "_done",
         "_guard",
-        "_next_extend",
         "_parser",
         "_renewal",
         "_started",
         "feed",
         "loop",
+        "renew_at",
     )  # fmt: skip
 
     def __init__(
@@ -69,7 +70,8 @@ class Finisher:
     ) -> None:
         self._guard, self._call, self.loop, self._background = guard, call, loop, background
         self._started, self._renewal = started, renewal
-        self._next_extend = time.monotonic() + renewal
+        self.renew_at = time.monotonic() + renewal
+        """When to renew the reservation's lease (`extend`): the tap compares it with the clock."""
         self._context = contextvars.copy_context()
         self._done = False
         self._accumulator: Accumulator = accumulator or _Nothing()
@@ -96,14 +98,6 @@ class Finisher:
     def done(self) -> bool:
         return self._done
 
-    def extend_due(self) -> bool:
-        """True once per `renewal` seconds of streaming: time to renew the reservation's lease."""
-        now = time.monotonic()
-        if now < self._next_extend:
-            return False
-        self._next_extend = now + self._renewal
-        return True
-
     def broken(self) -> None:
         """The tap itself failed (a bug): stop looking at chunks, record unknown usage."""
         logger.exception("llm-spend: reading a captured stream failed; its usage is unknown")
@@ -111,6 +105,8 @@ class Finisher:
         self.feed = _ignore
 
     async def extend(self) -> None:
+        """Renew the reservation's lease, for `renewal` seconds more of streaming."""
+        self.renew_at = time.monotonic() + self._renewal
         try:
             await self._call.extend()
         except Exception:
@@ -189,7 +185,7 @@ class TappedAsyncStream:
             finisher.feed(chunk)
         except Exception:
             finisher.broken()
-        if finisher.extend_due():
+        if _monotonic() >= finisher.renew_at:
             await finisher.extend()
         return chunk
 
@@ -232,7 +228,7 @@ class TappedSyncStream:
             finisher.feed(chunk)
         except Exception:
             finisher.broken()
-        if finisher.extend_due():
+        if _monotonic() >= finisher.renew_at:
             run_on(finisher.loop, finisher.extend())
         return chunk
 
