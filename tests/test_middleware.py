@@ -105,6 +105,34 @@ async def test_request_id_is_generated_without_header(sqlite_url: str, tracker_f
     assert sorted(r["request_id"] for r in await ledger(sqlite_url)) == sorted(ids)
 
 
+async def test_every_call_of_a_request_gets_its_one_id(sqlite_url: str, tracker_factory: Factory) -> None:
+    """The id is worked out when a call is recorded: two calls in the request and one in a task that
+    records after the response all carry the same id, generated or from a header."""
+    tracker = await tracker_factory(sqlite_url)
+    later: list[asyncio.Task[Any]] = []
+
+    async def endpoint(request: Request) -> JSONResponse:
+        first = await tracker.track(**CALL)
+        second = await tracker.track(**CALL)
+
+        async def after() -> Any:
+            await asyncio.sleep(0.05)
+            return await tracker.track(**CALL)
+
+        later.append(asyncio.create_task(after()))
+        return JSONResponse({"ids": [first.request_id, second.request_id]})
+
+    app = build_app(tracker, [Route("/", endpoint)])
+    async with client_for(app) as client:
+        generated = (await client.get("/")).json()["ids"]
+        given = (await client.get("/", headers={"X-Request-ID": "req-7"})).json()["ids"]
+    late = [(await task).request_id for task in later]
+    assert generated[0] == generated[1] == late[0] and generated[0] != "req-7"
+    assert given == ["req-7", "req-7"] and late[1] == "req-7"
+    rows = sorted(r["request_id"] for r in await ledger(sqlite_url))
+    assert rows == sorted([generated[0]] * 3 + ["req-7"] * 3)
+
+
 async def test_middleware_tags_land_in_the_row(sqlite_url: str, tracker_factory: Factory) -> None:
     """The tags callable's mapping is in context during the request and stored on the row."""
     tracker = await tracker_factory(sqlite_url)

@@ -148,12 +148,11 @@ class with_tags:
         self._new = normalize_tags(tags)
 
     def __enter__(self) -> Mapping[str, str]:
-        # The token is kept in the context, not on self: one scope object may be entered by many
-        # tasks and threads at once (e.g. a module-level `CHAT = with_tags(feature="chat")`).
-        outer = _get()
-        tags = merge_tags(outer[_TAGS], self._new)
-        _set((tags, outer[_REQUEST_ID], outer))
-        return tags
+        # What to restore is kept in the context (the enclosing scope), not on self: one scope
+        # object may be entered by many tasks and threads at once (e.g. a module-level
+        # `CHAT = with_tags(feature="chat")`).
+        _enter(self._new)
+        return _get()[_TAGS]
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
