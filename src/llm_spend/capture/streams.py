@@ -70,7 +70,7 @@ class Finisher:
     ) -> None:
         self._guard, self._call, self.loop, self._background = guard, call, loop, background
         self._started, self._renewal = started, renewal
-        self.renew_at = time.monotonic() + renewal
+        self.renew_at = _monotonic() + renewal
         """When to renew the reservation's lease (`extend`): the tap compares it with the clock."""
         self._context = contextvars.copy_context()
         self._done = False
@@ -106,7 +106,7 @@ class Finisher:
 
     async def extend(self) -> None:
         """Renew the reservation's lease, for `renewal` seconds more of streaming."""
-        self.renew_at = time.monotonic() + self._renewal
+        self.renew_at = _monotonic() + self._renewal
         try:
             await self._call.extend()
         except Exception:
