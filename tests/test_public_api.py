@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.resources
+import pickle
+
+import pytest
 
 import llm_spend
+from llm_spend import Usage
 
 PUBLIC = [
     "Budget",
@@ -65,3 +70,35 @@ def test_version_is_a_string() -> None:
     """llm_spend.__version__ is a version string."""
     assert isinstance(llm_spend.__version__, str)
     assert llm_spend.__version__.count(".") >= 1
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"input_tokens": -1}, "input_tokens must not be negative"),
+        ({"output_tokens": 2.0}, "output_tokens must be an integer"),
+        ({"reasoning_tokens": True}, "reasoning_tokens must be an integer"),
+        ({"cache_read_tokens": 10**9 + 1}, "cache_read_tokens of 1000000001 is implausible"),
+        ({"input_tokens": 5, "cache_read_tokens": 3, "cache_write_tokens": 3}, r"\(3 \+ 3\) must not exceed"),
+        ({"input_tokens": 5, "cache_write_tokens": 1, "cache_write_1h_tokens": 2}, "cache_write_1h_tokens"),
+        ({"output_tokens": 1, "reasoning_tokens": 2}, r"reasoning_tokens \(2\) must not exceed"),
+    ],
+)
+def test_usage_rejects_counts_naming_the_field(counts: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Usage(**counts)  # type: ignore[arg-type]
+
+
+def test_usage_is_a_frozen_dataclass_built_by_position_or_name() -> None:
+    usage = Usage(10, 4, 3, 2, 1, 1)
+    assert usage == Usage(
+        input_tokens=10, output_tokens=4, cache_read_tokens=3, cache_write_tokens=2,
+        cache_write_1h_tokens=1, reasoning_tokens=1,
+    )  # fmt: skip
+    assert Usage() == Usage(0, 0, 0, 0, 0, 0) and hash(usage) == hash(Usage(10, 4, 3, 2, 1, 1))
+    assert dataclasses.replace(usage, output_tokens=9).output_tokens == 9
+    assert pickle.loads(pickle.dumps(usage)) == usage
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        usage.input_tokens = 11  # type: ignore[misc]
+    with pytest.raises(ValueError, match="reasoning_tokens"):
+        dataclasses.replace(usage, output_tokens=0)

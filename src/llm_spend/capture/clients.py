@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from .calls import TrackerLike
 from .options import CaptureOptions
-from .streams import TappedAsyncStream, TappedSyncStream
+from .streams import ReadBody, TappedAsyncStream, TappedSyncStream
 from .transport import LoopGetter, SpendAsyncTransport, SpendSyncTransport
 
 __all__ = ["async_client", "async_transport", "bind", "package_of", "sync_client", "sync_transport"]
@@ -28,6 +28,7 @@ class _Package(NamedTuple):
     sync_transport: type[Any]
     async_stream: type[Any]
     sync_stream: type[Any]
+    read_body: type[Any]
 
 
 def package_of(transport: object) -> str:
@@ -58,6 +59,7 @@ def bind(name: str) -> _Package:
         type("SpendSyncTransport", (SpendSyncTransport, module.BaseTransport), {}),
         type("TappedAsyncStream", (TappedAsyncStream, module.AsyncByteStream), {}),
         type("TappedSyncStream", (TappedSyncStream, module.SyncByteStream), {}),
+        type("ReadBody", (ReadBody, module.AsyncByteStream, module.SyncByteStream), {}),
     )
 
 

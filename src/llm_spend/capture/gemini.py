@@ -73,10 +73,10 @@ class GeminiAdapter:
         if not isinstance(body, dict):
             return Outcome()
         usage = body.get("usageMetadata")
-        return Outcome(
-            usage=_usage(usage) if isinstance(usage, dict) else None,
-            model=text(body.get("modelVersion")),
-            response_id=text(body.get("responseId")),
+        return Outcome(  # usage, model, response id (by position: faster)
+            _usage(usage) if isinstance(usage, dict) else None,
+            text(body.get("modelVersion")),
+            text(body.get("responseId")),
         )
 
     def accumulator(self, kind: str) -> GenerateStream:

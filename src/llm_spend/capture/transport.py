@@ -115,13 +115,13 @@ class _Base:
         )
 
     def _finisher(
-        self, plan: Plan, response: Any, sse: bool, guard: Any, call: Any, started: float, loop: Any
+        self, plan: Plan, coding: str | None, sse: bool, guard: Any, call: Any, started: float, loop: Any
     ) -> Finisher:
         return Finisher(
             guard,
             call,
             plan.adapter.accumulator(plan.kind) if sse else None,
-            encoding=response.headers.get("content-encoding"),
+            encoding=coding,
             started=started,
             loop=loop,
             background=self._background,
@@ -129,8 +129,18 @@ class _Base:
         )
 
 
-def _sse(response: Any) -> bool:
-    return bool(response.headers.get("content-type", "").startswith("text/event-stream"))
+def _content(response: Any) -> tuple[bool, str | None]:
+    """(is an SSE stream, Content-Encoding) of a response, in one pass over its raw headers: two
+    lookups through httpx's `Headers` cost four times as much (each encodes the key and scans)."""
+    sse, coding = False, None
+    for key, value in response.headers.raw:
+        size = len(key)
+        if size == 12 and key.lower() == b"content-type":
+            sse = value.startswith(b"text/event-stream")
+        elif size == 16 and key.lower() == b"content-encoding":
+            part = value.decode("latin-1").strip().lower()  # as httpx reads it
+            coding = part if coding is None else f"{coding}, {part}"
+    return sse, coding
 
 
 def _elapsed_ms(started: float) -> int:
@@ -156,9 +166,9 @@ class SpendAsyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             await leave(guard, None)
             return response
-        sse = _sse(response)
+        sse, coding = _content(response)
         if sse or plan.stream:
-            finisher = self._finisher(plan, response, sse, guard, call, started, asyncio.get_running_loop())
+            finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 for chunk in [chunk async for chunk in response.stream]:
                     finisher.feed(chunk)
@@ -166,14 +176,17 @@ class SpendAsyncTransport(_Base):
                 return response
             response.stream = self._package.async_stream(response.stream, finisher)
             return response
+        parts: list[bytes] = []
         try:
-            raw = b"".join([chunk async for chunk in response.stream])
+            async for chunk in response.stream:  # not a comprehension: that is one more coroutine
+                parts.append(chunk)
         except BaseException as error:  # billed, but cut short: unknown usage
             await _settle_cut(guard, call, started)
             raise error
         finally:
             await response.stream.aclose()
-        outcome = read_outcome(plan, decode_body(raw, response.headers.get("content-encoding")))
+        raw = b"".join(parts)
+        outcome = read_outcome(plan, decode_body(raw, coding))
         await settle(
             guard,
             call,
@@ -183,7 +196,7 @@ class SpendAsyncTransport(_Base):
             latency_ms=_elapsed_ms(started),
             raise_budget=True,
         )
-        response.stream = self._package.module.ByteStream(raw)
+        response.stream = self._package.read_body(raw)
         return response
 
     async def aclose(self) -> None:
@@ -216,9 +229,9 @@ class SpendSyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             run_on(loop, leave(guard, None))
             return response
-        sse = _sse(response)
+        sse, coding = _content(response)
         if sse or plan.stream:
-            finisher = self._finisher(plan, response, sse, guard, call, started, loop)
+            finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 for chunk in list(response.stream):
                     finisher.feed(chunk)
@@ -233,7 +246,7 @@ class SpendSyncTransport(_Base):
             raise
         finally:
             response.stream.close()
-        outcome = read_outcome(plan, decode_body(raw, response.headers.get("content-encoding")))
+        outcome = read_outcome(plan, decode_body(raw, coding))
         run_on(
             loop,
             settle(
@@ -241,7 +254,7 @@ class SpendSyncTransport(_Base):
                 raise_budget=True,
             ),
         )  # fmt: skip
-        response.stream = self._package.module.ByteStream(raw)
+        response.stream = self._package.read_body(raw)
         return response
 
     def _tracker_loop(self) -> asyncio.AbstractEventLoop:
