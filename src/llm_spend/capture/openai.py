@@ -32,6 +32,7 @@ _KINDS = (("/chat/completions", "chat"), ("/responses", "responses"), ("/embeddi
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _TERMINAL = frozenset((b"response.completed", b"response.incomplete", b"response.failed"))
 _USAGE = b'"usage":'
+_NO_USAGE = b'"usage":null}'
 
 
 class OpenAIAdapter:
@@ -116,6 +117,8 @@ class ChatStream:
     def __call__(self, event: bytes, data: bytes) -> None:
         if not self._first and data[:1] == b"{":
             self._first = data
+        if data[-13:] == _NO_USAGE:  # how OpenAI ends every chunk but the last (a slice: cheaper than rfind)
+            return
         at = data.rfind(_USAGE)
         if at < 0 or data[at + 8 : at + 9] == b"n":  # no usage, or "usage":null (every chunk but the last)
             return

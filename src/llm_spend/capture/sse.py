@@ -50,27 +50,26 @@ class SSEParser:
         if not self._tail and not self._cr:
             # A chunk that is exactly one event of a common shape: one `data:` line ended by LF LF
             # (OpenAI) or CRLF CRLF (Gemini), or one `event:` line then one `data:` line (Anthropic,
-            # OpenAI responses). CR is looked for as an int: a memchr, where a bytes needle costs
-            # ten times more.
-            size = len(chunk)
-            lf = chunk.find(_NL)
-            if chunk.startswith(_DATA):
-                if lf == size - 2 and chunk[-1] == 10 and 13 not in chunk:
-                    self._sink(b"", chunk[6:lf])
+            # OpenAI responses). Checked with slices and `in` with an int (a memchr): bytes methods
+            # parse their arguments as a tuple, and `find` or `startswith` cost three to four times
+            # a slice compared.
+            head = chunk[:6]
+            if head == _DATA:
+                data = chunk[6:-2]
+                if chunk[-2:] == _END and 10 not in data and 13 not in data:
+                    self._sink(b"", data)
                     return
-                if lf == size - 3 and chunk.endswith(_CRLF_END) and chunk.find(_CR) == size - 4:
-                    self._sink(b"", chunk[6 : size - 4])
+                if chunk[-4:] == _CRLF_END:
+                    data = data[:-2]
+                    if 10 not in data and 13 not in data:
+                        self._sink(b"", data)
+                        return
+            elif head == b"event:" and chunk[6:7] == b" " and 13 not in chunk:
+                line, _, rest = chunk.partition(_NL)
+                data = rest[6:-2]
+                if rest[:6] == _DATA and rest[-2:] == _END and 10 not in data:
+                    self._sink(line[7:], data)
                     return
-            elif (
-                lf > 0
-                and chunk.startswith(_EVENT)
-                and chunk.find(_NL, lf + 1) == size - 2
-                and chunk[-1] == 10
-                and chunk.startswith(_DATA, lf + 1)
-                and 13 not in chunk
-            ):
-                self._sink(chunk[7:lf], chunk[lf + 7 : size - 2])
-                return
         if self._cr:
             self._cr = False
             if chunk[:1] == _NL:
