@@ -109,9 +109,38 @@ async def per_chunk(
     return {name: statistics.median(values) for name, values in runs.items()}, chunks
 
 
-def client(fake: FakeProviderTransport, tracker: Any | None) -> httpx2.AsyncClient:
+class _SocketBody(httpx2.AsyncByteStream):
+    """A body still to be read, through an async generator, as httpx2's network transport returns it."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> Any:
+        yield self._body
+
+
+class Unread(httpx2.AsyncBaseTransport):
+    """The fake provider's answer, unread: the fake (like httpx's MockTransport) hands back a body read
+    in full, which a client then never reads again; a network transport hands back a stream."""
+
+    def __init__(self, fake: FakeProviderTransport) -> None:
+        self._fake = fake
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._fake.handle_async_request(request)
+        return httpx2.Response(
+            response.status_code, headers=response.headers, stream=_SocketBody(response.content)
+        )
+
+
+def client(fake: Any, tracker: Any | None) -> httpx2.AsyncClient:
     transport = fake if tracker is None else async_transport(tracker, fake)
     return httpx2.AsyncClient(transport=transport)
+
+
+def _fake(wrap: type[Unread] | None) -> Any:
+    fake = FakeProviderTransport(usage=USAGE)
+    return fake if wrap is None else wrap(fake)
 
 
 async def main() -> None:
@@ -120,13 +149,12 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         async with Tracker(f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}") as tracker:
             setups = {"plain": None, "capture only": StubTracker(), "+ SQLite ledger": tracker}
-            print(f"\nnon-streaming chat call, µs per call (median of {CALL_RUNS} x {CALLS})")
-            clients = {
-                name: client(FakeProviderTransport(usage=USAGE), guard) for name, guard in setups.items()
-            }
-            calls = await per_call(clients)
-            for name, micros in calls.items():
-                print(f"  {name:18} {micros:8.1f}   added {micros - calls['plain']:7.1f}")
+            for body, wrap in (("body read by the transport", None), ("body read from a stream", Unread)):
+                print(f"\nnon-streaming chat call, {body}, µs per call (median of {CALL_RUNS} x {CALLS})")
+                clients = {name: client(_fake(wrap), guard) for name, guard in setups.items()}
+                calls = await per_call(clients)
+                for name, micros in calls.items():
+                    print(f"  {name:18} {micros:8.1f}   added {micros - calls['plain']:7.1f}")
             print(f"\nstreamed chunk, µs per chunk (median of {STREAM_RUNS} streams of ~{CHUNKS} events)")
             for stream, (url, body) in STREAMS.items():
                 streaming = {

@@ -7,7 +7,10 @@ import contextlib
 import gc
 import gzip
 import json
-from collections.abc import AsyncIterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,86 @@ async def test_provider_requests_ask_for_identity_encoding_and_compressed_bodies
         (100, False),
         (100, True),
     ]
+
+
+@pytest.fixture
+def provider_server() -> Iterator[tuple[str, dict[str, bool]]]:
+    """The fake provider behind a real HTTP server (uvicorn on 127.0.0.1), so that the capture reads
+    bodies from a socket, as in production: a network transport hands back unread streams, where a
+    mock transport hands back bodies read in full. settings["gzip"] compresses what it sends."""
+    import uvicorn
+
+    fake = FakeProviderTransport(usage=USAGE)
+    settings = {"gzip": False}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        request = httpx2.Request(scope["method"], f"https://relay{scope['path']}", content=body)
+        response = await fake.handle_async_request(request)
+        headers = [
+            (key.lower(), value) for key, value in response.headers.raw if key.lower() != b"content-length"
+        ]
+        chunks = [response.content] if response.is_closed else [chunk async for chunk in response.aiter_raw()]
+        if settings["gzip"]:
+            chunks, headers = [gzip.compress(b"".join(chunks))], [*headers, (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}", settings
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_calls_over_a_socket_are_read_from_the_stream_and_recorded(
+    tracker: Tracker, provider_server: tuple[str, dict[str, bool]], compressed: bool
+) -> None:
+    """Through httpx2's own network transport: the SDK gets the whole answer, the ledger its usage,
+    for a JSON answer and a stream, plain or gzip-compressed."""
+    host, settings = provider_server
+    settings["gzip"] = compressed
+    http = async_client(tracker, options=CaptureOptions(providers={host: "openai"}))
+    client = openai.AsyncOpenAI(api_key="test", base_url=f"http://{host}/v1", http_client=http)
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content and reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (100, 20)
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+    assert text == "Hello from the fake provider."
+    await http.aclose()
+    rows = await recorded(tracker, 2)
+    assert [
+        (
+            row["provider"],
+            row["model"],
+            row["input_tokens"],
+            row["output_tokens"],
+            row["usage_source"],
+            row["stream"],
+        )
+        for row in rows
+    ] == [
+        ("openai", "gpt-4o-mini", 100, 20, "response", False),
+        ("openai", "gpt-4o-mini", 100, 20, "stream", True),
+    ]
+    assert all(row["pricing_status"] == "priced" and row["cost_nanousd"] > 0 for row in rows)
 
 
 async def test_non_2xx_is_not_recorded_and_releases_the_reservation(url: str) -> None:
