@@ -20,7 +20,7 @@ from ..exceptions import BudgetExceeded
 from ..usage import Usage, UsageSource
 from .base import Adapter, Outcome, input_bound, load_json
 
-__all__ = ["GuardedCallLike", "Plan", "TrackerLike", "decode_body", "leave", "plan_call", "settle"]
+__all__ = ["GuardedCallLike", "Plan", "TrackerLike", "decode_body", "leave", "plan_call", "record", "settle"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -173,6 +173,14 @@ async def settle(
     A `BudgetExceeded` (a raise- or block-mode window crossed, stage "post") is raised when
     `raise_budget`, else logged; any other failure to record is logged, never raised.
     """
+    record(call, outcome, source=source, stream=stream, latency_ms=latency_ms)
+    await leave(guard, None, raise_budget=raise_budget)
+
+
+def record(
+    call: GuardedCallLike, outcome: Outcome, *, source: UsageSource, stream: bool, latency_ms: int
+) -> None:
+    """Record the call on its guard (written when the guard is left); a failure is logged, not raised."""
     try:
         call.record(
             outcome.usage,
@@ -185,7 +193,6 @@ async def settle(
         )
     except Exception:
         logger.exception("llm-spend: recording a captured call failed")
-    await leave(guard, None, raise_budget=raise_budget)
 
 
 async def leave(guard: Guard, error: BaseException | None, *, raise_budget: bool = True) -> None:

@@ -37,6 +37,7 @@ from .calls import (
     leave,
     plan_call,
     read_outcome,
+    record,
     settle,
 )
 from .options import CaptureOptions
@@ -191,16 +192,10 @@ class SpendAsyncTransport(_Base):
             raw = b"".join(parts)
             response.stream = self._package.read_body(raw)
             body = decode_body(raw, coding)
-        outcome = read_outcome(plan, body)
-        await settle(
-            guard,
-            call,
-            outcome,
-            source="response",
-            stream=False,
-            latency_ms=_elapsed_ms(started),
-            raise_budget=True,
+        record(
+            call, read_outcome(plan, body), source="response", stream=False, latency_ms=_elapsed_ms(started)
         )
+        await guard.__aexit__(None, None, None)  # a BudgetExceeded (stage "post") goes to the caller
         return response
 
     async def aclose(self) -> None:
