@@ -8,10 +8,15 @@ LLM_SPEND_REQUIRE_PG=1 (set by .ci/run), which turns a missing server into a fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -100,3 +105,25 @@ async def tracker_factory() -> AsyncIterator[object]:
     yield make
     for tracker in reversed(entered):
         await tracker.__aexit__(None, None, None)
+
+
+@contextlib.contextmanager
+def served(app: Any, **config: Any) -> Iterator[int]:
+    """An ASGI app served by uvicorn on 127.0.0.1, on a free port (yielded), in a thread of its own."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()

@@ -7,9 +7,6 @@ import contextlib
 import gc
 import gzip
 import json
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +23,7 @@ from google import genai
 from google.genai import types as genai_types
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from conftest import served
 from llm_spend import Budget, BudgetExceeded, Tracker, Usage
 from llm_spend.capture import (
     CaptureOptions,
@@ -139,8 +137,6 @@ def provider_server() -> Iterator[tuple[str, dict[str, bool]]]:
     """The fake provider behind a real HTTP server (uvicorn on 127.0.0.1), so that the capture reads
     bodies from a socket, as in production: a network transport hands back unread streams, where a
     mock transport hands back bodies read in full. settings["gzip"] compresses what it sends."""
-    import uvicorn
-
     fake = FakeProviderTransport(usage=USAGE)
     settings = {"gzip": False}
 
@@ -162,21 +158,8 @@ def provider_server() -> Iterator[tuple[str, dict[str, bool]]]:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}", settings
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    with served(app, lifespan="off") as port:
+        yield f"127.0.0.1:{port}", settings
 
 
 @pytest.mark.parametrize("compressed", [False, True])

@@ -19,10 +19,7 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Mount
 
+from conftest import served
 from llm_spend import Budget, Tracker, Usage
 from llm_spend.dashboard import create_app
 from llm_spend.storage.store import PendingWrite
@@ -107,29 +105,14 @@ def authorize(request: Request) -> bool:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[Any]]]:
     """The host app (its lifespan enters the tracker) with the dashboard at /llm-spend, on a free port."""
-    import uvicorn
-
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('dash') / 'ledger.db'}"
     records = asyncio.run(seed(url))
     tracker = Tracker(url, budgets=BUDGETS)
     app = Starlette(
         lifespan=tracker.lifespan, routes=[Mount("/llm-spend", create_app(tracker, authorize=authorize))]
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/llm-spend", records
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    with served(app) as port:
+        yield f"http://127.0.0.1:{port}/llm-spend", records
 
 
 @pytest.fixture(scope="module")
