@@ -197,6 +197,37 @@ async def test_calls_over_a_socket_are_read_from_the_stream_and_recorded(
     assert all(row["pricing_status"] == "priced" and row["cost_nanousd"] > 0 for row in rows)
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_sync_calls_over_a_socket_are_read_from_the_stream_and_recorded(
+    tracker: Tracker, provider_server: tuple[str, dict[str, bool]], compressed: bool
+) -> None:
+    """The same through the sync client (on a thread, recording on the tracker's loop)."""
+    host, settings = provider_server
+    settings["gzip"] = compressed
+    loop = asyncio.get_running_loop()
+
+    def work() -> tuple[Any, str]:
+        with sync_client(
+            tracker, loop=lambda: loop, options=CaptureOptions(providers={host: "openai"})
+        ) as http:
+            client = openai.OpenAI(api_key="test", base_url=f"http://{host}/v1", http_client=http)
+            reply = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+            stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+            return reply, "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    reply, text = await asyncio.to_thread(work)
+    assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (100, 20)
+    assert text == "Hello from the fake provider."
+    rows = await recorded(tracker, 2)
+    assert [
+        (row["input_tokens"], row["output_tokens"], row["usage_source"], row["stream"]) for row in rows
+    ] == [
+        (100, 20, "response", False),
+        (100, 20, "stream", True),
+    ]
+    assert all(row["pricing_status"] == "priced" and row["cost_nanousd"] > 0 for row in rows)
+
+
 async def test_non_2xx_is_not_recorded_and_releases_the_reservation(url: str) -> None:
     """A 400 is not billed: no row, and the block-mode reservation is released, not kept."""
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
