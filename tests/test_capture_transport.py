@@ -228,6 +228,32 @@ async def test_sync_calls_over_a_socket_are_read_from_the_stream_and_recorded(
     assert all(row["pricing_status"] == "priced" and row["cost_nanousd"] > 0 for row in rows)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [b"<html><body>Bad gateway</body></html>", b"[" * 100_000 + b"]" * 100_000, b'{"usage": NaN'],
+    ids=["html", "nested past any parser", "cut short"],
+)
+async def test_a_2xx_answer_that_cannot_be_read_is_returned_and_recorded_with_unknown_usage(
+    url: str, answer: bytes
+) -> None:
+    """A billed call whose body is no JSON capture can read still reaches the caller as it came, is
+    recorded once (usage unknown, never $0), and leaves no reservation behind."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=answer, headers={"content-type": "application/json"})
+
+    async with Tracker(url, budgets=[Budget.daily(5, mode="block")]) as tracker:
+        async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+            body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10}
+            response = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+        assert (response.status_code, response.content) == (200, answer)
+        rows = await table(tracker)
+        assert [(row["usage_source"], row["pricing_status"], row["cost_nanousd"]) for row in rows] == [
+            ("unknown", "unknown_usage", None)
+        ]
+        assert await table(tracker, reservations) == []
+
+
 async def test_non_2xx_is_not_recorded_and_releases_the_reservation(url: str) -> None:
     """A 400 is not billed: no row, and the block-mode reservation is released, not kept."""
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:

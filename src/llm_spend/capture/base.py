@@ -136,10 +136,13 @@ def event_type(data: bytes) -> bytes:
 
 
 def load_json(data: bytes) -> Any:
-    """Decode JSON, or None when it is not JSON (a stream chunk cut short, an HTML error page).
+    """Decode JSON, or None when it is not JSON (a stream chunk cut short, an HTML error page) or is
+    nested too deeply to decode.
 
-    With orjson installed it decodes; what it refuses (NaN, integers past 64 bits) the stdlib
-    decides, so the result never depends on which is installed."""
+    With orjson installed it decodes; what it refuses (NaN, Infinity, a byte order mark, a lone
+    surrogate escape, nesting past 1,024 levels) the stdlib decides. One difference remains, past
+    any real payload: an integer beyond 64 bits is a float from orjson (which `integer` reads as 0,
+    as any count that is not an int) and an int from the stdlib (which `Usage` refuses)."""
     if _orjson is not None:
         try:
             return _orjson.loads(data)
@@ -147,7 +150,7 @@ def load_json(data: bytes) -> Any:
             pass
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
