@@ -254,6 +254,46 @@ async def test_a_2xx_answer_that_cannot_be_read_is_returned_and_recorded_with_un
         assert await table(tracker, reservations) == []
 
 
+class _ExitFails:
+    """A real tracker's guard whose exit then fails, as a bug in recording would."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self._tracker = tracker
+
+    def guard(self, **fields: Any) -> Any:
+        inner = self._tracker.guard(**fields)
+
+        class Failing:
+            async def __aenter__(self) -> Any:
+                return await inner.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> None:
+                await inner.__aexit__(*exc)
+                raise RuntimeError("recording broke")
+
+        return Failing()
+
+
+async def test_a_failure_to_record_does_not_fail_the_callers_call(
+    tracker: Tracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong in recording (here the guard's exit raising after the record is written),
+    the SDK gets its answer; the failure is logged."""
+    http = async_client(_ExitFails(tracker), transport=FakeProviderTransport(usage=USAGE))  # type: ignore[arg-type]
+    client = openai.AsyncOpenAI(api_key="test", http_client=http, max_retries=0)
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.prompt_tokens == 100
+    assert "recording a captured call failed" in caplog.text and "recording broke" in caplog.text
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+    failures = [r for r in caplog.records if r.getMessage() == "llm-spend: recording a captured call failed"]
+    assert [str(record.exc_info[1]) for record in failures if record.exc_info] == ["recording broke"] * 2
+    assert [(row["input_tokens"], row["stream"]) for row in await recorded(tracker, 2)] == [
+        (100, False),
+        (100, True),
+    ]
+
+
 async def test_non_2xx_is_not_recorded_and_releases_the_reservation(url: str) -> None:
     """A 400 is not billed: no row, and the block-mode reservation is released, not kept."""
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:

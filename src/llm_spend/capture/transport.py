@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..exceptions import BudgetExceeded
 from .base import Outcome
 from .calls import (
     GuardedCallLike,
@@ -195,7 +196,12 @@ class SpendAsyncTransport(_Base):
         record(
             call, read_outcome(plan, body), source="response", stream=False, latency_ms=_elapsed_ms(started)
         )
-        await guard.__aexit__(None, None, None)  # a BudgetExceeded (stage "post") goes to the caller
+        try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
+            await guard.__aexit__(None, None, None)
+        except BudgetExceeded:
+            raise  # stage "post": a raise- or block-mode window crossed, the caller's to handle
+        except Exception:  # a failure to record must not fail the caller's call
+            logger.exception("llm-spend: recording a captured call failed")
         return response
 
     async def aclose(self) -> None:
