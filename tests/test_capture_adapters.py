@@ -213,6 +213,17 @@ def test_gemini_thoughts_are_output_and_tool_prompt_is_input() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [{}, {"totalTokenCount": 120}, {"promptTokenCount": None, "candidatesTokenCount": 20}],
+    ids=["empty", "total only", "no prompt count"],
+)
+def test_gemini_usage_without_a_prompt_count_is_unknown_never_zero(metadata: dict[str, object]) -> None:
+    """As for the other providers: usage without its input count is unknown (NULL cost), not $0."""
+    body = {"modelVersion": "gemini-2.5-pro", "responseId": "r", "usageMetadata": metadata}
+    assert GEMINI.outcome("generate", body) == Outcome(None, "gemini-2.5-pro", "r")
+
+
 def test_gemini_stream_takes_the_last_chunk_never_a_sum() -> None:
     """The last chunk's usageMetadata is the total; a stream without a finishReason has none."""
     first = {"candidates": [{"content": {}}], "usageMetadata": {"promptTokenCount": 9}, "modelVersion": "g"}

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import gzip
 import json
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -557,3 +558,114 @@ async def test_sync_stream_dropped_early_is_recorded(tracker: Tracker) -> None:
     await asyncio.to_thread(work)
     [row] = await recorded(tracker)
     assert_unknown_usage(row)
+
+
+# -- bodies capture must still read, requests it must still send --------------------------------
+
+CHAT_URL = "https://api.openai.com/v1/chat/completions"
+STREAM_BODY = {"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES, "max_tokens": 50}
+
+
+def sse_final_chunk() -> bytes:
+    final = {"id": "c", "model": "gpt-4o-mini", "choices": [], "usage": openai_chat_usage(USAGE)}
+    return f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode()
+
+
+class Chunks(httpx2.AsyncByteStream):
+    """A body still to read, in chunks of `size` bytes, as a network transport hands it back."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self._body, self._size = body, size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._body), self._size):
+            yield self._body[start : start + self._size]
+
+
+@pytest.mark.parametrize("zlib_header", [True, False], ids=["zlib deflate", "raw deflate"])
+@pytest.mark.parametrize("read_in_full", [True, False], ids=["read in full", "from a stream"])
+async def test_deflate_streams_with_or_without_the_zlib_header_are_read(
+    url: str, zlib_header: bool, read_in_full: bool
+) -> None:
+    """`Content-Encoding: deflate` is sent both ways in the wild; httpx reads both, so capture does:
+    the usage is recorded and the reservation settled, whoever read the body."""
+    compressor = zlib.compressobj(wbits=zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+    body = compressor.compress(sse_final_chunk()) + compressor.flush()
+    headers = {"content-type": "text/event-stream", "content-encoding": "deflate"}
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if read_in_full:
+            return httpx2.Response(200, content=body, headers=headers)
+        return httpx2.Response(200, stream=Chunks(body, 7), headers=headers)
+
+    async with Tracker(url, budgets=[Budget.daily(5, mode="block")]) as tracker:
+        http = async_client(tracker, transport=httpx2.MockTransport(handler))
+        async with http, http.stream("POST", CHAT_URL, json=STREAM_BODY) as response:
+            assert b"".join([chunk async for chunk in response.aiter_bytes()]) == sse_final_chunk()
+        rows = await recorded(tracker)
+        assert [(row["input_tokens"], row["output_tokens"], row["usage_source"]) for row in rows] == [
+            (100, 20, "stream")
+        ]
+        assert await table(tracker, reservations) == []
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 1_000], ids=lambda size: f"chunks of {size}")
+async def test_a_stream_that_opens_with_a_byte_order_mark_is_read(tracker: Tracker, size: int) -> None:
+    """The SSE specification drops one byte order mark at the start of a stream, however the
+    chunks cut it."""
+    body = b"\xef\xbb\xbf" + sse_final_chunk()
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=Chunks(body, size), headers={"content-type": "text/event-stream"})
+
+    http = async_client(tracker, transport=httpx2.MockTransport(handler))
+    async with http, http.stream("POST", CHAT_URL, json=STREAM_BODY) as response:
+        await response.aread()
+    [row] = await recorded(tracker)
+    assert (row["input_tokens"], row["output_tokens"], row["pricing_status"]) == (100, 20, "priced")
+
+
+@pytest.mark.timeout(60)
+async def test_a_sync_stream_read_on_the_loops_thread_renews_its_lease_without_blocking(
+    tracker: Tracker,
+) -> None:
+    """A sync stream opened on a thread but read on the tracker's loop thread renews its lease
+    without waiting on that loop (which would wait forever)."""
+    fake = FakeProviderTransport(usage=USAGE, text="a b c d e f", delay=0.03)
+    loop = asyncio.get_running_loop()
+    http = sync_client(tracker, loop=lambda: loop, options=CaptureOptions(lease_renewal=0.01), transport=fake)
+    request = http.build_request("POST", CHAT_URL, json=STREAM_BODY)
+    response = await asyncio.to_thread(http.send, request, stream=True)
+    chunks = list(response.iter_bytes())
+    response.close()
+    assert len(chunks) > 3
+    [row] = await recorded(tracker)
+    assert (row["input_tokens"], row["output_tokens"], row["stream"]) == (100, 20, True)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"cut \\ud83d"}]}',
+        '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"extra":'
+        + "[" * 900
+        + '"image"'
+        + "]" * 900
+        + "}",
+    ],
+    ids=["a lone surrogate escape, rewritten", "nested 900 deep with a media marker"],
+)
+async def test_requests_capture_reads_or_rewrites_are_sent_and_recorded(
+    tracker: Tracker, content: str
+) -> None:
+    """Valid JSON that is awkward to read or write back (a lone surrogate escape, as `json.dumps`
+    writes it; nesting deeper than the interpreter's stack) is sent as the caller meant it."""
+    fake = FakeProviderTransport(usage=USAGE)
+    async with async_client(tracker, transport=fake) as http:
+        response = await http.post(CHAT_URL, content=content.encode())
+        await response.aread()
+    assert response.status_code == 200
+    sent = fake.requests[-1].json
+    assert sent["messages"] == json.loads(content)["messages"]
+    [row] = await recorded(tracker)
+    assert (row["input_tokens"], row["output_tokens"]) == (100, 20)

@@ -14,6 +14,7 @@ guarantee, and a request with tools gets `TOOLS_ALLOWANCE` more for the provider
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -207,14 +208,23 @@ def input_bound(body: bytes, parsed: Mapping[str, Any], media_allowance: int) ->
     return min(max(size, 0), MAX_TOKENS)
 
 
-def _media(value: Any) -> tuple[int, int]:
-    """(bytes of JSON the media parts take, number of media parts) in a parsed request body."""
-    if isinstance(value, list):
-        found = [_media(item) for item in value]
-        return sum(item[0] for item in found), sum(item[1] for item in found)
-    if not isinstance(value, dict):
-        return 0, 0
-    if value.get("type") in _MEDIA_TYPES or any(key in value for key in _MEDIA_KEYS):
-        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()), 1
-    found = [_media(item) for item in value.values() if isinstance(item, list | dict)]
-    return sum(item[0] for item in found), sum(item[1] for item in found)
+def _media(body: Any) -> tuple[int, int]:
+    """(bytes of JSON the media parts take, number of media parts) in a parsed request body.
+
+    Walked with a list, not by recursion: a body nested as deep as a parser allows (orjson: 1,024
+    levels) must not exhaust the interpreter's stack."""
+    size = parts = 0
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            if value.get("type") in _MEDIA_TYPES or any(key in value for key in _MEDIA_KEYS):
+                parts += 1
+                with contextlib.suppress(RecursionError):  # else its bytes stay counted: still a bound
+                    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+                    size += len(text.encode("utf-8", "surrogatepass"))
+            else:
+                pending.extend(value.values())
+    return size, parts

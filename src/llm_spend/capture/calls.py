@@ -123,7 +123,12 @@ def clamp(plan: Plan, call: GuardedCallLike) -> None:
 
 
 def encode(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    """A rewritten request body: compact UTF-8 JSON, or ASCII with escapes when a string holds a
+    lone surrogate (valid JSON escaped, as `json.dumps` writes it by default; no UTF-8 for it)."""
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def decode_body(raw: bytes, encoding: str | None) -> bytes | None:

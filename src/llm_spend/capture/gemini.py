@@ -110,6 +110,8 @@ class GenerateStream:
 
 
 def _usage(usage: Mapping[str, Any]) -> Usage | None:
+    if type(usage.get("promptTokenCount")) is not int:
+        return None  # no count to trust: unknown usage, never $0
     thoughts = integer(usage.get("thoughtsTokenCount"))
     return make_usage(
         "google",

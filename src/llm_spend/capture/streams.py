@@ -15,7 +15,7 @@ import contextvars
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from .base import Accumulator, Outcome
@@ -26,6 +26,7 @@ __all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream"]
 
 logger = logging.getLogger("llm_spend")
 _monotonic = time.monotonic
+_BOM = b"\xef\xbb\xbf"
 
 
 class _Nothing:
@@ -46,8 +47,11 @@ class Finisher:
         "_background",
         "_call",
         "_context",
+        "_decoding",
         "_done",
         "_guard",
+        "_head",
+        "_parse",
         "_parser",
         "_renewal",
         "_started",
@@ -76,30 +80,66 @@ class Finisher:
         self._done = False
         self._accumulator: Accumulator = accumulator or _Nothing()
         self._parser = SSEParser(self._accumulator)
-        self.feed: Callable[[bytes], None] = self._parser.feed
+        self._head = b""
+        self._parse: Callable[[bytes], None] = self._opening
+        """Where the body's (decoded) bytes go: `_opening` for the first ones, then the parser."""
+        self._decoding = accumulator is not None and encoding not in (None, "identity")
+        self.feed: Callable[[bytes], None] = self._opening
         """Look at one raw chunk of the body."""
-        if accumulator is not None and encoding not in (None, "identity"):
+        if self._decoding:
             self.feed = self._decoding_feed(encoding)
 
-    def _decoding_feed(self, encoding: str) -> Callable[[bytes], None]:
+    def _opening(self, chunk: bytes) -> None:
+        """The body's first bytes: a byte order mark is dropped (the SSE specification), and every
+        later chunk goes straight to the parser."""
+        head = self._head + chunk
+        if len(head) < 3 and _BOM.startswith(head):
+            self._head = head  # what may be the start of a mark: wait for more
+            return
+        self._head = b""
+        self._parse = self._parser.feed
+        if not self._decoding:
+            self.feed = self._parse
+        self._parse(head[3:] if head[:3] == _BOM else head)
+
+    def _decoding_feed(self, encoding: str | None) -> Callable[[bytes], None]:
         if encoding not in ("gzip", "deflate"):
             logger.warning("llm-spend: cannot read a %s-encoded stream; its usage is unknown", encoding)
             self._accumulator = _Nothing()
-            return self._parser.feed
+            return _ignore
+        # deflate: with its zlib header, else raw, as httpx reads it
         decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        feed = self._parser.feed
+        first = encoding == "deflate"
 
         def decoding_feed(chunk: bytes) -> None:
-            feed(decoder.decompress(chunk))
+            nonlocal decoder, first
+            try:
+                decoded = decoder.decompress(chunk)
+            except zlib.error:
+                if not first:
+                    raise
+                decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                decoded = decoder.decompress(chunk)
+            first = False
+            self._parse(decoded)
 
         return decoding_feed
+
+    def feed_all(self, chunks: list[bytes]) -> None:
+        """Look at a body read in full already, as the taps look at each chunk."""
+        try:
+            for chunk in chunks:
+                self.feed(chunk)
+        except Exception:
+            self.broken()
 
     @property
     def done(self) -> bool:
         return self._done
 
     def broken(self) -> None:
-        """The tap itself failed (a bug): stop looking at chunks, record unknown usage."""
+        """Reading the body failed (a body that cannot be decoded, or a bug): stop looking at
+        chunks, record unknown usage."""
         logger.exception("llm-spend: reading a captured stream failed; its usage is unknown")
         self._accumulator = _Nothing()
         self.feed = _ignore
@@ -130,8 +170,16 @@ class Finisher:
         except RuntimeError:
             logger.warning("llm-spend: a captured stream outlived its event loop; its call is not recorded")
 
+    def extend_soon(self) -> None:
+        """Renew the lease without waiting for it (from the loop's own thread, which must not block)."""
+        self.renew_at = _monotonic() + self._renewal
+        self._task(self.extend())
+
     def _spawn(self, raise_budget: bool) -> asyncio.Task[None]:
-        task = self.loop.create_task(self._record(raise_budget), context=self._context)
+        return self._task(self._record(raise_budget))
+
+    def _task(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = self.loop.create_task(work, context=self._context)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
@@ -229,7 +277,10 @@ class TappedSyncStream:
         except Exception:
             finisher.broken()
         if _monotonic() >= finisher.renew_at:
-            run_on(finisher.loop, finisher.extend())
+            if _running_loop() is finisher.loop:  # never block the loop's own thread
+                finisher.extend_soon()
+            else:
+                run_on(finisher.loop, finisher.extend())
         return chunk
 
     def close(self) -> None:

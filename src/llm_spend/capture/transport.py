@@ -172,8 +172,7 @@ class SpendAsyncTransport(_Base):
         if sse or plan.stream:
             finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
-                for chunk in [chunk async for chunk in response.stream]:
-                    finisher.feed(chunk)
+                finisher.feed_all([chunk async for chunk in response.stream])
                 await finisher.finish(raise_budget=True)
                 return response
             response.stream = self._package.async_stream(response.stream, finisher)
@@ -238,8 +237,7 @@ class SpendSyncTransport(_Base):
         if sse or plan.stream:
             finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
-                for chunk in list(response.stream):
-                    finisher.feed(chunk)
+                finisher.feed_all(list(response.stream))
                 run_on(loop, finisher.finish(raise_budget=True))
                 return response
             response.stream = self._package.sync_stream(response.stream, finisher)
