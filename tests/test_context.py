@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from llm_spend import current_tags, with_tags
+from llm_spend.context import normalize_tags
 
 
 def test_sync_context_manager_sets_and_restores_tags() -> None:
@@ -302,8 +304,11 @@ def test_non_string_values_are_stored_as_strings(value: object, expected: str) -
 
 @pytest.mark.parametrize(
     "key",
-    ["api_key", "Authorization", "password", "client_secret", "access_token", "OPENAI_API_KEY", "x-api-key"],
-)
+    [
+        "api_key", "Authorization", "password", "client_secret", "access_token", "OPENAI_API_KEY",
+        "x-api-key", "accessToken", "clientSecret", "openaiApiKey", "APIKey", "refreshToken",
+    ],
+)  # fmt: skip
 def test_secret_looking_keys_are_redacted(key: str) -> None:
     """A key that looks like a secret keeps the key but its value becomes "[REDACTED]"."""
     with with_tags(**{key: "sk-live-123456"}):
@@ -375,10 +380,38 @@ def test_one_with_tags_object_shared_by_threads() -> None:
 
 def test_token_count_keys_are_not_mistaken_for_secrets() -> None:
     """Only whole secret words redact: `max_tokens` and `tokenizer` keep their values, `x-api-key` not."""
-    with with_tags(max_tokens=512, tokenizer="o200k", **{"x-api-key": "sk-1"}) as tags:
-        assert tags["max_tokens"] == "512"
+    with with_tags(max_tokens=512, maxTokens=512, tokenizer="o200k", **{"x-api-key": "sk-1"}) as tags:
+        assert tags["max_tokens"] == tags["maxTokens"] == "512"
         assert tags["tokenizer"] == "o200k"
         assert tags["x-api-key"] == "[REDACTED]"
+
+
+def test_a_key_is_checked_as_a_str_even_once_known() -> None:
+    """A key equal to a known plain key but not a str is refused, as before it was known; an
+    unhashable one gets the same ValueError."""
+
+    class Lookalike:
+        def __hash__(self) -> int:
+            return hash("user_id")
+
+        def __eq__(self, other: object) -> bool:
+            return other == "user_id"
+
+    with with_tags(user_id="1"):  # "user_id" is now a known plain key
+        pass
+    for key in (Lookalike(), ("user_id",)):
+        with pytest.raises(ValueError, match="tag key"):
+            normalize_tags({key: "1"})  # type: ignore[dict-item]
+
+
+def test_leaving_a_scope_in_a_context_that_did_not_enter_it_raises() -> None:
+    """Leaving a `with_tags` scope in a context where it was never entered is an error at once, and
+    the context stays usable."""
+    scope = with_tags(feature="chat")
+    context = contextvars.copy_context()
+    with pytest.raises(RuntimeError, match="did not enter"):
+        context.run(scope.__exit__, None, None, None)
+    assert context.run(current_tags) == {}
 
 
 def test_decorating_a_generator_is_refused() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import importlib.resources
 import pickle
@@ -87,6 +88,18 @@ def test_version_is_a_string() -> None:
 def test_usage_rejects_counts_naming_the_field(counts: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Usage(**counts)  # type: ignore[arg-type]
+
+
+def test_usage_takes_int_subclasses_as_plain_ints() -> None:
+    """An IntEnum member is an int (a bool is not a count): stored as the plain int it equals."""
+
+    class Count(enum.IntEnum):
+        TEN = 10
+        FOUR = 4
+
+    usage = Usage(Count.TEN, Count.FOUR, reasoning_tokens=Count.FOUR)
+    assert usage == Usage(10, 4, reasoning_tokens=4)
+    assert type(usage.input_tokens) is int and type(usage.reasoning_tokens) is int
 
 
 def test_usage_is_a_frozen_dataclass_built_by_position_or_name() -> None:

@@ -36,12 +36,14 @@ MAX_VALUE_BYTES: Final = 256
 REDACTED: Final = "[REDACTED]"
 _PLAIN_LEN: Final = MAX_VALUE_BYTES // 4  # any str this long fits in MAX_VALUE_BYTES as UTF-8
 _KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-# A key is secret-looking when one of its words (split on _ . -) is one of these: `api_key`,
-# `X-API-Key`, `client_secret`, `session_token` and `token_count` are; `max_tokens` and `author` not.
+# A key is secret-looking when one of its words (split on _ . - and where camelCase starts a word)
+# is one of these: `api_key`, `X-API-Key`, `client_secret`, `accessToken`, `session_token` and
+# `token_count` are; `max_tokens`, `maxTokens` and `author` not.
 _SECRET = re.compile(
     r"(?:^|[_.\-])(?:api[_.\-]?key|apikey|authorization|auth|bearer|password|passwd|secret|token|cookie"
     r"|credentials?|private[_.\-]?key|access[_.\-]?key)(?:$|[_.\-])"
 )
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 # Keys seen valid and not secret-looking: checked once, then known (keys repeat; bounded).
 _PLAIN_KEYS: set[str] = set()
@@ -83,7 +85,7 @@ def _key_kind(key: str) -> bool | None:
     """None for an invalid key, else whether it looks like a secret."""
     if not _KEY.fullmatch(key):
         return None
-    return _SECRET.search(key.lower()) is not None
+    return _SECRET.search(_CAMEL.sub("_", key).lower()) is not None
 
 
 def _value(key: str, value: object, secret: bool) -> str:
@@ -110,7 +112,8 @@ def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
     normalized: dict[str, str | None] = {}
     for key, value in tags.items():
         if (  # kept as it is (see `_value`): a short plain str under a known plain key
-            key in _PLAIN_KEYS
+            type(key) is str
+            and key in _PLAIN_KEYS
             and type(value) is str
             and len(value) <= _PLAIN_LEN
             and value.isascii()
@@ -157,7 +160,10 @@ class with_tags:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _set(_get()[_OUTER])
+        outer = _get()[_OUTER]
+        if outer is None:
+            raise RuntimeError("with_tags exited in a context that did not enter it")
+        _set(outer)
 
     async def __aenter__(self) -> Mapping[str, str]:
         return self.__enter__()

@@ -90,7 +90,7 @@ class Usage:
     ) -> None:
         # Written by hand, not by dataclass: a frozen dataclass sets each field with
         # object.__setattr__, which made a Usage cost 3.3 µs; the slots' own setters take 1.2.
-        if not (  # the common case in one expression; _explain names what is wrong
+        if not (  # the common case in one expression; _checked does the rest
             type(input_tokens) is int
             and type(output_tokens) is int
             and type(cache_read_tokens) is int
@@ -102,7 +102,14 @@ class Usage:
             and cache_read_tokens + cache_write_tokens <= input_tokens <= MAX_TOKENS
             and 0 <= reasoning_tokens <= output_tokens <= MAX_TOKENS
         ):
-            _explain(
+            (
+                input_tokens,
+                output_tokens,
+                cache_read_tokens,
+                cache_write_tokens,
+                cache_write_1h_tokens,
+                reasoning_tokens,
+            ) = _checked(
                 input_tokens,
                 output_tokens,
                 cache_read_tokens,
@@ -125,19 +132,12 @@ _set_input, _set_output, _set_cache_read, _set_cache_write, _set_cache_write_1h,
 """The setters of Usage's slots (its fields in order), which a frozen class may call on itself."""
 
 
-def _explain(
-    input_tokens: int,
-    output_tokens: int,
-    cache_read_tokens: int,
-    cache_write_tokens: int,
-    cache_write_1h_tokens: int,
-    reasoning_tokens: int,
-) -> None:
-    """Raise the ValueError that names what is wrong with these counts (each checked first)."""
-    counts = locals()
-    for name in Usage.__slots__:
-        check_tokens(name, counts[name])
-    read, write = cache_read_tokens, cache_write_tokens
+def _checked(*counts: int) -> tuple[int, int, int, int, int, int]:
+    """Counts the fast check did not pass: plain ints when they are valid (an int subclass such as
+    an IntEnum member is one), else the ValueError that names what is wrong (each checked first)."""
+    input_tokens, output_tokens, read, write, cache_write_1h_tokens, reasoning_tokens = (
+        int(check_tokens(name, count)) for name, count in zip(Usage.__slots__, counts, strict=True)
+    )
     if read + write > input_tokens:
         raise ValueError(
             f"cache_read_tokens + cache_write_tokens ({read} + {write}) must not exceed "
@@ -147,7 +147,11 @@ def _explain(
         raise ValueError(
             f"cache_write_1h_tokens ({cache_write_1h_tokens}) must not exceed cache_write_tokens ({write})"
         )
-    raise ValueError(f"reasoning_tokens ({reasoning_tokens}) must not exceed output_tokens ({output_tokens})")
+    if reasoning_tokens > output_tokens:
+        raise ValueError(
+            f"reasoning_tokens ({reasoning_tokens}) must not exceed output_tokens ({output_tokens})"
+        )
+    return input_tokens, output_tokens, read, write, cache_write_1h_tokens, reasoning_tokens
 
 
 @dataclass(frozen=True, slots=True)
