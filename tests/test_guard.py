@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from conftest import PG_URL
 from llm_spend import (
     Budget,
     BudgetExceeded,
@@ -33,7 +35,9 @@ from llm_spend import (
     with_tags,
 )
 from llm_spend.money import from_nanousd
+from llm_spend.storage.rows import PendingWrite
 from llm_spend.storage.schema import calls, reservations, rollups
+from llm_spend.storage.spool import Spool
 
 MODEL = "gpt-4o-mini"
 WORKER = Path(__file__).with_name("guard_worker.py")
@@ -457,3 +461,86 @@ async def test_reservations_made_together_refuse_per_window(db_url: str) -> None
     assert [isinstance(r, int) for r in results] == [True, True, False, True, False]
     assert [r.scope_value for r in results if isinstance(r, BudgetExceeded)] == ["a", "b"]
     assert _reserved(held) == 3 * estimate and held["reservations"] == 3
+
+
+CALL = {"provider": "openai", "model": MODEL, "input_tokens": 100, "max_output_tokens": 10}
+
+
+async def test_guarded_calls_cancelled_while_the_write_queue_is_full_are_recorded(db_url: str) -> None:
+    """Backpressure and cancellation together: each call whose record was accepted is written and
+    settles its reservation, though its caller stopped waiting for the queue to have room."""
+    budgets = [Budget.daily(100, mode="block")]
+    accepted = 0
+    async with Tracker(db_url, budgets=budgets, max_queue=1, max_batch=1) as tracker:
+
+        async def one() -> None:
+            nonlocal accepted
+            async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+                pending = call.record(Usage(input_tokens=100, output_tokens=10))
+                accepted += 1  # the provider was paid; record() took the call
+                await pending
+
+        tasks = [asyncio.create_task(one()) for _ in range(100)]
+        while tracker.backpressure_waits == 0:  # noqa: ASYNC110 - a counter, no event to wait on
+            await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    state = await ledger(db_url)
+    assert accepted > 1 and state["calls"] == accepted and state["day"][0][2] == accepted
+    assert state["reservations"] == 0 and state["day"][0][1] == 0
+
+
+async def test_a_call_spooled_twice_gives_its_reservation_back_once(db_url: str, tmp_path: Path) -> None:
+    """A spool holding one guarded call twice, replayed while its reservation is held: the call is
+    counted once and its reservation released once (never a negative amount reserved)."""
+    budgets = [Budget.daily(1, mode="block")]
+    tracker = Tracker(db_url, budgets=budgets, spool_path=tmp_path / "a.spool")
+    async with tracker, tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+        held = call.reservation
+        assert held is not None
+        record = tracker._build(
+            provider="openai", model=MODEL, usage=Usage(input_tokens=100, output_tokens=10),
+            usage_source="manual", tags=call.tags, occurred_at=held.at,
+        )  # fmt: skip
+        windows = tracker.budget_guard.windows(call.tags, held.at)
+        item = PendingWrite(record, windows, held.id, held.windows)
+        Spool(tmp_path / "b.spool").append([item, item], await tracker.store.identity())
+        async with Tracker(db_url, budgets=budgets, spool_path=tmp_path / "b.spool"):
+            pass  # its start replays the spool
+        call.reservation = None  # recorded by the replay: leave without releasing
+    state = await ledger(db_url)
+    assert state["calls"] == 1 and state["reservations"] == 0
+    assert state["day"][0] == (record.cost_nanousd, 0, 1)
+
+
+async def test_after_the_server_drops_its_connections_an_exhausted_budget_still_refuses(pg_url: str) -> None:
+    """PostgreSQL: a connection the server closed is not lent again, so with fail_open the first
+    call after the drop is still checked against the budget instead of going out unreserved."""
+    import asyncpg
+
+    budgets = [Budget.daily("0.0001", mode="block")]
+    async with Tracker(pg_url, budgets=budgets, on_storage_error="fail_open") as tracker:
+        with pytest.raises(BudgetExceeded):  # $0.00015: the whole budget, and more
+            await tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=0)
+        admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                make_url(pg_url).database,
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        await asyncio.sleep(0.3)
+        outcomes = []
+        for _ in range(3):
+            try:
+                async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+                    outcomes.append("went out" if call.reservation is None else "reserved")
+                    await call.record(Usage(input_tokens=100, output_tokens=10))
+            except BudgetExceeded:
+                outcomes.append("refused")
+    assert outcomes == ["refused"] * 3
+    assert (await ledger(pg_url))["calls"] == 1

@@ -132,14 +132,18 @@ class Guard:
     ) -> Refusal | None:
         """The store's reservation; cancelled midway, it still ends, and what it took is given back."""
         under_way = self.store.reserve(reservation_id, amounts, now=at, expires_at=at + lease)
-        if under_way.done():  # made already (on the SQLite connection of this thread)
-            return under_way.result()
         try:
+            if under_way.done():  # made already (on the SQLite connection of this thread)
+                return under_way.result()
             return await asyncio.shield(under_way)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 if await under_way is None:
                     await self.store.release(reservation_id)
+            raise
+        except Exception:  # it may have been made (a commit whose answer was lost): give it back
+            with contextlib.suppress(Exception):  # else the sweep does, when its lease ends
+                await self.store.release(reservation_id)
             raise
 
     # -- after the call -----------------------------------------------------------------------------

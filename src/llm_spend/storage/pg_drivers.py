@@ -68,6 +68,8 @@ class Drivers:
         if lane is not None and self._lanes.get(lane) is held:
             del self._lanes[lane]
         if held.loop is asyncio.get_running_loop():
+            if held.driver.is_closed() and not held.conn.invalidated:  # else the pool lends it again
+                await held.conn.invalidate()
             await held.conn.close()
 
     async def close(self) -> None:

@@ -159,14 +159,24 @@ class PostgresReservations:
         async with self._connect() as conn:
             await conn.fetchrow(_BATCH_SQL, *([()] * 13))
 
-    async def _run(self, batch: Sequence[Pending]) -> list[Refusal | None]:
-        async with self._connect() as conn:
-            keys = {key for item in batch for key, _, _ in item.ordered}
-            if not self._known.issuperset(keys):
-                await self._create(conn, sorted(keys))
-            if len(batch) > 1 and await self._all(conn, batch, sorted(keys)):
-                return [None] * len(batch)
-            return [await self._one(conn, item) for item in batch]
+    async def _run(self, batch: Sequence[Pending]) -> list[Refusal | Exception | None]:
+        """Each reservation's outcome: granted (None), refused, or the error that stopped it (those
+        made one by one before a failure keep their own outcome)."""
+        outcomes: list[Refusal | Exception | None] = []
+        try:
+            async with self._connect() as conn:
+                keys = {key for item in batch for key, _, _ in item.ordered}
+                if not self._known.issuperset(keys):
+                    await self._create(conn, sorted(keys))
+                if len(batch) > 1 and await self._all(conn, batch, sorted(keys)):
+                    return [None] * len(batch)
+                for item in batch:
+                    outcomes.append(await self._one(conn, item))
+                return outcomes
+        except Exception as exc:
+            if not outcomes:
+                raise
+            return [*outcomes, *[exc] * (len(batch) - len(outcomes))]
 
     async def _all(self, conn: Any, batch: Sequence[Pending], keys: list[WindowKey]) -> bool:
         """Grant every reservation of the batch in one statement, or change nothing (False)."""
@@ -246,7 +256,11 @@ class _Queue:
                             future.set_exception(exc)
                     continue
                 for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)
         finally:
             self._draining = None

@@ -102,6 +102,7 @@ async def write_batch(
     rows, tags, tags_json = [], None, ""
     member_calls, member_windows = [], []
     ids, release_ids, release_windows, release_amounts = [], [], [], []
+    released: set[str] = set()
     for n, item in enumerate(batch, 1):
         record, usage = item.record, item.record.usage
         if record.tags is not tags:  # calls of one scope share its (never mutated) tags mapping
@@ -116,7 +117,8 @@ async def write_batch(
         for key in item.windows:
             member_calls.append(n)
             member_windows.append(windows[key])
-        if item.reservation_id:
+        if item.reservation_id and item.reservation_id not in released:  # given back once (rows.py)
+            released.add(item.reservation_id)
             ids.append(item.reservation_id)
             for key, amount in item.release:
                 release_ids.append(item.reservation_id)

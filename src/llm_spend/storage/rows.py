@@ -130,9 +130,11 @@ def rollup_deltas(
 ) -> dict[WindowKey, dict[str, int]]:
     deltas: dict[WindowKey, dict[str, int]] = {}
     counted: set[str] = set()
+    released: set[str] = set()
     for item in batch:
         record, usage = item.record, item.record.usage
-        if item.reservation_id in settled:
+        if item.reservation_id in settled and item.reservation_id not in released:
+            released.add(item.reservation_id)  # a call in the batch twice (a spool replay) gives it back once
             for key, amount in item.release:
                 deltas.setdefault(key, dict.fromkeys(SUMS, 0))["reserved_nanousd"] -= amount
         if record.event_id not in inserted or record.event_id in counted:

@@ -84,6 +84,8 @@ class Writer:
         """Submissions waiting for room in the queue (they go in before the end of the queue)."""
         self._none_waiting = asyncio.Event()
         self._none_waiting.set()
+        self._putting: set[asyncio.Future[None]] = set()
+        """The tasks of those submissions (held here: the loop keeps only weak references)."""
         self.waits = 0
         """How many submissions found the queue full and waited (backpressure)."""
         self.spooled = 0
@@ -99,20 +101,24 @@ class Writer:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         if self._queue.full():
             self.waits += 1
-            return self._wait_for_room(item, future)
+            self._waiting += 1
+            self._none_waiting.clear()
+            # A task of its own puts the item in once there is room, whatever becomes of the caller
+            # (cancelled while it waits, its call is still written, as any other; see `abandoned`).
+            waiting = asyncio.ensure_future(self._wait_for_room(item, future))
+            self._putting.add(waiting)
+            waiting.add_done_callback(self._putting.discard)
+            return future
         self._queue.put_nowait((item, future))
         return future
 
-    async def _wait_for_room(self, item: PendingWrite, future: asyncio.Future[Result]) -> Result:
-        self._waiting += 1
-        self._none_waiting.clear()
+    async def _wait_for_room(self, item: PendingWrite, future: asyncio.Future[Result]) -> None:
         try:
             await self._queue.put((item, future))
         finally:
             self._waiting -= 1
             if not self._waiting:
                 self._none_waiting.set()
-        return await future
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a drain deadline, not a cancel
         """Write what was submitted, within `timeout` seconds; what remains goes to the spool."""
