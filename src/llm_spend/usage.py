@@ -102,21 +102,13 @@ class Usage:
             and cache_read_tokens + cache_write_tokens <= input_tokens <= MAX_TOKENS
             and 0 <= reasoning_tokens <= output_tokens <= MAX_TOKENS
         ):
-            (
-                input_tokens,
-                output_tokens,
-                cache_read_tokens,
-                cache_write_tokens,
-                cache_write_1h_tokens,
-                reasoning_tokens,
-            ) = _checked(
-                input_tokens,
-                output_tokens,
-                cache_read_tokens,
-                cache_write_tokens,
-                cache_write_1h_tokens,
-                reasoning_tokens,
-            )
+            counts = _checked(
+                input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                cache_write_1h_tokens, reasoning_tokens,
+            )  # fmt: skip
+            for setter, count in zip(_SETTERS, counts, strict=True):
+                setter(self, count)
+            return
         _set_input(self, input_tokens)
         _set_output(self, output_tokens)
         _set_cache_read(self, cache_read_tokens)
@@ -126,9 +118,8 @@ class Usage:
 
 
 _Setter = Callable[[Usage, int], None]
-_set_input, _set_output, _set_cache_read, _set_cache_write, _set_cache_write_1h, _set_reasoning = (
-    cast(_Setter, vars(Usage)[name].__set__) for name in Usage.__slots__
-)
+_SETTERS = tuple(cast(_Setter, vars(Usage)[name].__set__) for name in Usage.__slots__)
+_set_input, _set_output, _set_cache_read, _set_cache_write, _set_cache_write_1h, _set_reasoning = _SETTERS
 """The setters of Usage's slots (its fields in order), which a frozen class may call on itself."""
 
 
