@@ -55,6 +55,35 @@ async def test_decorator_on_async_function() -> None:
     assert dict(current_tags()) == {}
 
 
+async def test_decorator_on_an_object_with_an_async_call() -> None:
+    """An object whose `__call__` is async (and a partial of one) is decorated as async: its body
+    sees the tags when it is awaited, and the caller's tags are back after."""
+    import functools
+
+    class Handler:
+        async def __call__(self, x: int) -> tuple[int, dict[str, str]]:
+            await asyncio.sleep(0)
+            return x, dict(current_tags())
+
+    async def work(x: int) -> tuple[int, dict[str, str]]:
+        await asyncio.sleep(0)
+        return x, dict(current_tags())
+
+    handler = with_tags(feature="handler")(Handler())
+    partial = with_tags(feature="partial")(functools.partial(work, 5))
+    assert asyncio.iscoroutinefunction(handler) and asyncio.iscoroutinefunction(partial)
+    assert await handler(4) == (4, {"feature": "handler"})
+    assert await partial() == (5, {"feature": "partial"})
+    assert dict(current_tags()) == {}
+
+    class Stream:
+        def __call__(self) -> Iterator[int]:
+            yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        with_tags(feature="stream")(Stream())
+
+
 def test_decorated_function_can_be_reentered() -> None:
     """A decorated function that calls itself keeps its scope and restores cleanly."""
 

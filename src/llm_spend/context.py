@@ -175,13 +175,14 @@ class with_tags:
 
     def __call__(self, func: F) -> F:
         """Decorate a sync or async function: each call runs in its own scope."""
-        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        called = _called(func)
+        if inspect.isgeneratorfunction(called) or inspect.isasyncgenfunction(called):
             raise TypeError(
-                f"with_tags cannot decorate the generator {func.__qualname__}: its body runs in its "
-                "consumer's context; use `with with_tags(...)` inside it instead"
+                f"with_tags cannot decorate the generator {getattr(called, '__qualname__', called)}: its "
+                "body runs in its consumer's context; use `with with_tags(...)` inside it instead"
             )
         new = self._new
-        if inspect.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(called):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -202,6 +203,16 @@ class with_tags:
                 _reset(token)
 
         return cast(F, wrapper)
+
+
+def _called(func: Callable[..., Any]) -> Any:
+    """The function a call of `func` runs: itself, a partial's function, or an object's `__call__`
+    (so that an object with an async `__call__` is decorated as async, as Starlette tells endpoints)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.isroutine(func) or not callable(func):
+        return func
+    return type(func).__call__.__get__(func)
 
 
 def _enter(new: Mapping[str, str | None]) -> Any:
