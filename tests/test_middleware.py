@@ -335,6 +335,68 @@ async def test_fastapi_app_turns_budget_exceeded_into_402(sqlite_url: str, track
     assert int(over.headers["retry-after"]) > 0
 
 
+async def test_budget_exceeded_in_a_task_group_becomes_402(sqlite_url: str, tracker_factory: Factory) -> None:
+    """An endpoint that fans calls out in a TaskGroup gets an ExceptionGroup of BudgetExceeded: still a
+    402 with the first one's fields. A group holding any other error stays the app's error (500)."""
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.daily("0.01", mode="raise")])
+
+    async def fan_out(request: Request) -> JSONResponse:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(2):
+                group.create_task(tracker.track(**CALL))
+        return JSONResponse({})
+
+    async def mixed(request: Request) -> JSONResponse:
+        async def fail() -> None:
+            raise ValueError("not a budget")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(tracker.track(**CALL))
+            group.create_task(fail())
+        return JSONResponse({})
+
+    app = build_app(tracker, [Route("/fan", fan_out), Route("/mixed", mixed)])
+    async with client_for(app, raise_app_exceptions=False) as client:
+        crossing = await client.get("/fan")  # the second call takes the day to $0.012: a group of one
+        over = await client.get("/fan")  # both calls raise: a group of two
+        mixed_response = await client.get("/mixed")
+    for response in (crossing, over):
+        assert response.status_code == 402
+        assert response.json()["stage"] == "post" and response.json()["period"] == "day"
+        assert int(response.headers["retry-after"]) > 0
+    assert Decimal(over.json()["spent"]) in (Decimal("0.018"), Decimal("0.024"))
+    assert mixed_response.status_code == 500
+    assert len(await ledger(sqlite_url)) == 5
+
+
+async def test_budget_exceeded_wrapped_by_an_sdk_becomes_402(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """An SDK that wraps the refusal in its own error (openai 2.x, anthropic: APIConnectionError with
+    the BudgetExceeded as `__cause__`) still answers 402 when the endpoint lets it escape."""
+    import anthropic
+
+    from llm_spend.testing import FakeProviderTransport
+
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.daily("0.000001", mode="block")])
+    client = anthropic.AsyncAnthropic(
+        api_key="test", max_retries=0, http_client=tracker.httpx_client(transport=FakeProviderTransport())
+    )
+
+    async def chat(request: Request) -> JSONResponse:
+        await client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        )
+        return JSONResponse({})
+
+    app = build_app(tracker, [Route("/chat", chat)])
+    async with client_for(app) as http:
+        response = await http.get("/chat")
+    assert response.status_code == 402
+    assert response.json()["stage"] == "preflight"
+    assert await ledger(sqlite_url) == []
+
+
 async def test_status_code_429(sqlite_url: str, tracker_factory: Factory) -> None:
     """status_code=429 answers budget refusals with 429 and Retry-After."""
     response, _ = await _over_budget(tracker_factory, sqlite_url, status_code=429)

@@ -14,14 +14,22 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .money import format_usd
 
 if TYPE_CHECKING:
     from .budgets import Budget
 
-__all__ = ["BudgetExceeded", "LLMSpendError", "PricesFileError", "StorageError", "UnknownPriceError"]
+__all__ = [
+    "BudgetExceeded",
+    "LLMSpendError",
+    "PricesFileError",
+    "StorageError",
+    "UnknownPriceError",
+    "budget_error",
+    "spend_error",
+]
 
 
 class LLMSpendError(Exception):
@@ -116,3 +124,33 @@ class PricesFileError(LLMSpendError, ValueError):
 
 class StorageError(LLMSpendError):
     """The ledger database could not be read or written."""
+
+
+_E = TypeVar("_E", bound=LLMSpendError)
+
+
+def spend_error(error: BaseException) -> LLMSpendError | None:
+    """The llm-spend error that `error` stands for, or None (see `budget_error`)."""
+    return _standing_for(error, LLMSpendError)
+
+
+def budget_error(error: BaseException) -> BudgetExceeded | None:
+    """The `BudgetExceeded` that `error` stands for, or None: `error` itself; the one an SDK's error
+    wraps, along `__cause__` (openai 2.x and anthropic wrap what the transport raises in
+    `APIConnectionError`); or, for an exception group (a `TaskGroup`'s), the first of its exceptions
+    when every one of them stands for one."""
+    return _standing_for(error, BudgetExceeded)
+
+
+def _standing_for(error: BaseException, kind: type[_E]) -> _E | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        if isinstance(current, BaseExceptionGroup):  # never empty
+            found = [_standing_for(inner, kind) for inner in current.exceptions]
+            return found[0] if None not in found else None
+        seen.add(id(current))
+        current = current.__cause__
+    return None

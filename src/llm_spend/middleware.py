@@ -2,8 +2,10 @@
 
 Pure ASGI (never BaseHTTPMiddleware, which stops contextvar changes from propagating). Per HTTP
 request it sets the request id and the request's tags in context and resets them in ``finally``;
-lifespan and websocket scopes pass straight through. A `BudgetExceeded` escaping the endpoint becomes
-a JSON response (402 by default, or 429) while the response has not started; after, it is re-raised.
+lifespan and websocket scopes pass straight through. A `BudgetExceeded` escaping the endpoint (or an
+error standing for one: an SDK's error wrapping it, a TaskGroup's group of them; `budget_error`)
+becomes a JSON response (402 by default, or 429) while the response has not started; after, it is
+re-raised.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import normalize_tags, reset_request_scope, set_request_scope
-from .exceptions import BudgetExceeded
+from .exceptions import BudgetExceeded, budget_error
 
 if TYPE_CHECKING:
     from .tracker import Tracker
@@ -91,10 +93,11 @@ class SpendMiddleware:
 
             try:
                 await self.app(scope, receive, send_wrapper)
-            except BudgetExceeded as exc:
-                if started:
+            except Exception as exc:  # a BudgetExceeded, or an SDK's error or a group standing for one
+                refused = budget_error(exc)
+                if refused is None or started:
                     raise
-                await self._refuse(exc, send)
+                await self._refuse(refused, send)
         finally:
             reset_request_scope(token)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from ..exceptions import LLMSpendError
+from ..exceptions import spend_error
 from ..usage import Usage
 from .base import CallInfo, Outcome, event_type, integer, limit, load_json, make_usage, text
 
@@ -126,18 +126,6 @@ def _usage(usage: Mapping[str, Any]) -> Usage | None:
         cache_write_1h_tokens=min(write_1h, cache_write),
         reasoning_tokens=integer(thinking),
     )
-
-
-def spend_error(error: BaseException) -> LLMSpendError | None:
-    """The llm-spend error (e.g. BudgetExceeded) that an SDK error wraps, if any, along `__cause__`."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, LLMSpendError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
 
 
 def budget_middleware(request: Any, call_next: Callable[[Any], _R]) -> _R:
