@@ -14,7 +14,13 @@ settlement), so the provider's own time is left out exactly. Two loads, on each 
 
 Next to them, in the same run, the floor the database sets: one committed write transaction by the
 raw driver (sqlite3 on its thread with the same pragmas; asyncpg autocommit), p50 of 400, one at a
-time. A reservation and a settlement are two commits, so 2 x that floor is what no guard can beat.
+time. A reservation and a settlement are two commits, so 2 x that floor is what no guard can beat
+one call at a time. On PostgreSQL, under each load, also the same two commits per call made by raw
+asyncpg with no tracker at all ("raw 2 commits"): 16 calls in flight, each on its own connection,
+each locking the same rows (the global and the user's day window) as the guard does, in the same
+order, with two hand-written statements (reserve: lock, check, add, insert the reservation; settle:
+insert the ledger row, upsert the four rollups, delete the reservation). That is the floor under
+load: the row locks every call shares, held through each commit's flush.
 Run: .venv/bin/python bench/guard.py
 """
 
@@ -115,6 +121,80 @@ async def pg_commit_floor(url: str) -> float:
         await conn.close()
 
 
+_RAW_RESERVE = """
+WITH locked AS (
+    SELECT k, spent + reserved + $1 <= lim AS ok FROM floor_windows
+    WHERE k = ANY($2::text[]) ORDER BY k COLLATE "C" FOR UPDATE
+),
+granted AS (
+    UPDATE floor_windows w SET reserved = w.reserved + $1 FROM locked l
+    WHERE w.k = l.k AND (SELECT bool_and(ok) FROM locked) RETURNING 1
+),
+kept AS (
+    INSERT INTO floor_reservations (id, amount) SELECT $3, $1
+    WHERE (SELECT count(*) FROM granted) = cardinality($2::text[]) RETURNING 1
+)
+SELECT count(*) FROM kept
+"""
+_RAW_SETTLE = """
+WITH ledger AS (INSERT INTO floor_ledger (event_id, cost) VALUES ($1, $2) RETURNING 1),
+released AS (DELETE FROM floor_reservations WHERE id = $1 RETURNING amount),
+rollups AS (
+    INSERT INTO floor_windows (k, spent, reserved, lim)
+    SELECT k, $2, 0, 9223372036854775807 FROM unnest($3::text[]) AS k
+    ON CONFLICT (k) DO UPDATE SET spent = floor_windows.spent + excluded.spent,
+        reserved = floor_windows.reserved
+            - CASE WHEN floor_windows.k LIKE 'day:%' THEN (SELECT amount FROM released) ELSE 0 END
+    RETURNING 1
+)
+SELECT count(*) FROM rollups
+"""
+
+
+async def pg_raw_floor(url: str, provider: tuple[float, float]) -> list[float]:
+    """Seconds the two commits of a guarded call take by raw asyncpg, with no tracker: the same load,
+    the same rows locked in the same order (see the module docstring)."""
+    parsed = make_url(url)
+    pool = await asyncpg.create_pool(
+        host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database,
+        min_size=CONCURRENCY, max_size=CONCURRENCY,
+    )  # fmt: skip
+    try:
+        await pool.execute(
+            "CREATE TABLE floor_windows (k text PRIMARY KEY, spent bigint NOT NULL DEFAULT 0,"
+            " reserved bigint NOT NULL DEFAULT 0, lim bigint NOT NULL);"
+            " CREATE TABLE floor_reservations (id text PRIMARY KEY, amount bigint NOT NULL);"
+            " CREATE TABLE floor_ledger (id bigserial PRIMARY KEY, event_id text UNIQUE, cost bigint)"
+        )
+        added: list[float] = []
+        rng = random.Random(7)
+
+        async def worker(n: int) -> None:
+            for i in range(CALLS // CONCURRENCY):
+                wait, user = rng.uniform(*provider), f"u{(n * 7 + i) % 50}"
+                day, month = sorted(["day:", f"day:{user}"]), sorted(["month:", f"month:{user}"])
+                event = uuid.uuid4().hex
+                started = time.perf_counter()
+                async with pool.acquire() as conn:
+                    await conn.fetchval(_RAW_RESERVE, 1_000_000, day, event)
+                reserved = time.perf_counter()
+                await asyncio.sleep(wait)
+                answered = time.perf_counter()
+                async with pool.acquire() as conn:
+                    await conn.fetchval(_RAW_SETTLE, event, 900_000, sorted(day + month))
+                added.append((reserved - started) + (time.perf_counter() - answered))
+
+        users = ["", *(f"u{u}" for u in range(50))]
+        await pool.execute(
+            "INSERT INTO floor_windows (k, lim) SELECT k, 1000000000000000000 FROM unnest($1::text[]) AS k",
+            [f"{period}:{user}" for period in ("day", "month") for user in users],
+        )
+        await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
+        return added
+    finally:
+        await pool.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -166,6 +246,9 @@ def report() -> None:
         try:
             added, rate = asyncio.run(guard_times(pg[0], provider))
             print(line("PostgreSQL", load, added, rate))
+            floor_times = asyncio.run(pg_raw_floor(pg[0], provider))
+            p50, p99 = statistics.median(floor_times) * 1e3, percentile(floor_times, 0.99) * 1e3
+            print(f"  {'PostgreSQL':<12}{'  raw 2 commits':<20}{p50:>9.2f}{p99:>9.2f}")
             if load == "back to back":
                 floor = asyncio.run(pg_commit_floor(pg[0]))
                 print(f"  {'PostgreSQL':<12}{'floor: one commit':<20}{floor * 1e3:>9.2f}")
