@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -305,15 +306,121 @@ async def test_middleware_refuses_exhausted_window_without_running_endpoint(db_u
         tracker,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
     ):
-        codes = [(await client.post("/", headers={"x-user": "a"})).status_code for _ in range(4)]
-        runs_before = len(runs)
+        codes = [(await client.post("/", headers={"x-user": "a"})).status_code for _ in range(3)]
+        # $0.00045 of $0.0006 spent: the third call's estimate ($0.000375) did not fit, a smaller one
+        # would, so the window is not known exhausted and a's requests still reach the endpoint
+        assert codes == [200, 200, 429] and runs == ["a"] * 3
+        with with_tags(user_id="a"), pytest.raises(BudgetExceeded):  # a call made anyway: $0.000675
+            await tracker.track(provider="openai", model=MODEL, input_tokens=300, output_tokens=300)
         refused = await client.post("/", headers={"x-user": "a"})
         served = await client.post("/", headers={"x-user": "b"})
-    assert 200 in codes and 429 in codes
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
     assert refused.json()["stage"] == "preflight"
-    assert len(runs) == runs_before + 1 and runs[-1] == "b"  # a's endpoint did not run; b's did
+    assert runs == ["a", "a", "a", "b"]  # a's endpoint did not run again; b's did
     assert served.status_code == 200
+
+
+async def test_a_refusal_for_the_size_of_a_call_leaves_the_window_open(db_url: str) -> None:
+    """A call refused because its own estimate is larger than what is left does not mark the window
+    exhausted: smaller calls still go through, and the middleware's preflight lets them in."""
+    tracker = Tracker(db_url, budgets=[Budget.daily(1, per="user_id", mode="block")])
+    async with tracker:
+        with pytest.raises(BudgetExceeded) as refused:  # no max output: bounded by the context window
+            async with tracker.guard(
+                provider="openai", model="gpt-4o", input_tokens=100, tags={"user_id": "a"}
+            ):
+                pass
+        assert refused.value.requested > 1 and refused.value.spent == 0
+        assert tracker.preflight({"user_id": "a"}) is None
+        async with tracker.guard(
+            provider="openai", model="gpt-4o", input_tokens=100, max_output_tokens=100, tags={"user_id": "a"}
+        ) as call:
+            record = await call.record(Usage(input_tokens=100, output_tokens=50))
+        assert record.cost == Decimal("0.00075") and tracker.preflight({"user_id": "a"}) is None
+
+
+async def test_clamping_fits_the_tightest_window(db_url: str) -> None:
+    """clamp_max_tokens with two windows: the first refusal comes from the looser one (day, $1); the
+    output is clamped again to what the tighter one (the user's month, $0.05) can pay for."""
+    tracker = Tracker(
+        db_url,
+        budgets=[Budget.daily("1.00", mode="block"), Budget.monthly("0.05", per="user_id", mode="block")],
+        clamp_max_tokens=True,
+    )
+    async with (
+        tracker,
+        tracker.guard(
+            provider="openai",
+            model="gpt-4o",
+            input_tokens=100,
+            max_output_tokens=200_000,
+            tags={"user_id": "u"},
+        ) as call,
+    ):
+        assert call.max_output_tokens is not None and 1_000 < call.max_output_tokens < 5_000
+        assert call.estimate is not None and Decimal("0.049") < call.estimate <= Decimal("0.05")
+    assert (await ledger(db_url))["reservations"] == 0
+
+
+async def test_a_guarded_call_within_its_estimate_never_raises_post(db_url: str) -> None:
+    """A guarded call paid for by its reservation records without BudgetExceeded, although a call
+    recorded after the fact took the window over meanwhile (that one raises); one that cost more than
+    its estimate still raises."""
+    tracker = Tracker(db_url, budgets=[Budget.daily("0.01", mode="block")])
+    gpt_4o = {"provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300}  # $0.006
+    async with tracker:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100
+        ) as call:
+            await tracker.track(**gpt_4o)
+            with pytest.raises(BudgetExceeded):
+                await tracker.track(**gpt_4o)  # $0.012 of $0.01
+            record = await call.record(Usage(input_tokens=100, output_tokens=10))
+        assert record.cost_nanousd is not None and record.cost_nanousd > 0
+    state = await ledger(db_url)
+    assert state["calls"] == 3 and state["day"][0][1] == 0 and state["reservations"] == 0
+
+    over = Tracker(db_url, budgets=[Budget.daily("0.0121", mode="block")])
+    async with (
+        over,
+        over.guard(provider="openai", model=MODEL, input_tokens=10, max_output_tokens=10) as call,
+    ):
+        with pytest.raises(BudgetExceeded) as raised:  # $0.0122 once recorded: more than it reserved
+            await call.record(Usage(input_tokens=1_000, output_tokens=100))
+    assert raised.value.stage == "post"
+
+
+async def test_a_late_settlement_in_yesterdays_window_keeps_todays_exhaustion(sqlite_url: str) -> None:
+    """A call reserved before midnight and settled after it counts in yesterday's window; finding that
+    window over its limit must not replace what is known of today's."""
+    tracker = Tracker(sqlite_url, budgets=[Budget.daily("0.01", mode="block")])
+    gpt_4o = {"provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300}
+    async with tracker:
+        await tracker.track(**gpt_4o)
+        with pytest.raises(BudgetExceeded):
+            await tracker.track(**gpt_4o)
+        assert tracker.preflight({}) is not None
+        guard, yesterday = tracker.budget_guard, datetime.now(UTC) - timedelta(days=1)
+        day = guard.windows({}, yesterday)[0]
+        guard.after({}, yesterday, 6_000_000, {day: 12_000_000})  # settled now, in yesterday's window
+        known = tracker.preflight({})
+        assert known is not None and known.window_end is not None and known.window_end > datetime.now(UTC)
+
+
+async def test_a_records_cost_is_what_the_ledger_stores(sqlite_url: str) -> None:
+    """`record.cost` is the stored nano-USD amount (rounded half-even), so sums of records, the ledger
+    and reports agree: $0.0375 per million input tokens is 37.5 nano-USD a token, stored as 38."""
+    tracker = Tracker(sqlite_url, price_overrides={"acme/tiny": {"input": "0.0375", "output": "0.15"}})
+    async with tracker:
+        records = [
+            await tracker.track(provider="acme", model="tiny", input_tokens=1, output_tokens=0)
+            for _ in range(10)
+        ]
+        rows = await tracker.report(start=datetime.now(UTC) - timedelta(days=1))
+    assert {r.cost for r in records} == {Decimal("0.000000038")}
+    assert all(r.cost == from_nanousd(r.cost_nanousd or 0) for r in records)
+    assert rows[0].cost == sum(r.cost or 0 for r in records) == Decimal("0.00000038")
+    assert (await ledger(sqlite_url))["spent"] == 380
 
 
 async def test_unknown_context_window_needs_a_max_or_a_configured_cap(sqlite_url: str) -> None:

@@ -116,10 +116,10 @@ class Guard:
             if refusal is not None:
                 index = owners[refusal.key]
                 window = self.bounds(refusal.key.period, at)
-                if refusal.spent + estimate > self.rules[index].limit_nanousd:
-                    # Settled spend alone leaves no room for a call of this size: remember the window
-                    # as exhausted until it ends. A refusal caused only by concurrent reservations is
-                    # not remembered, as their money may come back.
+                if refusal.spent >= self.rules[index].limit_nanousd:
+                    # Settled spend alone reached the limit: no call fits until the window ends, so
+                    # remember it as exhausted. A refusal for the size of this call, or caused by
+                    # concurrent reservations (whose money may come back), is not remembered.
                     self._mark_exhausted(index, refusal.key.scope_value, window, refusal.spent, at)
                 raise self.rules[index].exceeded(
                     window=window, scope_value=refusal.key.scope_value, spent=refusal.spent,
@@ -149,15 +149,25 @@ class Guard:
     # -- after the call -----------------------------------------------------------------------------
 
     def after(
-        self, tags: Mapping[str, str], at: datetime, cost: int | None, spent_after: Mapping[WindowKey, int]
+        self,
+        tags: Mapping[str, str],
+        at: datetime,
+        cost: int | None,
+        spent_after: Mapping[WindowKey, int],
+        reserved: int | None = None,
     ) -> tuple[BudgetExceeded | None, list[BudgetExceeded]]:
-        """Judge a recorded call: (the exception to raise or None, the crossings to notify)."""
+        """Judge a recorded call: (the exception to raise or None, the crossings to notify).
+
+        `reserved` is what a guarded call reserved in every block-mode window that applies: a call
+        that cost no more than that was paid for before it went out, and raises in none of them
+        (a window over its limit then is one that calls recorded after the fact took over)."""
         if not self.rules:
             return None, []
         now = datetime.now(UTC)
         to_raise: BudgetExceeded | None = None
         to_notify: list[BudgetExceeded] = []
         amount = cost or 0
+        paid_for = reserved is not None and amount <= reserved
         for index, rule in enumerate(self.rules):
             value = rule.scope_value(tags)
             if value is None:
@@ -178,7 +188,7 @@ class Guard:
             if rule.mode == "notify":
                 if window is None or spent - amount <= rule.limit_nanousd:  # the crossing itself
                     to_notify.append(exc)
-            elif to_raise is None:
+            elif to_raise is None and not (paid_for and rule.mode == "block"):
                 to_raise = exc
         return to_raise, to_notify
 
@@ -188,6 +198,9 @@ class Guard:
         exc = self.rules[index].exceeded(
             window=window, scope_value=value, spent=spent, reserved=0, requested=0, stage="preflight", now=now
         )
+        known = self._exhausted.get((index, value))
+        if known is not None and known[0] >= window[1]:  # a call settled late in an earlier window
+            return
         if len(self._exhausted) >= _MAX_EXHAUSTED:
             self._exhausted.pop(next(iter(self._exhausted)))
         self._exhausted[(index, value)] = (window[1], exc)

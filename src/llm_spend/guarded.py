@@ -86,7 +86,7 @@ class GuardedCall:
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
         written = tracker._submit(record, reservation_id=reservation.id, release=reservation.windows)
-        self._pending = _Recording(tracker, record, written)
+        self._pending = _Recording(tracker, record, written, reservation.estimate)
         return self._pending
 
     async def extend(self) -> None:
@@ -115,15 +115,17 @@ class _Recording:
     """The write of a guarded call's record, already queued; awaiting it (once) gives the CallRecord
     after the commit, and applies the budgets."""
 
-    def __init__(self, tracker: Tracker, record: CallRecord, written: Awaitable[Any]) -> None:
-        self._tracker, self._record, self._written = tracker, record, written
+    def __init__(
+        self, tracker: Tracker, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
+    ) -> None:
+        self._tracker, self._record, self._written, self._reserved = tracker, record, written, reserved
         self.awaited = False
 
     def __await__(self) -> Generator[Any, None, CallRecord]:
         if self.awaited:
             raise RuntimeError("a guarded call's record is awaited once")
         self.awaited = True
-        return self._tracker._recorded(self._record, self._written).__await__()
+        return self._tracker._recorded(self._record, self._written, self._reserved).__await__()
 
 
 class Guarding:

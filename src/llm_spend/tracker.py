@@ -28,7 +28,7 @@ from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPric
 from .guard import Guard, Reservation
 from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
-from .money import to_nanousd
+from .money import from_nanousd, to_nanousd
 from .pricing import Cost, Pricer
 from .reports import BudgetStatus, ReportRow, budget_status, report
 from .storage.spool import Spool, default_spool_path, url_key
@@ -376,7 +376,7 @@ class Tracker:
             provider=provider,
             model=model,
             usage=usage,
-            cost=cost.amount,
+            cost=None if cost.nanousd is None else from_nanousd(cost.nanousd),  # as stored, to the nano-USD
             cost_nanousd=cost.nanousd,
             pricing_status=cost.status,
             price_source=cost.source,
@@ -401,22 +401,28 @@ class Tracker:
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
         return writer.submit(PendingWrite(record, windows, **settle))
 
-    async def _recorded(self, record: CallRecord, written: Awaitable[Any]) -> CallRecord:
+    async def _recorded(
+        self, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
+    ) -> CallRecord:
         """Wait for a queued write, then apply the budgets: notify crossings, hand the record to
-        subscribers, raise for raise/block modes. (A caller cancelled while it waits leaves that to
-        `_abandoned`, so a crossing it made is still noticed and notified.)"""
-        to_raise, to_notify = self._judge(record, await written)
+        subscribers, raise for raise/block modes (`reserved`: what a guarded call reserved in its
+        block-mode windows). (A caller cancelled while it waits leaves that to `_abandoned`, so a
+        crossing it made is still noticed and notified.)"""
+        to_raise, to_notify = self._judge(record, await written, reserved)
         if (to_notify and self.on_exceeded is not None) or self._subscribers:
             await self._callbacks(record, to_notify)
         if to_raise is not None:
             raise to_raise
         return record
 
-    def _judge(self, record: CallRecord, spent_after: Any) -> tuple[BudgetExceeded | None, list[Any]]:
+    def _judge(
+        self, record: CallRecord, spent_after: Any, reserved: int | None = None
+    ) -> tuple[BudgetExceeded | None, list[Any]]:
         if spent_after is None or spent_after is SPOOLED:
             return None, []  # already recorded under this event_id, or waiting in the spool for replay
         assert isinstance(spent_after, dict)
-        return self.budget_guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after)
+        guard = self.budget_guard
+        return guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after, reserved)
 
     async def _callbacks(self, record: CallRecord, to_notify: list[BudgetExceeded]) -> None:
         if self.on_exceeded is not None:
@@ -544,12 +550,7 @@ class Tracker:
                 try:
                     reservation = await self._reserve(merged, estimate)
                 except BudgetExceeded as refused:
-                    granted = self._affordable_output(provider, model, input_tokens, refused)
-                    if granted is None:
-                        raise
-                    smaller = self._estimate(provider, model, input_tokens, granted)
-                    assert smaller is not None
-                    reservation = await self._reserve(merged, smaller)  # refused again: raises
+                    reservation, granted = await self._clamped(provider, model, input_tokens, merged, refused)
             elif self.unknown_price == "refuse":
                 raise UnknownPriceError(provider, model)
         call = GuardedCall(self, provider, model, merged, reservation)
@@ -572,6 +573,24 @@ class Tracker:
                 "llm-spend: reservation failed (%s); the call goes out unreserved (fail_open)", exc
             )
             return None
+
+    async def _clamped(
+        self, provider: str, model: str, input_tokens: int, tags: Mapping[str, str], refused: BudgetExceeded
+    ) -> tuple[Reservation | None, int]:
+        """With `clamp_max_tokens`: reserve for as many output tokens as the refusing window can pay
+        for; when another window refuses that, as many as it can (the tightest window decides), each
+        window refusing at most about once; else the refusal stands."""
+        for _ in range(len(self.budget_guard.rules) + 1):
+            granted = self._affordable_output(provider, model, input_tokens, refused)
+            if granted is None:
+                break
+            smaller = self._estimate(provider, model, input_tokens, granted)
+            assert smaller is not None
+            try:
+                return await self._reserve(tags, smaller), granted
+            except BudgetExceeded as again:
+                refused = again
+        raise refused
 
     def _affordable_output(
         self, provider: str, model: str, input_tokens: int, refused: BudgetExceeded
