@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from llm_spend import Budget, CallRecord, SpendMiddleware, Tracker, current_tags, with_tags
+from llm_spend import Budget, CallRecord, SpendMiddleware, Tracker, Usage, current_tags, with_tags
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd, to_nanousd
 
@@ -432,6 +433,57 @@ async def test_calls_in_flight_when_the_tracker_exits_are_written_or_refused(sql
     assert all(isinstance(e, Exception) and not isinstance(e, ValueError) for e in failed)
     assert await count(sqlite_url, "llm_calls") == len(recorded)
     assert len(recorded) == 100
+
+
+async def test_calls_still_open_when_the_tracker_closes_are_spooled_and_written_at_the_next_start(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A guarded call and a stream still running when the lifespan ends were billed: recorded after the
+    close, they wait in the spool, and the next start writes them and settles the reservation."""
+    budgets, spool = [Budget.daily(1, mode="block")], tmp_path / "calls.spool"
+    tracker = Tracker(db_url, budgets=budgets, spool_path=spool)
+    await tracker.__aenter__()
+    answered = asyncio.Event()
+
+    async def guarded() -> CallRecord:
+        async with tracker.guard(
+            provider="openai", model="gpt-4o-mini", input_tokens=100, max_output_tokens=100
+        ) as call:
+            await answered.wait()
+            return await call.record(Usage(input_tokens=100, output_tokens=10))
+
+    async def streamed() -> None:
+        async with tracker.track_stream(provider="openai", model="gpt-4o-mini") as stream:
+            await answered.wait()
+            stream.usage(input_tokens=100, output_tokens=10)
+
+    tasks = [asyncio.create_task(guarded()), asyncio.create_task(streamed())]
+    await asyncio.sleep(0.05)  # both are under way (the guard has reserved)
+    await tracker.__aexit__(None, None, None)
+    answered.set()
+    record, _ = await asyncio.gather(*tasks)
+    assert isinstance(record, CallRecord) and await count(db_url, "llm_calls") == 0
+
+    async with Tracker(db_url, budgets=budgets, spool_path=spool) as again:
+        status = await again.budget_status()
+    assert await count(db_url, "llm_calls") == 2
+    assert await count(db_url, "llm_spend_reservations") == 0
+    assert status[0].spent == 2 * record.cost and status[0].reserved == 0
+
+
+async def test_tasks_entering_one_tracker_together_start_it_once(sqlite_url: str) -> None:
+    """Two tasks entering the same tracker at once (two lifespans sharing it) start one writer; the
+    last exit stops it, in time, and leaves no task behind."""
+    tracker = Tracker(sqlite_url, shutdown_timeout=30)
+    before = asyncio.all_tasks()
+
+    async def use() -> None:
+        async with tracker:
+            await tracker.track(**VALID)
+
+    await asyncio.wait_for(asyncio.gather(use(), use()), timeout=20)  # a hang guard, not a timing check
+    assert asyncio.all_tasks() - before == set()
+    assert await count(sqlite_url, "llm_calls") == 2
 
 
 async def test_calls_are_written_when_the_block_exits_with_an_error(sqlite_url: str) -> None:

@@ -154,6 +154,10 @@ class Tracker:
         self._max_batch, self._max_queue = max_batch, max_queue
         self._writer: Writer | None = None
         self._entered = 0
+        self._lifecycle = asyncio.Lock()
+        """Held while the tracker starts or stops: tasks entering it together start it once."""
+        self._closed: tuple[str | None] | None = None
+        """Once it was closed: (the database's id, if known), for calls recorded after (spooled)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: list[Callback] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -166,48 +170,55 @@ class Tracker:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Tracker:
-        if self._entered == 0:
-            if self.auto_migrate:
-                await self.store.migrate()
-            self._writer = Writer(
-                self.store,
-                self.spool,
-                max_batch=self._max_batch,
-                max_queue=self._max_queue,
-                abandoned=self._abandoned,
-            )
-            replayed = True
-            try:
-                await self._writer.replay()  # calls spooled during an outage or by a killed process
-            except Exception as exc:
-                replayed = False
-                logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
-            await self._sweep()
-            if replayed:
-                try:
-                    await self.store.warm()
-                except Exception as exc:  # the database failing now is the writer's to handle
-                    logger.warning("llm-spend: preparing the database's statements failed: %s", exc)
-            self._writer.start()
-            if not replayed:
-                self._writer.enter_outage()  # the probe replays the spool once the database answers
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
-            self._loop = asyncio.get_running_loop()
-        self._entered += 1
+        async with self._lifecycle:
+            if self._entered == 0:
+                await self._start()
+            self._entered += 1
         return self
+
+    async def _start(self) -> None:
+        """Migrate, replay the spool, sweep, and start the writer and the sweeper (first entry)."""
+        if self.auto_migrate:
+            await self.store.migrate()
+        writer = Writer(
+            self.store,
+            self.spool,
+            max_batch=self._max_batch,
+            max_queue=self._max_queue,
+            abandoned=self._abandoned,
+        )
+        replayed = True
+        try:
+            await writer.replay()  # calls spooled during an outage or by a killed process
+        except Exception as exc:
+            replayed = False
+            logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
+        await self._sweep()
+        if replayed:
+            try:
+                await self.store.warm()
+            except Exception as exc:  # the database failing now is the writer's to handle
+                logger.warning("llm-spend: preparing the database's statements failed: %s", exc)
+        writer.start()
+        if not replayed:
+            writer.enter_outage()  # the probe replays the spool once the database answers
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
+        self._writer, self._loop, self._closed = writer, asyncio.get_running_loop(), None
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._entered -= 1
-        if self._entered == 0 and self._writer is not None:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._sweeper
-            writer, self._writer, self._loop = self._writer, None, None
-            await writer.close(self.shutdown_timeout)
-            await self.store.close()
+        async with self._lifecycle:
+            self._entered -= 1
+            if self._entered == 0 and self._writer is not None:
+                if self._sweeper is not None:
+                    self._sweeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._sweeper
+                writer, self._writer, self._loop = self._writer, None, None
+                await writer.close(self.shutdown_timeout)
+                self._closed = (writer.database_id,)
+                await self.store.close()
 
     async def _sweep_forever(self) -> None:
         """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
@@ -396,10 +407,26 @@ class Tracker:
     def _submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
         """Queue the record's write (with its reservation's settlement); it is under way on return."""
         writer = self._writer
-        if writer is None:
-            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
+        if writer is None:
+            if self._closed is None:
+                raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
+            return self._spool_late(PendingWrite(record, windows, **settle), self._closed[0])
         return writer.submit(PendingWrite(record, windows, **settle))
+
+    def _spool_late(self, item: PendingWrite, database_id: str | None) -> Awaitable[Any]:
+        """A call recorded after the tracker closed (a guard or stream still open at shutdown): it was
+        billed, so it is kept in the spool, and written (its reservation settled) at the next start."""
+        logger.warning(
+            "llm-spend: a %s/%s call was recorded after the tracker closed; spooled to %s for the next start",
+            item.record.provider, item.record.model, self.spool.path,
+        )  # fmt: skip
+
+        async def spool() -> object:
+            kept = await asyncio.to_thread(self.spool.append, [item], database_id)
+            return SPOOLED if kept else None
+
+        return asyncio.ensure_future(spool())
 
     async def _recorded(
         self, record: CallRecord, written: Awaitable[Any], reserved: int | None = None

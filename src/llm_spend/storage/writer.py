@@ -94,6 +94,11 @@ class Writer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="llm-spend-writer")
 
+    @property
+    def database_id(self) -> str | None:
+        """The database's identity once a write or a replay asked for it (spooled lines carry it)."""
+        return self._database_id
+
     def submit(self, item: PendingWrite) -> Awaitable[Result]:
         """Queue `item`; the awaitable gives its result once its transaction committed."""
         if self._task is None or self._task.done():
