@@ -342,6 +342,34 @@ def test_sqlite_uses_wal(sqlite_url: str) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
 
 
+async def test_a_sqlite_read_left_open_blocks_no_writer(sqlite_url: str) -> None:
+    """A read transaction (a report, a dashboard export a slow client streams) takes no write lock:
+    another process's writer and the tracker's own writes and reservations go on meanwhile."""
+    from llm_spend import Budget
+
+    async with Tracker(sqlite_url, budgets=[Budget.daily(100, mode="block")]) as tracker:
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)
+        async with tracker.store.engine.connect() as reading:
+            assert (await reading.execute(text("SELECT count(*) FROM llm_calls"))).scalar_one() == 1
+            path = make_url(sqlite_url).database
+            assert path is not None
+            with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")  # raised "database is locked" when reads began IMMEDIATE
+                other.execute("ROLLBACK")
+            # a hang guard, not a timing assertion: blocked, these waited 30 s for the busy timeout
+            async with asyncio.timeout(20):
+                await tracker.track(provider="openai", model="gpt-4o", input_tokens=1, output_tokens=1)
+                async with tracker.guard(
+                    provider="openai", model="gpt-4o", input_tokens=10, max_output_tokens=10
+                ) as call:
+                    await call.record(Usage(input_tokens=10, output_tokens=10))
+            assert (
+                await reading.execute(text("SELECT count(*) FROM llm_calls"))
+            ).scalar_one() == 1  # its snapshot
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == 3
+
+
 # -- SQLite files: the write thread and the loop's own connection -------------------------------------
 
 

@@ -50,8 +50,14 @@ HEAD_REVISION = "0002"
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+_WRITE = "llm_spend_write"
+"""The execution option of write transactions: BEGIN IMMEDIATE on SQLite (`Store.transaction`)."""
+
+
 def _sqlite_setup(engine: AsyncEngine) -> None:
-    """WAL, a busy timeout, and BEGIN IMMEDIATE for every transaction (no lock upgrades, no SQLITE_BUSY)."""
+    """WAL, a busy timeout, and BEGIN IMMEDIATE for every write transaction: it takes the write lock
+    first, so it never fails upgrading a read lock (SQLITE_BUSY_SNAPSHOT). A read transaction begins
+    deferred: it takes no lock, and writers of every process go on while it reads (WAL)."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -63,7 +69,7 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
 class Store:
@@ -85,6 +91,8 @@ class Store:
         else:
             kwargs.update(pool_size=16, max_overflow=4, pool_use_lifo=True)
         self.engine = create_async_engine(url, **kwargs)
+        """Reads: `engine.connect()` (on SQLite a deferred transaction, which blocks no writer)."""
+        self._write_engine = self.engine.execution_options(**{_WRITE: True})
         memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
         self._file = SQLiteFile(str(parsed.database)) if self.dialect == "sqlite" and not memory else None
         if self.dialect == "sqlite":
@@ -114,18 +122,19 @@ class Store:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction. On SQLite, this process's writers take turns in memory first, so
-        they never sleep in SQLite's busy handler waiting for each other (other processes still do)."""
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (committed when the block ends without error). On SQLite it begins
+        IMMEDIATE, and this process's writers take turns in memory first, so they never sleep in
+        SQLite's busy handler waiting for each other (other processes still do)."""
         if self.dialect != "sqlite":
-            async with self.engine.begin() as conn:
+            async with self._write_engine.begin() as conn:
                 yield conn
             return
         loop = asyncio.get_running_loop()
         lock = self._locks.get(loop)
         if lock is None:
             lock = self._locks[loop] = asyncio.Lock()
-        async with lock, self.engine.begin() as conn:
+        async with lock, self._write_engine.begin() as conn:
             yield conn
 
     # -- schema -------------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ class Store:
         costs a query, not Alembic's import, about half a second on a slow machine)."""
         if await self.revision() == HEAD_REVISION:
             return
-        async with _migration_lock(), self.engine.connect() as conn:
+        async with _migration_lock(), self._write_engine.connect() as conn:
             await conn.run_sync(_upgrade)
             await conn.commit()
 
@@ -172,7 +181,7 @@ class Store:
             return await self._write(batch, fast=False)
 
     async def _write(self, batch: Sequence[PendingWrite], *, fast: bool) -> list[dict[WindowKey, int] | None]:
-        async with self._begin() as conn:
+        async with self.transaction() as conn:
             insert = self._insert_new_calls if fast else self._insert_calls
             inserted = await insert(conn, batch)
             settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
@@ -246,7 +255,7 @@ class Store:
     ) -> Refusal | None:
         refusal: Refusal | None = None
         try:
-            async with self._begin() as conn:
+            async with self.transaction() as conn:
                 await conn.execute(
                     self._sql.insert_reservation,
                     {
@@ -284,14 +293,14 @@ class Store:
         """Push a live reservation's expiry out (a long stream renews its lease)."""
         if self._file is not None:
             return await self._file.extend(reservation_id, expires_at)
-        async with self._begin() as conn:
+        async with self.transaction() as conn:
             result = await conn.execute(
                 update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
             )
         return bool(result.rowcount)
 
     async def _release_where(self, condition: Any) -> int:
-        async with self._begin() as conn:
+        async with self.transaction() as conn:
             result = await conn.execute(
                 delete(reservations).where(condition).returning(reservations.c.windows)
             )
