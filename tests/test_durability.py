@@ -7,8 +7,10 @@ PostgreSQL the test's database refusing connections. No mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sqlite3
@@ -462,6 +464,70 @@ async def test_shutdown_deadline_holds_while_another_session_holds_the_write_loc
     state = await ledger(db_url)
     assert sorted(state["ids"]) == sorted(r.event_id for r in records)
     assert state["day_calls"] == 40
+
+
+async def test_calls_whose_callers_were_cancelled_are_spooled_when_the_deadline_passes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """At the shutdown deadline the batch stuck on a lock goes to the spool whole: the calls of
+    callers who stopped waiting (a client that disconnected) are billed calls too."""
+    spool = tmp_path / "calls.spool"
+    tracker = Tracker(db_url, shutdown_timeout=0.5, spool_path=spool)
+    async with tracker:
+        lock = write_lock_held(db_url)
+        await lock.__aenter__()
+        tasks = [asyncio.create_task(tracker.track(provider="openai", model="gpt-4o-mini",
+                                                   input_tokens=1, output_tokens=1))
+                 for _ in range(10)]  # fmt: skip
+        await asyncio.sleep(0.2)  # the writer holds them as one batch, waiting for the lock
+        for task in tasks[:4]:
+            task.cancel()
+        await asyncio.sleep(0.05)
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        lines = [line for path in tracker.spool._files() for line in path.read_text().splitlines()]
+        assert len(lines) == 10
+    finally:
+        await lock.__aexit__(None, None, None)
+    async with Tracker(db_url, spool_path=spool):
+        pass
+    state = await ledger(db_url)
+    assert len(state["ids"]) == 10 and state["day_calls"] == 10
+
+
+def _open_files() -> list[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed by now
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return names
+
+
+async def test_no_replay_probe_outlives_the_tracker(tmp_path: Path) -> None:
+    """Closing while an outage just ended (the drain's batch succeeds): no replay probe is left to
+    open the closed store's SQLite file again (an open file left behind); the spooled call is written
+    at the next start. Five rounds: the probe's timing varies."""
+    for round_ in range(5):
+        url = f"sqlite+aiosqlite:///{tmp_path / f'ledger{round_}.db'}"
+        tracker = Tracker(url)
+        await tracker.__aenter__()
+        set_sqlite_outage(url, True)
+        await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1)
+        await asyncio.sleep(0.1)  # spooled; the probe failed once and sleeps
+        set_sqlite_outage(url, False)
+        tasks = [asyncio.create_task(tracker.track(provider="openai", model="gpt-4o-mini",
+                                                   input_tokens=1, output_tokens=1))
+                 for _ in range(100)]  # fmt: skip
+        await asyncio.sleep(0)
+        await tracker.__aexit__(None, None, None)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0.5)
+        assert [t for t in asyncio.all_tasks() if t.get_name() == "llm-spend-replay"] == []
+        path = sqlite_path(url)
+        assert not [name for name in _open_files() if name.startswith(path)], round_
+        async with Tracker(url):
+            pass
+        assert len((await ledger(url))["ids"]) == 101
 
 
 @pytest.mark.timeout(120)

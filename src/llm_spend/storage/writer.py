@@ -78,6 +78,7 @@ class Writer:
         )
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._closing = False
         self._replaying = asyncio.Lock()
         self.outage = False
         self._waiting = 0
@@ -129,8 +130,8 @@ class Writer:
         """Write what was submitted, within `timeout` seconds; what remains goes to the spool."""
         if self._task is None:
             return
-        if self._probe is not None:
-            self._probe.cancel()
+        self._closing = True  # a batch written from now on starts no replay probe
+        await self._stop_probe()
         before = self.spooled
         try:
             async with asyncio.timeout(timeout):  # a full queue counts against the deadline too
@@ -143,6 +144,7 @@ class Writer:
                 await self._task
             logger.warning("llm-spend: shutdown drain timed out after %.1f s", timeout)
         await self._to_spool(await self._leftovers())
+        await self._stop_probe()  # one started while the drain ran, if any
         if self.spooled != before:
             logger.warning(
                 "llm-spend: %d calls went to the spool %s at shutdown; the next start replays them",
@@ -228,11 +230,13 @@ class Writer:
         try:
             await self._try_commit(batch)
         except asyncio.CancelledError:  # the shutdown deadline passed mid-batch: keep it in the spool
-            pending = [entry for entry in batch if not entry[1].done()]
-            kept = self._spool.append([item for item, _ in pending], self._database_id)
+            # Every item of it, those whose caller stopped waiting too: the batch did not commit (or
+            # its answer was lost; a replay then changes nothing twice).
+            kept = self._spool.append([item for item, _ in batch], self._database_id)
             self.spooled += kept
-            for _, future in pending:
-                future.set_result(SPOOLED)
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(SPOOLED)
             raise
 
     async def _try_commit(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
@@ -290,7 +294,16 @@ class Writer:
         self.outage = True
         self._start_probe()
 
+    async def _stop_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+
     def _start_probe(self) -> None:
+        if self._closing:
+            return  # the spool is replayed at the next start
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._probe_until_replayed(), name="llm-spend-replay")
 
