@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -493,6 +494,30 @@ async def test_calls_whose_callers_were_cancelled_are_spooled_when_the_deadline_
         pass
     state = await ledger(db_url)
     assert len(state["ids"]) == 10 and state["day_calls"] == 10
+
+
+async def test_a_spool_file_another_process_replays_is_left_to_it(sqlite_url: str) -> None:
+    """Processes sharing a spool start together: a file that another one is replaying (it holds its
+    lock) is skipped, not failed on, and the start is not an outage; once that process is done with
+    it (here: it let go without replaying), the next start replays it."""
+    async with Tracker(sqlite_url):
+        pass
+    async with outage(sqlite_url), Tracker(sqlite_url) as spooling:
+        await track_wave(spooling, 20)
+    spool = Spool(f"{sqlite_path(sqlite_url)}.spool")
+    (claimed,) = spool.claim()
+    other = os.open(claimed, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another process's replay holds it
+    try:
+        async with Tracker(sqlite_url) as starting:
+            assert not starting.outage
+        assert (await ledger(sqlite_url))["ids"] == [] and claimed.exists()
+    finally:
+        os.close(other)
+    async with Tracker(sqlite_url):
+        pass
+    state = await ledger(sqlite_url)
+    assert len(state["ids"]) == 20 and state["day_calls"] == 20 and not claimed.exists()
 
 
 def _open_files() -> list[str]:

@@ -129,6 +129,22 @@ class Spool:
         claimed = [(p, _mtime(p)) for p in self._files() if p != self.path]
         return [p for p, mtime in sorted(claimed, key=lambda c: c[1]) if mtime >= 0]
 
+    def hold(self, path: Path) -> int | None:
+        """Lock claimed file `path` for this replay (close the returned descriptor when done), or
+        None when another process replays it now or has replayed it already."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not deleted or replaced meanwhile
+                return fd
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        os.close(fd)
+        return None
+
     def read(self, path: Path, database_id: str) -> tuple[list[PendingWrite], list[str]]:
         """The items of `path` for this database, in order, and the lines that belong elsewhere."""
         items: list[PendingWrite] = []

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from .spool import Spool
 from .store import PendingWrite, Store, WindowKey
@@ -172,19 +174,28 @@ class Writer:
             if not (await asyncio.to_thread(self._spool.backlog))[0]:
                 return 0
             for path in await asyncio.to_thread(self._spool.claim):
-                items, foreign = await asyncio.to_thread(self._spool.read, path, database_id)
-                for start in range(0, len(items), self._max_batch):
-                    done += await self._replay_chunk(items[start : start + self._max_batch])
-                if foreign:  # never replayed into this database; kept for its own
-                    logger.error(
-                        "llm-spend: %d spool lines in %s belong to another database", len(foreign), path
-                    )
-                    await asyncio.to_thread(self._spool.keep, path, foreign)
-                else:
-                    path.unlink()
+                held = await asyncio.to_thread(self._spool.hold, path)
+                if held is None:  # another process (sharing this spool) replays it
+                    continue
+                try:
+                    done += await self._replay_file(path, database_id)
+                finally:
+                    os.close(held)
             if done:
                 logger.warning("llm-spend: replayed %d spooled calls into the database", done)
             return done
+
+    async def _replay_file(self, path: Path, database_id: str) -> int:
+        done = 0
+        items, foreign = await asyncio.to_thread(self._spool.read, path, database_id)
+        for start in range(0, len(items), self._max_batch):
+            done += await self._replay_chunk(items[start : start + self._max_batch])
+        if foreign:  # never replayed into this database; kept for its own
+            logger.error("llm-spend: %d spool lines in %s belong to another database", len(foreign), path)
+            await asyncio.to_thread(self._spool.keep, path, foreign)
+        else:
+            await asyncio.to_thread(path.unlink)
+        return done
 
     async def _replay_chunk(self, items: Sequence[PendingWrite]) -> int:
         """Write replayed items. Rows the database cannot store (a data error, such as text it refuses)
