@@ -370,6 +370,30 @@ async def test_a_sqlite_read_left_open_blocks_no_writer(sqlite_url: str) -> None
         assert conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == 3
 
 
+async def test_sqlite_uri_filenames_are_the_files_they_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy's URI filenames (`?uri=true`): a shared in-memory database records in memory, with
+    nothing written to the working directory; `file:/abs/path` writes that file (its WAL checkpointed,
+    its spool beside it)."""
+    monkeypatch.chdir(tmp_path)
+    call = {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5}
+    async with Tracker("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true") as memory:
+        await memory.track(**call)
+        rows = await memory.report(start=datetime(2000, 1, 1, tzinfo=UTC))
+        assert not memory.outage and [row.calls for row in rows] == [1]
+    assert os.listdir(tmp_path) == []
+
+    ledger = tmp_path / "data" / "ledger.db"
+    ledger.parent.mkdir()
+    async with Tracker(f"sqlite+aiosqlite:///file:{ledger}?uri=true") as on_file:
+        await on_file.track(**call)
+        assert on_file.spool.path == ledger.with_name("ledger.db.spool")
+    with closing(sqlite3.connect(ledger)) as conn:
+        assert conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == 1
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
 # -- SQLite files: the write thread and the loop's own connection -------------------------------------
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from ..money import from_nanousd
 from ..usage import CallRecord, Usage
 from .rows import PendingWrite, WindowKey, call_row
+from .sqlite_file import database_path
 from .store import Store
 
 __all__ = ["Spool", "default_spool_path", "url_key"]
@@ -40,9 +41,9 @@ _REPLAY_MARK = ".replay-"
 
 def default_spool_path(store: Store) -> Path:
     """Beside a SQLite file (`<file>.spool`), else `./.llm_spend_spool/<hash of the URL>`."""
-    url = make_url(store.url)
-    if store.dialect == "sqlite" and url.database not in (None, "", ":memory:"):
-        database = Path(str(url.database)).resolve()
+    path = database_path(make_url(store.url)) if store.dialect == "sqlite" else None
+    if path is not None:
+        database = Path(path).resolve()
         return database.with_name(database.name + ".spool")
     return Path(".llm_spend_spool") / url_key(store.url)
 
@@ -50,8 +51,9 @@ def default_spool_path(store: Store) -> Path:
 def url_key(url: str) -> str:
     """A short hash naming a database URL (password left out; a SQLite file by its absolute path)."""
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        parsed = parsed.set(database=str(Path(str(parsed.database)).resolve()))
+    path = database_path(parsed) if parsed.get_backend_name() == "sqlite" else None
+    if path is not None:
+        parsed = parsed.set(database=str(Path(path).resolve()))
     return hashlib.sha256(parsed.render_as_string(hide_password=True).encode()).hexdigest()[:16]
 
 

@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy.engine import URL
 
 from .rows import (
     CALL_COLUMNS,
@@ -39,7 +42,22 @@ from .rows import (
     text_time,
 )
 
-__all__ = ["SQLiteFile", "text_time"]
+__all__ = ["SQLiteFile", "database_path", "text_time"]
+
+
+def database_path(url: URL) -> str | None:
+    """The file a SQLite URL's database lives in, or None for an in-memory database. A URI
+    filename (`...?uri=true`: `file:ledger.db`, `file:///abs/ledger.db`) gives its path; one naming
+    `:memory:` or `mode=memory` is in memory."""
+    database = url.database
+    if database in (None, "", ":memory:") or "mode=memory" in str(url):
+        return None
+    assert database is not None
+    if url.query.get("uri") == "true" and database.startswith("file:"):
+        path = unquote(urlsplit(database).path)
+        return None if path in ("", ":memory:") else path
+    return database
+
 
 T = TypeVar("T")
 Body = Callable[[sqlite3.Connection], Any]

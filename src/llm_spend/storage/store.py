@@ -40,7 +40,7 @@ from .rows import (
     window_json,
 )
 from .schema import UTCDateTime, calls, meta, reservations, rollups
-from .sqlite_file import SQLiteFile
+from .sqlite_file import SQLiteFile, database_path
 
 __all__ = ["HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey"]
 
@@ -86,15 +86,15 @@ class Store:
         kwargs: dict[str, Any] = {"pool_reset_on_return": None}
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
-            if parsed.database in (None, "", ":memory:"):
+            if parsed.database in (None, "", ":memory:"):  # one connection holds the database
                 kwargs["poolclass"] = StaticPool
         else:
             kwargs.update(pool_size=16, max_overflow=4, pool_use_lifo=True)
         self.engine = create_async_engine(url, **kwargs)
         """Reads: `engine.connect()` (on SQLite a deferred transaction, which blocks no writer)."""
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
-        memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
-        self._file = SQLiteFile(str(parsed.database)) if self.dialect == "sqlite" and not memory else None
+        path = database_path(parsed) if self.dialect == "sqlite" else None
+        self._file = SQLiteFile(path) if path is not None else None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
