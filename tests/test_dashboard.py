@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from html import unescape
 from typing import Any
 
 import httpx
@@ -189,8 +190,8 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
         ({"from": "2020-01-01", "to": "2026-01-01"}, "longer than 366 days"),
         ({"from": "2025-01-01", "to": "2026-01-02"}, "longer than 366 days"),  # 367 days
         ({"page": "\u00b2"}, "page must be"),  # a superscript two: isdigit() but not int()
-        ({"model": "gpt\x00"}, "model contains a control character"),
-        ({"tag": "user_id=a\x00"}, "contains a control character"),
+        ({"model": "gpt\x00"}, "model contains a NUL character"),
+        ({"tag": "user_id=a\x00"}, "contains a NUL character"),
         ({"from": "2026-03-02", "to": "2026-03-01"}, "must not be after"),
         ({"tag": "no equals"}, "KEY=VALUE"),
         ({"tag": "bad key=1"}, "KEY=VALUE"),
@@ -203,8 +204,8 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
     ],
 )
 async def test_bad_filters_get_a_400_page(db_url: str, query: dict[str, str], message: str) -> None:
-    """Bad dates, ranges over 366 days, malformed tag filters, unknown issues and pages, control
-    characters (PostgreSQL refuses NUL in text): a 400 page on both databases."""
+    """Bad dates, ranges over 366 days, malformed tag filters, unknown issues and pages, NUL (no call
+    holds one: PostgreSQL refuses it in text): a 400 page on both databases."""
     async with Tracker(db_url) as tracker:
         app = create_app(tracker, public=True)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
@@ -302,3 +303,76 @@ async def test_tags_named_like_report_columns_are_shown_but_never_grouped(sqlite
                 if link.startswith("/"):
                     response = await c.get(link.replace("&amp;", "&"))
                     assert response.status_code == 200, link
+
+
+def links(html: str) -> dict[str, str]:
+    """Each link of the page under the mount, by its text (unescaped, tags stripped)."""
+    found = re.findall(r'<a [^>]*href="(/spend[^"]*)"[^>]*>(.*?)</a>', html, re.S)
+    return {unescape(re.sub(r"<[^>]+>", "", text)): unescape(href) for href, text in found}
+
+
+async def test_tabs_and_newlines_in_tag_values_and_model_names_are_filters_that_open(db_url: str) -> None:
+    """track() accepts a tag value with a tab and a model name ending in a newline (only NUL is
+    refused). The calls, models, tags and overview pages show them visibly (␉, ␊), escaped, and link to
+    them; every link opens (200) on exactly their calls, and the CSV of that filter holds them as
+    they are. A call's every tag can be a filter, so the link adding its last tag opens too."""
+    many = {f"k{n:02d}": "v" for n in range(12)}
+    async with Tracker(db_url) as tracker:
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=1,
+                            tags={"user_id": "Jane\tDoe", "note": '"><b>x\n'})  # fmt: skip
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=20, output_tokens=1,
+                            tags={"user_id": "Jane Doe"})  # fmt: skip
+        await tracker.track(provider="openai", model="gpt-4o\n", input_tokens=30, output_tokens=1)
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=40, output_tokens=1, tags=many)
+        host = Starlette(routes=[Mount("/spend", create_app(tracker, public=True))])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(host), base_url="http://t") as c:
+            eleven = [f"{k}={v}" for k, v in list(many.items())[:11]]
+            pages = {name: await c.get(path, params=params) for name, path, params in (
+                ("overview", "/spend/", {}), ("calls", "/spend/calls", {}), ("models", "/spend/models", {}),
+                ("tags", "/spend/tags", {"key": "user_id"}), ("eleven", "/spend/calls", {"tag": eleven}),
+            )}  # fmt: skip
+            assert all(page.status_code == 200 for page in pages.values())
+            assert all("<b>" not in page.text for page in pages.values())
+            targets = {href for page in pages.values() for href in links(page.text).values()}
+            answers = {href: await c.get(href) for href in sorted(targets)}
+            assert {href: r.status_code for href, r in answers.items() if r.status_code != 200} == {}
+            jane = answers[links(pages["calls"].text)["user_id=Jane␉Doe"]]
+            [[*_, jane_tags]] = cells(jane.text, "calls")
+            assert "user_id=Jane␉Doe" in jane_tags and 'note="><b>x␊' in unescape(jane_tags)
+            assert "<b>" not in jane.text
+            tagged = answers[links(pages["tags"].text)["Jane␉Doe"]]
+            assert len(cells(tagged.text, "calls")) == 1 and "user_id = Jane␉Doe" in tagged.text
+            model = answers[links(pages["models"].text)["gpt-4o␊"]]
+            assert [row[1] for row in cells(model.text, "calls")] == ["gpt-4o␊ openai"]
+            last = answers[links(pages["eleven"].text)["k11=v"]]
+            assert len(cells(last.text, "calls")) == 1 and last.text.count('class="chip"') == 12
+            export = await c.get("/spend/calls.csv", params={"tag": "user_id=Jane\tDoe"})
+            model_csv = await c.get("/spend/calls.csv", params={"model": "gpt-4o\n"})
+    [row] = csv.DictReader(io.StringIO(export.text))
+    assert json.loads(row["tags"]) == {"user_id": "Jane\tDoe", "note": '"><b>x\n'}
+    assert [r["model"] for r in csv.DictReader(io.StringIO(model_csv.text))] == ["gpt-4o\n"]
+
+
+async def test_the_tags_page_says_it_shows_the_top_500_values_and_keeps_the_no_key_row(db_url: str) -> None:
+    """Over 502 values of a key, the tags page lists the 500 costliest, says so ("top 500 of 502"),
+    and still has the "(no user_id)" row for the calls without the key, however cheap they are."""
+    async with Tracker(db_url) as tracker:
+        now = datetime.now(UTC) - timedelta(seconds=1)
+        specs = [(1000 + n, {"user_id": f"u{n:03d}"}) for n in range(502)] + [(1, {})]
+        records = [
+            tracker._build(provider="openai", model="gpt-4o", usage=Usage(input_tokens=i, output_tokens=1),
+                           usage_source="manual", tags=tags, occurred_at=now)
+            for i, tags in specs
+        ]  # fmt: skip
+        windows = tracker.budget_guard.windows
+        await tracker.store.write([PendingWrite(r, windows(r.tags, r.occurred_at)) for r in records])
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            many = await c.get("/tags", params={"key": "user_id"})
+            few = await c.get("/tags", params={"key": "user_id", "tag": "user_id=u000"})
+    assert many.status_code == few.status_code == 200
+    rows = cells(many.text, "tag-values")
+    assert len(rows) == 501 and rows[0][0] == "u501" and rows[499][0] == "u002"
+    assert rows[-1][:2] == ["(no user_id)", "1"]
+    assert "Showing the top 500 of 502 values of user_id" in many.text
+    assert [row[0] for row in cells(few.text, "tag-values")] == ["u000"] and 'id="cut"' not in few.text

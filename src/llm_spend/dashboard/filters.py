@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from ..budgets import window_bounds
+from ..context import MAX_TAGS
 from .queries import ISSUES, NOT_TAG_KEYS
 
 __all__ = ["MAX_DAYS", "BadFilter", "Filters", "parse_filters"]
@@ -26,10 +27,9 @@ __all__ = ["MAX_DAYS", "BadFilter", "Filters", "parse_filters"]
 MAX_DAYS = 366
 DEFAULT_DAYS = 30
 MAX_PAGE = 10_000
-MAX_TAG_FILTERS = 10
+MAX_TAG_FILTERS = MAX_TAGS  # a call's every tag can be a filter: the calls table links to each
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _RESERVED = ("model", "provider")  # report keys that name columns, not tags
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,8}")
 
 
@@ -166,8 +166,8 @@ def _text(params: Any, name: str, limit: int) -> str | None:
         raise BadFilter(f"{name} is given {len(values)} times; give it once")
     if len(values[0]) > limit:
         raise BadFilter(f"{name} is longer than {limit} characters")
-    if _CONTROL.search(values[0]):
-        raise BadFilter(f"{name} contains a control character")
+    if "\x00" in values[0]:  # only NUL: a call holds tabs and newlines, and its page links to them
+        raise BadFilter(f"{name} contains a NUL character, which no call holds")
     return values[0]
 
 
@@ -197,8 +197,8 @@ def _tags(params: Any) -> tuple[tuple[str, str], ...]:
             raise BadFilter(f"{key!r} is not filtered as a tag here; use the {key} field")
         if len(value) > 300:
             raise BadFilter(f"the value of tag filter {key!r} is longer than 300 characters")
-        if _CONTROL.search(value):
-            raise BadFilter(f"the value of tag filter {key!r} contains a control character")
+        if "\x00" in value:
+            raise BadFilter(f"the value of tag filter {key!r} contains a NUL character, which no call holds")
         if key in found and found[key] != value:
             raise BadFilter(f"tag {key!r} is filtered on two values; no call has both")
         found[key] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
@@ -20,7 +21,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from ..money import format_usd, from_nanousd
 from ..reports import ReportRow, budget_status, current_windows, ledger_conditions, report, safe_cell
 from . import svg
-from .filters import Filters, parse_filters
+from .filters import MAX_PAGE, Filters, parse_filters
 from .queries import (
     EXPORT_COLUMNS,
     ISSUES,
@@ -30,6 +31,7 @@ from .queries import (
     issue_condition,
     models_with,
     quality,
+    tag_spread,
 )
 from .queries import tag_keys as find_tag_keys
 
@@ -42,6 +44,16 @@ NAV = (("", "Overview"), ("/calls", "Calls"), ("/models", "Models"), ("/tags", "
        ("/budgets", "Budgets"), ("/quality", "Data quality"))  # fmt: skip
 
 _TIME = "%Y-%m-%d %H:%M:%S"
+TAG_VALUES = 500
+"""The tags page lists this many values of a key, the costliest, and says so when there are more."""
+TAG_KEYS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def shown(text: object) -> str:
+    """`text` with each control character (a tab, a newline) as its visible symbol (␉, ␊), so values
+    that differ only there look different; the result is still autoescaped like any other."""
+    return _CONTROL.sub(lambda m: chr(0x2421 if m[0] == "\x7f" else 0x2400 + ord(m[0])), str(text))
 
 
 def environment(tz: ZoneInfo) -> jinja2.Environment:
@@ -55,6 +67,7 @@ def environment(tz: ZoneInfo) -> jinja2.Environment:
     )
     env.filters.update(
         usd=svg.usd,
+        shown=shown,
         tokens=svg.tokens,
         local=lambda at, minutes=False: at.astimezone(tz).strftime(_TIME[:-3] if minutes else _TIME),
     )
@@ -135,8 +148,9 @@ class Pages:
         offset = (f.page - 1) * self.page_size
         rows, more = await calls_page(self.store, self.conditions(f), limit=self.page_size, offset=offset)
         return self.render(
-            request, "calls.html", filters=f, title="Calls", rows=rows, more=more, offset=offset
-        )
+            request, "calls.html", filters=f, title="Calls", rows=rows, offset=offset,
+            more=more and f.page < MAX_PAGE, cut=more and f.page >= MAX_PAGE,
+        )  # fmt: skip
 
     async def calls_csv(self, request: Request) -> Response:
         f = self.filters(request)
@@ -155,11 +169,17 @@ class Pages:
     async def tags(self, request: Request) -> Response:
         f = self.filters(request)
         if f.key is None:
-            keys = await find_tag_keys(self.store, self.conditions(f), limit=200)
-            return self.render(request, "tags.html", filters=f, title="Tags", keys=keys, rows=[], top=0)
-        rows = by_cost(await self.report(f, f.key, limit=500))
-        title = f"Tag {f.key}"
-        return self.render(request, "tags.html", filters=f, title=title, keys=[], rows=rows, top=_top(rows))
+            keys = await find_tag_keys(self.store, self.conditions(f), limit=TAG_KEYS + 1)
+            return self.render(request, "tags.html", filters=f, title="Tags", keys=keys[:TAG_KEYS],
+                               more_keys=len(keys) > TAG_KEYS, rows=[], top=0)  # fmt: skip
+        rows = await self.report(f, f.key, limit=TAG_VALUES + 1)
+        spread = await tag_spread(self.store, self.conditions(f, issue=False), f.key)
+        values = [row for row in by_cost(rows) if row.key[0] is not None][:TAG_VALUES]
+        rows = by_cost(values + ([spread.without] if spread.without else []))
+        return self.render(
+            request, "tags.html", filters=f, title=f"Tag {f.key}", keys=[], rows=rows, top=_top(rows),
+            shown_values=len(values), all_values=spread.values,
+        )  # fmt: skip
 
     async def budgets(self, request: Request) -> Response:
         statuses = await self.budgets_now(top=50)

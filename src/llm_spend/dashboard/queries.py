@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, and_, case, cast, func, literal, select, t
 from sqlalchemy.dialects.postgresql import JSONB
 
 from ..money import from_nanousd
+from ..reports import ReportRow, tag_value
 from ..storage.schema import calls
 from ..storage.store import Store
 
@@ -25,11 +26,13 @@ __all__ = [
     "ISSUES",
     "CallRow",
     "Quality",
+    "TagSpread",
     "calls_page",
     "export_rows",
     "issue_condition",
     "quality",
     "tag_keys",
+    "tag_spread",
 ]
 
 ISSUES = {
@@ -154,6 +157,36 @@ async def tag_keys(
     )
     async with store.engine.connect() as conn:
         return [(str(key), int(n)) for key, n in (await conn.execute(query)).all()]
+
+
+@dataclass(frozen=True, slots=True)
+class TagSpread:
+    """How many distinct values one tag key takes in the matching calls, and the sums of the matching
+    calls that lack the key (the "(no key)" row of the tags page; None when every call carries it)."""
+
+    values: int
+    without: ReportRow | None
+
+
+_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+async def tag_spread(store: Store, conditions: Sequence[ColumnElement[bool]], key: str) -> TagSpread:
+    """One pass over the matching calls: the distinct values of tag `key` (a bound parameter), and the
+    cost, calls and token sums of those without it, however many values rank above them."""
+    value = tag_value(key, store.dialect == "postgresql")
+    missing = value.is_(None)
+    query = select(
+        func.count(func.distinct(value)),
+        func.coalesce(func.sum(case((missing, calls.c.cost_nanousd))), 0),
+        func.count(case((missing, 1))),
+        *(func.coalesce(func.sum(case((missing, calls.c[name]))), 0) for name in _TOKENS),
+        func.count(case((missing, 1))) - func.count(case((missing, calls.c.cost_nanousd))),
+    ).where(*conditions)
+    async with store.engine.connect() as conn:
+        values, nanousd, n, *sums = (int(v) for v in (await conn.execute(query)).one())
+    without = ReportRow({key: None}, (None,), from_nanousd(nanousd), n, *sums) if n else None
+    return TagSpread(values, without)
 
 
 @dataclass(frozen=True, slots=True)
