@@ -6,6 +6,9 @@ import asyncio
 import csv
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +43,7 @@ def test_report_table_csv_and_json(sqlite_url: str, capsys: pytest.CaptureFixtur
     assert [rows[1][0], rows[1][2]] == ["'=HYPERLINK()", "1"]  # escaped, never a live formula
     assert main(["report", "--url", sqlite_url, "--by", "model", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {d["model"]: d["calls"] for d in data} == {"gpt-4o": 2, "gpt-4o-mini": 1}
+    assert {d["group"]["model"]: d["calls"] for d in data} == {"gpt-4o": 2, "gpt-4o-mini": 1}
     assert main(["report", "--url", sqlite_url, "--where", "nonsense"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
 
@@ -190,3 +193,151 @@ def test_budgets_against_limits_given_on_the_command_line(
     ]
     assert main(["budgets", "--url", sqlite_url, "--daily", "lots"]) == 2
     assert "limit must be a number" in capsys.readouterr().err
+
+
+CLI = Path(sys.executable).with_name("llm-spend")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_a_bad_or_unreachable_url_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A malformed URL or a sync driver exits 2, a server that refuses exits 1: one line on stderr
+    naming --url and why, never a traceback."""
+    cases = [
+        (["report", "--url", "nonsense"], 2, "Could not parse"),
+        (["doctor", "--url", "nonsense"], 2, "Could not parse"),
+        (
+            ["report", "--url", f"sqlite:///{tmp_path / 'sync.db'}"],
+            2,
+            "not an async SQLite or PostgreSQL URL",
+        ),
+        (["report", "--url", "postgresql+asyncpg://postgres:pw@127.0.0.1:1/x"], 1, "Connect call failed"),
+        (
+            ["db", "upgrade", "--url", "postgresql+asyncpg://postgres:pw@127.0.0.1:1/x"],
+            1,
+            "Connect call failed",
+        ),
+    ]
+    for args, status, reason in cases:
+        result = run_cli(*args)
+        assert (result.returncode, result.stdout) == (status, ""), (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("llm-spend: cannot use --url ") and reason in line, line
+        assert "pw@" not in line  # the password is hidden
+    assert not (tmp_path / "sync.db").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["report"], ["budgets"], ["export", "--since", "2026-01-01"], ["prune", "--older-than", "9d"],
+     ["db", "current"], ["doctor"]],
+    ids=lambda command: command[0] if command[0] != "db" else "db-current",
+)  # fmt: skip
+def test_a_mistyped_sqlite_path_is_refused_not_created(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command that reads an existing ledger names the missing SQLite file, exits 2, and creates
+    no empty database there."""
+    typo = tmp_path / "ledgr.db"
+    assert main([*command, "--url", f"sqlite+aiosqlite:///{typo}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no SQLite database at {typo}" in err and "cannot use --url" in err
+    assert not typo.exists()
+
+
+def test_a_ledger_never_migrated_is_refused_with_the_upgrade_hint(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """report, budgets and export on a reachable database without the schema exit 2 and say to run
+    `llm-spend db upgrade` (no "no such table" traceback); after the upgrade they work."""
+    from sqlalchemy.engine import make_url
+
+    if db_url.startswith("sqlite"):
+        Path(str(make_url(db_url).database)).touch()  # an existing, empty SQLite file
+    for command in (["report"], ["budgets"], ["export", "--since", "2026-01-01"]):
+        assert main([*command, "--url", db_url]) == 2
+        assert "run `llm-spend db upgrade`" in capsys.readouterr().err
+    assert main(["db", "upgrade", "--url", db_url]) == 0
+    assert main(["report", "--url", db_url]) == 0
+
+
+def test_budgets_top_must_be_a_positive_whole_number(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`budgets --top 0` or `-1` is a usage error naming --top (it printed "nothing recorded", and
+    was a traceback on PostgreSQL); current_windows(top=0) is a ValueError as budget_status's is."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from llm_spend.reports import current_windows
+    from llm_spend.storage.store import Store
+
+    asyncio.run(seed(db_url))
+    for top in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as bad:
+            main(["budgets", "--url", db_url, "--top", top])
+        assert (
+            bad.value.code == 2
+            and "argument --top: must be a positive whole number" in capsys.readouterr().err
+        )
+    assert main(["budgets", "--url", db_url, "--top", "1"]) == 0
+    assert "nothing recorded" not in capsys.readouterr().out
+
+    async def windows(top: int) -> None:
+        store = Store(db_url)
+        try:
+            await current_windows(store, ZoneInfo("UTC"), now=datetime.now(UTC), top=top)
+        finally:
+            await store.close()
+
+    with pytest.raises(ValueError, match="top must be a positive integer"):
+        asyncio.run(windows(0))
+
+
+def test_report_groups_never_collide_with_output_columns(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Grouped by a tag named like a column (`--by calls`), JSON keeps the group under "group" and
+    CSV names its column group.calls; a tag that clashes with nothing keeps its own name."""
+
+    async def run() -> None:
+        async with Tracker(sqlite_url) as tracker:
+            for calls in ("batch-7", "batch-7", "interactive"):
+                await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=1,
+                                    tags={"calls": calls, "user_id": "u"})  # fmt: skip
+
+    asyncio.run(run())
+    assert main(["report", "--url", sqlite_url, "--by", "calls", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(d["group"], d["calls"]) for d in data] == [
+        ({"calls": "batch-7"}, 2),
+        ({"calls": "interactive"}, 1),
+    ]
+    assert main(["report", "--url", sqlite_url, "--by", "calls", "--by", "user_id", "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0][:4] == ["group.calls", "user_id", "cost_usd", "calls"] and len(set(rows[0])) == len(
+        rows[0]
+    )
+    assert [(r[0], r[3]) for r in rows[1:]] == [("batch-7", "2"), ("interactive", "1")]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(sqlite_url: str) -> None:
+    """`llm-spend export | head -n 1` and a report whose reader is gone end with status 1 and
+    nothing on stderr (it was a BrokenPipeError traceback)."""
+    asyncio.run(seed_dated(sqlite_url, [0] * 3000))  # far more than a pipe holds
+    export = subprocess.Popen(
+        [str(CLI), "export", "--url", sqlite_url, "--since", "2000-01-01", "--format", "jsonl"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert export.stdout is not None and json.loads(export.stdout.readline())["model"] == "gpt-4o-mini"
+    export.stdout.close()  # what `head -n 1` does once it has its line
+    _, err = export.communicate(timeout=120)
+    assert (export.returncode, err) == (1, "")
+    report = subprocess.Popen(
+        [str(CLI), "report", "--url", sqlite_url, "--by", "day"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert report.stdout is not None
+    report.stdout.close()  # gone before the command writes its table
+    _, err = report.communicate(timeout=120)
+    assert (report.returncode, err) == (1, "")

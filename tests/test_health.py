@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from alembic.script import ScriptDirectory
 import llm_spend.storage.store as store_module
 from llm_spend import Budget, Tracker
 from llm_spend.cli import main
+from llm_spend.health import check_health
 from llm_spend.storage.store import HEAD_REVISION
 
 
@@ -49,8 +53,11 @@ async def test_unreachable_database_is_reported_not_raised(tmp_path: Path) -> No
     assert health.budgets[0].active is False and "unreachable" in (health.budgets[0].reason or "")
 
 
-def test_doctor_exit_status_and_json(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_exit_status_and_json(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`llm-spend doctor` exits 1 before the schema exists and 0 after `db upgrade`; --json is JSON."""
+    (tmp_path / "ledger.db").touch()  # an empty SQLite database (doctor refuses a file not there)
     assert main(["doctor", "--url", sqlite_url]) == 1
     assert "FAIL schema revision none" in capsys.readouterr().out
     assert main(["db", "upgrade", "--url", sqlite_url]) == 0
@@ -58,3 +65,52 @@ def test_doctor_exit_status_and_json(sqlite_url: str, capsys: pytest.CaptureFixt
     assert main(["doctor", "--url", sqlite_url, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True and report["schema_revision"] == HEAD_REVISION
+
+
+async def test_a_database_never_migrated_is_reachable_and_asks_for_an_upgrade(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database that answers but has no schema yet is reachable (not "unreachable"): the schema is
+    what is wrong, and budgets and doctor say to run `llm-spend db upgrade`."""
+    tracker = Tracker(
+        db_url, auto_migrate=False, budgets=[Budget.daily(5, mode="block")], spool_path=tmp_path / "s.spool"
+    )
+    health = await tracker.health()
+    await tracker.store.close()
+    assert (health.database_ok, health.database_error, health.schema_current) == (True, None, False)
+    assert not health.ok and health.schema_revision is None
+    reason = health.budgets[0].reason or ""
+    assert "llm-spend db upgrade" in reason and "unreachable" not in reason
+    assert (
+        await asyncio.to_thread(main, ["doctor", "--url", db_url, "--spool", str(tmp_path / "s.spool")]) == 1
+    )
+    out = capsys.readouterr().out
+    assert (
+        "ok   database reachable\n" in out and "FAIL schema revision none: run `llm-spend db upgrade`" in out
+    )
+
+
+async def test_a_database_that_never_answers_is_reported_within_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PostgreSQL port that accepts connections and never answers (a hung server): health() gives up
+    after its database timeout and says so, rather than waiting the driver's minute with no message."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # connections queue in the kernel; nothing ever answers them
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{listener.getsockname()[1]}/x"
+    try:
+        tracker = Tracker(url, budgets=[Budget.daily(1, mode="block")], spool_path=tmp_path / "s.spool")
+        started = time.monotonic()
+        health = await check_health(tracker, database_timeout=0.5)
+        elapsed = time.monotonic() - started
+        await tracker.store.close()
+        assert elapsed < 5 and health.database_error == "timed out after 0.5 s" and not health.database_ok
+        assert health.budgets[0].active is False and "unreachable" in (health.budgets[0].reason or "")
+        started = time.monotonic()
+        doctor = ["doctor", "--url", url, "--spool", str(tmp_path / "s.spool"), "--timeout", "0.5"]
+        assert await asyncio.to_thread(main, doctor) == 1
+        assert time.monotonic() - started < 5
+        assert "FAIL database reachable: timed out after 0.5 s" in capsys.readouterr().out
+    finally:
+        listener.close()

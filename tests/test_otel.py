@@ -71,6 +71,36 @@ async def test_without_a_span_only_metrics_are_recorded(tmp_path: Path) -> None:
     assert names == {"gen_ai.client.token.usage", "llm_spend.cost"}
 
 
+async def test_a_call_with_unknown_usage_is_not_emitted_as_zero_tokens(tmp_path: Path) -> None:
+    """A billed stream that ended without usage: its span has no gen_ai.usage.* token attributes (not
+    zeros) but says pricing_status unknown_usage, and the token histogram counts only known calls."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        instrument(tracker, meter_provider=MeterProvider(metric_readers=[reader]))
+        with provider.get_tracer("test").start_as_current_span("cut short"):
+            async with tracker.track_stream(provider="openai", model="gpt-4o"):
+                pass  # the stream ended before its usage chunk
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=7, output_tokens=3)
+    [span] = spans.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert not [name for name in attributes if name.startswith("gen_ai.usage.")]
+    assert attributes["llm_spend.pricing_status"] == "unknown_usage"
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [
+        (dict(point.attributes or {})["gen_ai.token.type"], point.count, point.sum)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "gen_ai.client.token.usage"
+        for point in metric.data.data_points
+    ]
+    assert sorted(points) == [("input", 1, 7), ("output", 1, 3)]
+
+
 def test_a_missing_extra_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Without opentelemetry-api installed, instrument() says which extra to install."""
     monkeypatch.setitem(sys.modules, "opentelemetry", None)

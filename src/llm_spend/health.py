@@ -73,25 +73,34 @@ class Health:
         }
 
 
-async def check_health(tracker: Tracker) -> Health:
-    """What `Tracker.health()` reports."""
+async def check_health(tracker: Tracker, *, database_timeout: float = 5.0) -> Health:
+    """What `Tracker.health()` reports. The database checks together take at most `database_timeout`
+    seconds: a server that accepts connections but never answers is reported as timed out, not waited
+    on for the driver's minute. (Not named `timeout`: it bounds the database checks, not the call.)"""
+    timeout = database_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"database_timeout must be a positive number of seconds, got {timeout!r}")
     files, size = await asyncio.to_thread(tracker.spool.backlog)
     outage = tracker.outage
     revision: str | None = None
     held: int | None = None
     unknown: int | None = None
     error: str | None = None
+    deadline = asyncio.timeout(timeout)
     try:
-        revision = await tracker.store.revision()
-        held, unknown = await tracker.store.counts(datetime.now(UTC) - timedelta(days=1))
+        async with deadline:
+            revision, held, unknown = await _database(tracker)
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        expired = isinstance(exc, TimeoutError) and deadline.expired()
+        error = f"timed out after {timeout:g} s" if expired else f"{type(exc).__name__}: {exc}"
     current = revision == HEAD_REVISION
     budgets = []
     for rule in tracker.budget_guard.rules:
         reason = None
         if error is not None:
             reason = "the database is unreachable"
+        elif revision is None:
+            reason = "the database has no llm-spend schema yet: run `llm-spend db upgrade`"
         elif not current:
             reason = f"schema revision {revision} is not {HEAD_REVISION}: run `llm-spend db upgrade`"
         elif outage:
@@ -111,3 +120,14 @@ async def check_health(tracker: Tracker) -> Health:
         unknown_model_calls_last_day=unknown,
         budgets=tuple(budgets),
     )
+
+
+async def _database(tracker: Tracker) -> tuple[str | None, int | None, int | None]:
+    """(schema revision, reservations outstanding, unknown-model calls in the last day). The counts
+    need the current schema's tables: a database never migrated (or migrated by an older version) is
+    reachable, and reported as such, with no counts."""
+    revision = await tracker.store.revision()
+    if revision != HEAD_REVISION:
+        return revision, None, None
+    held, unknown = await tracker.store.counts(datetime.now(UTC) - timedelta(days=1))
+    return revision, held, unknown

@@ -11,8 +11,11 @@ is instrumented), the GenAI semantic-convention attributes ``gen_ai.provider.nam
 proposed, ``gen_ai.usage.cost`` (USD, as a float: attributes cannot hold decimals; the ledger keeps the
 exact amount). It also records each call's input and output tokens in the histogram
 ``gen_ai.client.token.usage`` (by ``gen_ai.token.type``, the semantic convention's metric and buckets)
-and adds its cost to the counter ``llm_spend.cost`` (USD). Nothing is sent anywhere unless the app
-configured an exporter.
+and adds its cost to the counter ``llm_spend.cost`` (USD). A call whose usage is unknown (a billed
+stream cut short before its usage arrived: ``usage_source`` "unknown") has no token attributes and no
+histogram points, never zeros that would pass for a free call; its span still gets
+``llm_spend.pricing_status`` ("unknown_usage") and it adds no cost. Nothing is sent anywhere unless the
+app configured an exporter.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ def record_attributes(record: CallRecord) -> dict[str, Any]:
         "gen_ai.provider.name": record.provider,
         "gen_ai.request.model": record.model,
         "gen_ai.response.model": record.model,
-        "gen_ai.usage.input_tokens": usage.input_tokens,
-        "gen_ai.usage.output_tokens": usage.output_tokens,
-        "gen_ai.usage.cache_read.input_tokens": usage.cache_read_tokens,
-        "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_tokens,
-        "gen_ai.usage.reasoning.output_tokens": usage.reasoning_tokens,
         "llm_spend.pricing_status": record.pricing_status,
     }
+    if record.usage_source != "unknown":  # unknown usage is stored as zeros: they are not token counts
+        attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cache_read_tokens
+        attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
+        attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
     if record.cost is not None:
         attributes["gen_ai.usage.cost"] = float(record.cost)
     if record.provider_response_id:
@@ -64,8 +68,9 @@ def instrument(tracker: Tracker, *, meter_provider: Any = None) -> Callable[[], 
         if span.is_recording():
             span.set_attributes(record_attributes(record))
         common = {"gen_ai.provider.name": record.provider, "gen_ai.response.model": record.model}
-        tokens.record(record.usage.input_tokens, {**common, "gen_ai.token.type": "input"})
-        tokens.record(record.usage.output_tokens, {**common, "gen_ai.token.type": "output"})
+        if record.usage_source != "unknown":
+            tokens.record(record.usage.input_tokens, {**common, "gen_ai.token.type": "input"})
+            tokens.record(record.usage.output_tokens, {**common, "gen_ai.token.type": "output"})
         if record.cost is not None:
             cost.add(float(record.cost), common)
 

@@ -360,6 +360,8 @@ class WindowTotal:
 
 async def current_windows(store: Store, tz: ZoneInfo, *, now: datetime, top: int = 20) -> list[WindowTotal]:
     """Today's and this month's windows in `tz`: the global ones, then per scope the `top` by spend."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
     found: list[WindowTotal] = []
     async with store.engine.connect() as conn:
         for period in ("day", "month"):

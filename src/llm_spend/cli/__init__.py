@@ -1,4 +1,11 @@
-"""The `llm-spend` command. Each module of this package adds one family of subcommands."""
+"""The `llm-spend` command. Each module of this package adds one family of subcommands.
+
+Exit status: 0 on success; 1 when the command found a problem (`doctor`) or the database failed while
+it ran (unreachable, refused, timed out, a query failed); 2 when the command line cannot work as given
+(a bad option, a `--url` that is malformed, names a sync driver, a SQLite file that does not exist, or
+a database never migrated, which `doctor` reports instead). Errors are one line on stderr, never a
+traceback. Output into a pipe whose reader stopped early (`| head`) ends quietly, with status 1.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,13 @@ import inspect
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import db, doctor, ledger, prices, reports
+from .db import UrlError
 
 __all__ = ["main"]
 
@@ -40,10 +52,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.handler(args)
         status = asyncio.run(result) if inspect.iscoroutine(result) else result
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+    except UrlError as exc:
+        print(f"llm-spend: {_cannot_use(args, exc)}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"llm-spend: {exc}", file=sys.stderr)
         return 2
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"llm-spend: {_cannot_use(args, exc)}", file=sys.stderr)
+        return 1
     return int(status)
+
+
+def _cannot_use(args: argparse.Namespace, exc: BaseException) -> str:
+    """One line naming the --url (its password hidden) and the reason, without SQLAlchemy's SQL."""
+    if isinstance(exc, OSError) and exc.filename is not None:  # a local file, not the database
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    cause: Any = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    reason = (str(cause).strip().splitlines() or [""])[0] or type(cause).__name__
+    url = getattr(args, "url", None)
+    if url is None:
+        return reason
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        shown = url
+    return f"cannot use --url {shown}: {reason}"
+
+
+def _silence_stdout() -> None:
+    """The reader closed the pipe: send what is still buffered nowhere, so that exit says nothing
+    (the recipe of Python's `signal` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's capture)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

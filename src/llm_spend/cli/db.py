@@ -1,12 +1,65 @@
-"""`llm-spend db upgrade|current`: the ledger's schema."""
+"""`llm-spend db upgrade|current`: the ledger's schema; and how every command opens `--url`."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from ..storage.sqlite_file import database_path
 from ..storage.store import Store
+
+__all__ = ["UrlError", "check_url", "ledger", "register"]
+
+_ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
+
+
+class UrlError(Exception):
+    """`--url` cannot be used as given (a malformed URL, a sync driver, a SQLite file that does not
+    exist, a database never migrated): `main` prints it and exits with status 2."""
+
+
+def check_url(url: str, *, existing: bool) -> None:
+    """Refuse a URL that is not an async SQLite or PostgreSQL one before anything connects. With
+    `existing`, a SQLite file must already be there: a command that only reads must not create an
+    empty database at a mistyped path."""
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except ArgumentError as exc:  # NoSuchModuleError (an unknown dialect or driver) included
+        raise UrlError(f"{exc} (expected {_ASYNC_URLS})") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql") or not getattr(dialect, "is_async", False):
+        raise UrlError(f"not an async SQLite or PostgreSQL URL (expected {_ASYNC_URLS})")
+    path = database_path(parsed) if parsed.get_backend_name() == "sqlite" else None
+    if existing and path is not None and not os.path.exists(path):
+        raise UrlError(f"no SQLite database at {path} (`llm-spend db upgrade` creates one)")
+
+
+def open_store(url: str, *, existing: bool) -> Store:
+    """A Store on `url`, checked as `check_url` does."""
+    check_url(url, existing=existing)
+    try:
+        return Store(url)
+    except ImportError as exc:  # the driver is not installed
+        raise UrlError(f"{exc} (PostgreSQL needs the extra: pip install 'llm-spend[postgres]')") from None
+
+
+@asynccontextmanager
+async def ledger(url: str, *, schema: bool = True) -> AsyncIterator[Store]:
+    """The Store of an existing ledger, closed on exit. With `schema`, a database that was never
+    migrated is refused with a hint, rather than failing on a missing table."""
+    store = open_store(url, existing=True)
+    try:
+        if schema and await store.revision() is None:
+            raise UrlError("the database has no llm-spend schema yet: run `llm-spend db upgrade` first")
+        yield store
+    finally:
+        await store.close()
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -14,18 +67,23 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     sub = db.add_subparsers(dest="db_command", required=True)
     upgrade = sub.add_parser("upgrade", help="bring the schema to the newest migration")
     add_url(upgrade)
-    upgrade.set_defaults(handler=lambda args: _run(args.url, migrate=True))
+    upgrade.set_defaults(handler=lambda args: _upgrade(args.url))
     current = sub.add_parser("current", help="print the schema's migration revision")
     add_url(current)
-    current.set_defaults(handler=lambda args: _run(args.url, migrate=False))
+    current.set_defaults(handler=lambda args: _current(args.url))
 
 
-async def _run(url: str, *, migrate: bool) -> int:
-    store = Store(url)
+async def _upgrade(url: str) -> int:
+    store = open_store(url, existing=False)  # creates a SQLite file that is not there yet
     try:
-        if migrate:
-            await store.migrate()
+        await store.migrate()
         print(f"schema revision: {await store.revision() or 'none'}")
     finally:
         await store.close()
+    return 0
+
+
+async def _current(url: str) -> int:
+    async with ledger(url, schema=False) as store:
+        print(f"schema revision: {await store.revision() or 'none'}")
     return 0

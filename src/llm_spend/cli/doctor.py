@@ -7,7 +7,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..health import check_health
 from ..tracker import Tracker
+from .db import check_url
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -15,13 +17,28 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     add_url(doctor)
     doctor.add_argument("--spool", help="the spool path (default: the tracker's default for the URL)")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--timeout", type=_seconds, default=5.0, metavar="SECONDS",
+        help="give up on the database after this long (default 5)",
+    )  # fmt: skip
     doctor.set_defaults(handler=_doctor)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86_400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
 async def _doctor(args: argparse.Namespace) -> int:
+    check_url(args.url, existing=True)  # a mistyped SQLite path is refused, not created empty
     tracker = Tracker(args.url, auto_migrate=False, spool_path=args.spool)
     try:
-        health = await tracker.health()
+        health = await check_health(tracker, database_timeout=args.timeout)
     finally:
         await tracker.store.close()
     if args.json:
@@ -30,9 +47,13 @@ async def _doctor(args: argparse.Namespace) -> int:
     mark = {True: "ok  ", False: "FAIL"}
     error = f": {health.database_error}" if health.database_error else ""
     print(f"{mark[health.database_ok]} database reachable{error}")
-    print(f"{mark[health.schema_current]} schema revision {health.schema_revision or 'none'}")
+    upgrade = ": run `llm-spend db upgrade`" if health.database_ok and not health.schema_current else ""
+    print(f"{mark[health.schema_current]} schema revision {health.schema_revision or 'none'}{upgrade}")
     backlog = f"{health.spool_files} files, {health.spool_bytes} bytes"
     print(f"{mark[health.spool_files == 0]} spool {health.spool_path}: {backlog}")
-    print(f"     reservations outstanding: {health.pending_reservations}")
-    print(f"     calls with an unknown model in the last day: {health.unknown_model_calls_last_day}")
+    for label, count in (
+        ("reservations outstanding", health.pending_reservations),
+        ("calls with an unknown model in the last day", health.unknown_model_calls_last_day),
+    ):
+        print(f"     {label}: {'unknown' if count is None else count}")
     return 0 if health.ok else 1

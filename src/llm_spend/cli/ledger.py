@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, select
 
 from ..money import format_usd, from_nanousd
 from ..storage.schema import calls
-from ..storage.store import Store
+from .db import ledger
 from .reports import safe_cell
 
 _COLUMNS = [c.name for c in calls.columns if c.name != "id"]
@@ -58,7 +58,6 @@ def _cells(row: Any) -> dict[str, Any]:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    store = Store(args.url)
     until = args.until or datetime.now(UTC)
     query = (
         select(calls)
@@ -67,26 +66,23 @@ async def _export(args: argparse.Namespace) -> int:
         .execution_options(yield_per=1_000)
     )
     progress = sys.stderr.isatty()
-    writer = csv.writer(sys.stdout) if args.format == "csv" else None
-    if writer is not None:
-        writer.writerow([*_COLUMNS, "cost_usd"])
     count = 0
-    try:
-        async with store.engine.connect() as conn:
-            result = await conn.stream(query)
-            async for row in result.mappings():
-                cells = _cells(row)
-                if writer is not None:
-                    tags = json.dumps(cells["tags"], separators=(",", ":"))
-                    line = [*(cells[c] for c in _COLUMNS[:-1]), tags, cells["cost_usd"]]
-                    writer.writerow(["" if v is None else safe_cell(str(v)) for v in line])
-                else:
-                    sys.stdout.write(json.dumps(cells, separators=(",", ":")) + "\n")
-                count += 1
-                if progress and count % 10_000 == 0:
-                    print(f"\r{count:,} rows", end="", file=sys.stderr, flush=True)
-    finally:
-        await store.close()
+    async with ledger(args.url) as store, store.engine.connect() as conn:
+        writer = csv.writer(sys.stdout) if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow([*_COLUMNS, "cost_usd"])
+        result = await conn.stream(query)
+        async for row in result.mappings():
+            cells = _cells(row)
+            if writer is not None:
+                tags = json.dumps(cells["tags"], separators=(",", ":"))
+                line = [*(cells[c] for c in _COLUMNS[:-1]), tags, cells["cost_usd"]]
+                writer.writerow(["" if v is None else safe_cell(str(v)) for v in line])
+            else:
+                sys.stdout.write(json.dumps(cells, separators=(",", ":")) + "\n")
+            count += 1
+            if progress and count % 10_000 == 0:
+                print(f"\r{count:,} rows", end="", file=sys.stderr, flush=True)
     if progress:
         print(f"\r{count:,} rows exported", file=sys.stderr)
     return 0
@@ -94,10 +90,9 @@ async def _export(args: argparse.Namespace) -> int:
 
 async def _prune(args: argparse.Namespace) -> int:
     """Delete ledger rows in batches of 5,000 (short transactions). Rollups keep their totals."""
-    store = Store(args.url)
     cutoff = datetime.now(UTC) - args.older_than
     deleted = 0
-    try:
+    async with ledger(args.url) as store:
         while True:
             async with store.engine.begin() as conn:
                 ids = (
@@ -112,8 +107,6 @@ async def _prune(args: argparse.Namespace) -> int:
                 break
         async with store.engine.connect() as conn:
             left = (await conn.execute(select(func.count()).select_from(calls))).scalar_one()
-    finally:
-        await store.close()
     print(f"deleted {deleted:,} ledger rows older than {cutoff:%Y-%m-%d %H:%M} UTC; {left:,} remain")
     print("rollups keep their totals: budgets and day/month reports still count the deleted calls")
     return 0

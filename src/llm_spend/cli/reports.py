@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo
 from ..budgets import Budget, resolve_rules, window_bounds
 from ..money import format_usd
 from ..reports import ReportRow, budget_status, current_windows, report, safe_cell
-from ..storage.store import Store
+from .db import ledger
 
-__all__ = ["register", "safe_cell"]
+__all__ = ["positive_int", "register", "safe_cell"]
 
 _SUMS = ("cost_usd", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
          "reasoning_tokens", "unknown_cost_calls")  # fmt: skip
@@ -40,10 +40,23 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     budgets.add_argument(
         "--timezone", default="UTC", help="the tracker's IANA zone (its day and month windows)"
     )
-    budgets.add_argument("--top", type=int, default=20, help="per-tag windows shown per tag key")
+    budgets.add_argument(
+        "--top", type=positive_int, default=20, metavar="N", help="per-tag windows shown per key (default 20)"
+    )
     budgets.add_argument("--daily", metavar="USD", help="a global daily limit: show spend against it")
     budgets.add_argument("--monthly", metavar="USD", help="a global monthly limit: show spend against it")
     budgets.set_defaults(handler=_budgets)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
 
 
 def _where(pairs: Sequence[str]) -> dict[str, str]:
@@ -63,23 +76,35 @@ async def _report(args: argparse.Namespace) -> int:
     today_start, end = window_bounds("day", datetime.now(UTC), tz)
     noon = today_start + timedelta(hours=12) - timedelta(days=args.days - 1)  # DST-proof: any hour that day
     start = window_bounds("day", noon, tz)[0]
-    store = Store(args.url)
-    try:
+    async with ledger(args.url) as store:
         rows = await report(store, tz, start=start, end=end, group_by=args.by, where=_where(args.where))
-    finally:
-        await store.close()
-    table = [[*(v if v is not None else "(none)" for v in row.key), *_sums(row)] for row in rows]
-    header = [*args.by, *_SUMS]
     if args.format == "json":  # a missing tag is null here, "(none)" in a table or CSV
-        lines = [[*row.key, *_sums(row)] for row in rows]
-        print(json.dumps([dict(zip(header, line, strict=True)) for line in lines], indent=2))
-    elif args.format == "csv":
+        print(json.dumps([{"group": row.group, **dict(zip(_SUMS, _sums(row), strict=True))} for row in rows],
+                         indent=2))  # fmt: skip
+        return 0
+    header = [*_group_columns(args.by), *_SUMS]
+    table = [[*(v if v is not None else "(none)" for v in row.key), *_sums(row)] for row in rows]
+    if args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(header)
         writer.writerows([safe_cell(str(cell)) for cell in line] for line in table)
     else:
         _print_table(header, table)
     return 0
+
+
+def _group_columns(keys: Sequence[str]) -> list[str]:
+    """Column names of the group keys: the key itself, or `group.KEY` when a tag key is also the name
+    of a column (`--by calls`), so that no two columns share a name."""
+    taken = set(_SUMS)
+    names = []
+    for key in keys:
+        name = key
+        while name in taken:
+            name = f"group.{name}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _sums(row: ReportRow) -> list[Any]:
@@ -117,11 +142,8 @@ async def _budgets(args: argparse.Namespace) -> int:
     tz = _zone(args.timezone)
     if args.daily is not None or args.monthly is not None:
         return await _limits(args, tz)
-    store = Store(args.url)
-    try:
+    async with ledger(args.url) as store:
         windows = await current_windows(store, tz, now=datetime.now(UTC), top=args.top)
-    finally:
-        await store.close()
     if not windows:
         print("nothing recorded in the current day or month windows")
         return 0
@@ -139,14 +161,11 @@ async def _budgets(args: argparse.Namespace) -> int:
 async def _limits(args: argparse.Namespace, tz: ZoneInfo) -> int:
     budgets = [Budget.daily(args.daily)] if args.daily is not None else []
     budgets += [Budget.monthly(args.monthly)] if args.monthly is not None else []
-    store = Store(args.url)
-    try:
+    async with ledger(args.url) as store:
         statuses = await budget_status(
             store, resolve_rules(budgets, "notify"), lambda period, at: window_bounds(period, at, tz),
             now=datetime.now(UTC),
         )  # fmt: skip
-    finally:
-        await store.close()
     header = ["budget", "window", "spent_usd", "reserved_usd", "remaining_usd", "percent", "projected_usd"]
     table = [
         [s.description, s.window_start.astimezone(tz).date().isoformat(), format_usd(s.spent),
