@@ -232,8 +232,8 @@ def test_a_bad_or_unreachable_url_is_one_line_naming_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "command",
     [["report"], ["budgets"], ["export", "--since", "2026-01-01"], ["prune", "--older-than", "9d"],
-     ["db", "current"], ["doctor"]],
-    ids=lambda command: command[0] if command[0] != "db" else "db-current",
+     ["db", "current"], ["doctor"], ["prices", "check"], ["reprice", "--since", "2026-01-01"]],
+    ids=lambda command: "-".join(command[:2]) if command[0] in ("db", "prices") else command[0],
 )  # fmt: skip
 def test_a_mistyped_sqlite_path_is_refused_not_created(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -341,3 +341,13 @@ def test_output_into_a_closed_pipe_ends_quietly(sqlite_url: str) -> None:
     report.stdout.close()  # gone before the command writes its table
     _, err = report.communicate(timeout=120)
     assert (report.returncode, err) == (1, "")
+
+
+@pytest.mark.parametrize("days", ["0", "-5", "99999999999"])
+def test_prices_check_days_out_of_range_is_refused(
+    days: str, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`prices check --days` outside 1-3660 exits 2 naming the option (0 claimed every model priced)."""
+    assert main(["db", "upgrade", "--url", sqlite_url]) == 0
+    assert main(["prices", "check", "--url", sqlite_url, "--days", days]) == 2
+    assert f"--days must be from 1 to 3660, got {int(days)}" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,137 @@ def test_reprice_and_check_commands(
     assert asyncio.run(sums(sqlite_url))["unknown"] == 0
     assert main(["prices", "check", "--url", sqlite_url]) == 0
     assert "every model" in capsys.readouterr().out
+
+
+async def ledger(url: str) -> list[tuple[int, int | None, str | None]]:
+    """(id, cost, user_id tag) of every ledger row."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            query = select(calls.c.id, calls.c.cost_nanousd, calls.c.tags).order_by(calls.c.id)
+            rows = (await conn.execute(query)).all()
+    finally:
+        await engine.dispose()
+    return [(i, cost, (t if isinstance(t, dict) else json.loads(t)).get("user_id")) for i, cost, t in rows]
+
+
+async def user_windows(url: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(period, user) -> (calls, spent, unknown_cost_calls) of the per-user rollup windows."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            query = select(
+                rollups.c.period,
+                rollups.c.scope_value,
+                rollups.c.calls,
+                rollups.c.spent_nanousd,
+                rollups.c.unknown_cost_calls,
+            ).where(rollups.c.scope_key == "user_id")
+            rows = (await conn.execute(query)).all()
+    finally:
+        await engine.dispose()
+    return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+
+
+async def test_reprice_moves_a_per_tag_window_by_the_calls_it_counted_only(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls recorded without the per-user budgets (before they existed, or after they were dropped)
+    are not in those windows: reprice moves each window by the change of the calls it counted, so it
+    still equals their sum, and leaves a window whose calls the ledger cannot single out, saying so."""
+    budgets = [Budget.daily(100, per="user_id"), Budget.monthly(1000, per="user_id")]
+    phases = [
+        ([], ["u1", "u1", "u1", "u5"]),  # before the per-user budgets
+        (budgets, ["u1", "u1", "u2", "u2", "u4", "u5"]),  # with them
+        ([], ["u4", "u4", "u5"]),  # after they were dropped
+    ]
+    counted_ids: set[int] = set()
+    n = 0
+    for phase_budgets, users in phases:
+        async with Tracker(db_url, budgets=phase_budgets) as tracker:
+            for user in users:
+                n += 1
+                priced = n == 5  # one call of the counted ones has a price already
+                await tracker.track(
+                    provider="openai" if priced else "acme",
+                    model="gpt-4o-mini" if priced else "acme-mystery",
+                    input_tokens=1000 + n,
+                    output_tokens=100,
+                    tags={"user_id": user},
+                )
+        if phase_budgets:
+            counted_ids = {i for i, _, _ in await ledger(db_url)}
+    counted_ids -= {i for i, _, _ in (await ledger(db_url))[:4]}  # the four calls before the budgets
+    before = await user_windows(db_url)
+    assert before[("day", "u1")] == (2, before[("day", "u1")][1], 1)
+    pricer = Pricer(price_overrides={"acme/acme-mystery": {"input": 1, "output": 2}})
+    now = datetime.now(UTC)
+    tracker = Tracker(db_url)
+    with caplog.at_level(logging.WARNING, logger="llm_spend"):
+        await reprice(tracker.store, pricer, since=now - timedelta(days=1), until=now + timedelta(minutes=1))
+    await tracker.store.close()
+    rows, after, state = await ledger(db_url), await user_windows(db_url), await sums(db_url)
+    assert state["unknown"] == 0
+    for period, scope_key, _, spent, unknown in state["windows"]:
+        if scope_key == "":  # every call counts in the global windows
+            assert (spent, unknown) == (state["total"], 0), period
+    for period in ("day", "month"):
+        for user in ("u1", "u2", "u4"):  # the calls each window counted are identified
+            mine = [cost for i, cost, u in rows if u == user and i in counted_ids]
+            assert after[(period, user)] == (len(mine), sum(c or 0 for c in mine), 0), (period, user)
+        assert after[(period, "u5")] == before[(period, "u5")]  # its one counted call is the middle one
+    assert "user_id=u5" in caplog.text and "left as they were" in caplog.text
+    assert "user_id=u1" not in caplog.text
+
+
+async def test_overlapping_reprices_move_the_rollups_once(db_url: str) -> None:
+    """Three runs of the same reprice at once: each call's cost changes once, and so do its windows."""
+    await seed(db_url)
+    before = await sums(db_url)
+    pricer = Pricer(price_overrides={"acme/acme-mystery": {"input": 1, "output": 2}})
+    now = datetime.now(UTC)
+    window = {"since": now - timedelta(days=1), "until": now + timedelta(minutes=1)}
+    stores = [Tracker(db_url).store for _ in range(3)]
+    try:
+        for store in stores:  # each connected, so the runs overlap
+            [expected] = await reprice(store, pricer, dry_run=True, **window)
+        done = await asyncio.gather(*(reprice(store, pricer, **window) for store in stores))
+    finally:
+        for store in stores:
+            await store.close()
+    assert sum(c.calls for changes in done for c in changes) == 20  # among the runs, once per call
+    after = await sums(db_url)
+    assert after["unknown"] == 0
+    assert after["total"] == before["total"] + expected.after_nanousd
+    check_consistent(after)
+
+
+def test_reprice_keeps_the_cost_of_calls_the_given_prices_do_not_know(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-spend reprice` without the app's fallback_price leaves the calls it priced as they are
+    (their spend stays in the ledger and the budgets); with --fallback-price it reprices them."""
+
+    async def record() -> None:
+        async with Tracker(db_url, fallback_price={"input": 1, "output": 2}) as tracker:
+            for i in range(10):
+                await tracker.track(provider="acme", model="in-house-model", input_tokens=1_000_000,
+                                    output_tokens=0, tags={"user_id": f"u{i % 2}"})  # fmt: skip
+
+    asyncio.run(record())
+    before = asyncio.run(sums(db_url))
+    assert before["total"] == 10_000_000_000 and before["unknown"] == 0
+    args = ["reprice", "--url", db_url, "--since", datetime.now(UTC).date().isoformat()]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no call's cost changes" in out and "kept 10 priced calls of acme/in-house-model" in out
+    assert asyncio.run(sums(db_url)) == before
+    assert main([*args, "--fallback-price", "2,4"]) == 0
+    assert "changed 10 calls" in capsys.readouterr().out
+    after = asyncio.run(sums(db_url))
+    assert (after["total"], after["unknown"]) == (20_000_000_000, 0)
+    check_consistent(after)
+    with pytest.raises(SystemExit):
+        main([*args, "--fallback-price", "2"])  # not INPUT,OUTPUT: argparse's usage error
+    assert main([*args, "--fallback-price", "2,x"]) == 2
+    assert "fallback_price" in capsys.readouterr().err

@@ -94,7 +94,7 @@ async def _prune(args: argparse.Namespace) -> int:
     deleted = 0
     async with ledger(args.url) as store:
         while True:
-            async with store.engine.begin() as conn:
+            async with store.transaction() as conn:  # BEGIN IMMEDIATE on SQLite
                 ids = (
                     select(calls.c.id)
                     .where(calls.c.occurred_at < cutoff)

@@ -10,8 +10,8 @@ from typing import Any
 from ..money import format_usd, from_nanousd
 from ..pricing import Pricer
 from ..storage.repricing import reprice, unpriced_models
-from ..storage.store import Store
 from ..usage import Usage
+from .db import ledger
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -29,7 +29,7 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     explain.set_defaults(handler=_explain)
     check = sub.add_parser("check", help="models in the ledger without a price, or priced by a fallback")
     add_url(check)
-    check.add_argument("--days", type=int, default=7)
+    check.add_argument("--days", type=int, default=7, help="the last N days, 1 to 3660 (default 7)")
     check.set_defaults(handler=_check)
     again = commands.add_parser(
         "reprice", help="recompute costs of recorded calls, and the rollups with them"
@@ -37,7 +37,13 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
     add_url(again)
     again.add_argument("--since", type=_day, required=True, help="YYYY-MM-DD (UTC)")
     again.add_argument("--until", type=_day, help="YYYY-MM-DD (UTC, exclusive; default: now)")
-    again.add_argument("--prices-file")
+    again.add_argument("--prices-file", help="the prices file your Tracker uses (prices_file=)")
+    again.add_argument(
+        "--fallback-price",
+        type=_rates,
+        metavar="INPUT,OUTPUT",
+        help="the fallback_price your Tracker uses: USD per 1M input and output tokens",
+    )
     again.add_argument("--dry-run", action="store_true", help="print the differences, change nothing")
     again.set_defaults(handler=_reprice)
 
@@ -47,6 +53,13 @@ def _day(text: str) -> datetime:
         return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _rates(text: str) -> dict[str, str]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"not INPUT,OUTPUT (USD per 1M tokens): {text!r}")
+    return {"input": parts[0], "output": parts[1]}
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -74,11 +87,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    store = Store(args.url)
-    try:
+    if not 1 <= args.days <= 3660:
+        raise ValueError(f"--days must be from 1 to 3660, got {args.days}")
+    async with ledger(args.url) as store:
         found = await unpriced_models(store, datetime.now(UTC) - timedelta(days=args.days))
-    finally:
-        await store.close()
     if not found:
         print(f"every model of the last {args.days} days has a price")
         return 0
@@ -92,22 +104,26 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 async def _reprice(args: argparse.Namespace) -> int:
-    store = Store(args.url)
+    pricer = Pricer(prices_file=args.prices_file, fallback_price=args.fallback_price)
     until = args.until or datetime.now(UTC)
-    try:
-        changes = await reprice(
-            store, Pricer(prices_file=args.prices_file), since=args.since, until=until, dry_run=args.dry_run
-        )
-    finally:
-        await store.close()
-    verb = "would change" if args.dry_run else "changed"
+    async with ledger(args.url) as store:
+        found = await reprice(store, pricer, since=args.since, until=until, dry_run=args.dry_run)
+    changes = [c for c in found if c.calls]
     if not changes:
         print("no call's cost changes")
-        return 0
-    print(f"{'provider':<14}{'model':<40}{'calls':>8}{'before USD':>14}{'after USD':>14}{'unknown':>10}")
-    for c in changes:
-        before, after = format_usd(from_nanousd(c.before_nanousd)), format_usd(from_nanousd(c.after_nanousd))
-        unknown = f"{c.unknown_before}->{c.unknown_after}"
-        print(f"{c.provider:<14}{c.model:<40}{c.calls:>8}{before:>14}{after:>14}{unknown:>10}")
-    print(f"{verb} {sum(c.calls for c in changes)} calls")
+    else:
+        print(f"{'provider':<14}{'model':<40}{'calls':>8}{'before USD':>14}{'after USD':>14}{'unknown':>10}")
+        for c in changes:
+            before, after = (
+                format_usd(from_nanousd(c.before_nanousd)),
+                format_usd(from_nanousd(c.after_nanousd)),
+            )
+            unknown = f"{c.unknown_before}->{c.unknown_after}"
+            print(f"{c.provider:<14}{c.model:<40}{c.calls:>8}{before:>14}{after:>14}{unknown:>10}")
+        print(f"{'would change' if args.dry_run else 'changed'} {sum(c.calls for c in changes)} calls")
+    kept = [c for c in found if c.kept]
+    for c in kept:
+        print(f"kept {c.kept} priced calls of {c.provider}/{c.model}: these prices have none for it")
+    if kept:
+        print("(pass the --prices-file and --fallback-price your Tracker uses to reprice them)")
     return 0
