@@ -25,10 +25,23 @@ from llm_spend.capture import async_transport
 from llm_spend.testing import FakeProviderTransport
 
 CALLS, CALL_RUNS = 2_000, 7
+LARGE_CALLS = 100
 CHUNKS, STREAM_RUNS = 2_000, 7
 USAGE = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1024)
 CHAT = "https://api.openai.com/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper. " * 4}]
+LARGE = {
+    "96 kB of quoted text": [{"role": "user", "content": 'say "yes" or "no" to "this" ' * 3_400}],
+    "1 MB base64 image": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "QUJD" * 250_000}},
+            ],
+        }
+    ],
+}
 STREAMS = {
     "openai chat": (CHAT, {"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES}),
     "openai responses": (
@@ -74,20 +87,22 @@ class StubTracker:
         return _StubGuard()
 
 
-async def per_call(clients: dict[str, httpx2.AsyncClient]) -> dict[str, float]:
-    """Median µs per non-streaming chat call of each client, over CALL_RUNS runs of CALLS calls,
+async def per_call(
+    clients: dict[str, httpx2.AsyncClient], messages: Any = MESSAGES, calls: int = CALLS
+) -> dict[str, float]:
+    """Median µs per non-streaming chat call of each client, over CALL_RUNS runs of `calls` calls,
     the clients' runs interleaved so that a slow moment of the machine hits them alike."""
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 500}
+    body = {"model": "gpt-4o-mini", "messages": messages, "max_tokens": 500}
     runs: dict[str, list[float]] = {name: [] for name in clients}
     for client in clients.values():
-        for _ in range(200):
+        for _ in range(calls // 10):
             await client.post(CHAT, json=body)
     for _ in range(CALL_RUNS):
         for name, client in clients.items():
             started = time.perf_counter()
-            for _ in range(CALLS):
+            for _ in range(calls):
                 await client.post(CHAT, json=body)
-            runs[name].append((time.perf_counter() - started) / CALLS * 1e6)
+            runs[name].append((time.perf_counter() - started) / calls * 1e6)
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
@@ -155,6 +170,13 @@ async def main() -> None:
                 calls = await per_call(clients)
                 for name, micros in calls.items():
                     print(f"  {name:18} {micros:8.1f}   added {micros - calls['plain']:7.1f}")
+            print(f"\nlarge requests, µs per call (median of {CALL_RUNS} x {LARGE_CALLS})")
+            for label, messages in LARGE.items():
+                large = await per_call(
+                    {name: client(_fake(None), setups[name]) for name in setups}, messages, LARGE_CALLS
+                )
+                for name, micros in large.items():
+                    print(f"  {label:20} {name:16} {micros:9.1f}   added {micros - large['plain']:7.1f}")
             print(f"\nstreamed chunk, µs per chunk (median of {STREAM_RUNS} streams of ~{CHUNKS} events)")
             for stream, (url, body) in STREAMS.items():
                 streaming = {

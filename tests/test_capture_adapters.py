@@ -285,11 +285,38 @@ _BLOB = "QUJD" * 5_000  # 20 kB of base64: far more bytes than the allowance
 )
 @pytest.mark.parametrize("indent", [None, 2])
 def test_every_media_shape_counts_as_the_allowance(part: dict[str, object], indent: int | None) -> None:
-    """Each provider's media part, compact or pretty-printed, counts as the allowance, not its bytes."""
+    """Each provider's media part, compact or pretty-printed, counts as the allowance, not its bytes:
+    its strings' characters come off (the quotes, colons and braces around them stay counted)."""
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
     raw = json.dumps(body, indent=indent).encode()
     part_bytes = len(json.dumps(part, separators=(",", ":")).encode())
-    assert input_bound(raw, body, 500) == len(raw) + 16 + 500 - part_bytes
+    bound = input_bound(raw, body, 500)
+    assert len(raw) + 16 + 500 - part_bytes < bound <= len(raw) + 16 + 500 - part_bytes + 40
+
+
+def test_media_in_a_long_body_is_found_without_searching_its_bytes() -> None:
+    """A body past the searched size is walked: its media parts count, text full of quotes does not."""
+    quoted = 'say "yes" or "no", "image" or "file" ' * 3_000
+    text = {"model": "m", "messages": [{"role": "user", "content": quoted}]}
+    raw = json.dumps(text).encode()
+    assert input_bound(raw, text, 500) == len(raw) + 16
+    parts = [{"type": "text", "text": quoted}, {"type": "input_image", "image_url": "data:," + _BLOB}] * 3
+    media = {"model": "m", "input": [{"role": "user", "content": parts}]}
+    raw = json.dumps(media, ensure_ascii=False).encode()
+    image_characters = len("type") + len("input_image") + len("image_url") + len("data:," + _BLOB)
+    assert input_bound(raw, media, 500) == len(raw) + 16 + 3 * (500 - image_characters)
+
+
+def test_the_input_bound_never_falls_below_the_text_bytes() -> None:
+    """Characters that take several bytes (escapes, emoji, accents) keep a media part's subtraction
+    below its bytes: what remains still bounds the text around it."""
+    part = {"type": "image", "source": {"type": "base64", "data": 'é\\n"😀' * 2_000}}
+    content = [{"type": "text", "text": "x" * 5_000}, part]
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    for ensure_ascii in (True, False):
+        raw = json.dumps(body, ensure_ascii=ensure_ascii).encode()
+        part_bytes = len(json.dumps(part, ensure_ascii=ensure_ascii).encode())
+        assert input_bound(raw, body, 0) >= len(raw) - part_bytes + 16 >= 5_000
 
 
 def test_resolve_route_builtin_and_configured_hosts() -> None:
