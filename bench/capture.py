@@ -65,6 +65,8 @@ class _Done:
 
 
 class _StubCall:
+    max_output_tokens = None  # as a GuardedCall that was granted what it asked for
+
     def record(self, usage: Usage | None, **fields: Any) -> _Done:
         return _Done()
 
@@ -81,7 +83,10 @@ class _StubGuard:
 
 
 class StubTracker:
-    """Guard and record that do nothing: the transport's own cost, without a ledger."""
+    """Guard and record that do nothing: the transport's own cost, without a ledger (and, like a
+    Tracker without a block-mode budget, without reservations)."""
+
+    reserves = False
 
     def guard(self, **fields: Any) -> _StubGuard:
         return _StubGuard()

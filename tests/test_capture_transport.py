@@ -275,6 +275,35 @@ class _ExitFails:
         return Failing()
 
 
+class _Watching:
+    """A real tracker, with the `input_tokens` each guard was given written down."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker, self.bounds = tracker, []
+        self.reserves = tracker.reserves
+
+    def guard(self, **fields: Any) -> Any:
+        self.bounds.append(fields["input_tokens"])
+        return self.tracker.guard(**fields)
+
+
+@pytest.mark.parametrize("mode", ["raise", "block"])
+async def test_the_input_bound_is_worked_out_only_for_a_tracker_that_reserves(url: str, mode: str) -> None:
+    """Without a block-mode budget nothing reads the input bound, so capture skips it (0); with one,
+    the guard gets the request body's bytes and the template allowance, and reserves that."""
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 50}
+    async with Tracker(url, budgets=[Budget.daily(10, mode=mode)]) as tracker:  # type: ignore[arg-type]
+        watching = _Watching(tracker)
+        http = async_client(watching, transport=FakeProviderTransport(usage=USAGE))  # type: ignore[arg-type]
+        reply = await http.post("https://api.openai.com/v1/chat/completions", json=body)
+        assert reply.status_code == 200
+        sent = len(reply.request.content)
+    assert tracker.reserves is (mode == "block")
+    assert watching.bounds == ([sent + 16] if mode == "block" else [0])
+    [row] = await table(tracker)
+    assert (row["input_tokens"], row["output_tokens"], row["pricing_status"]) == (100, 20, "priced")
+
+
 async def test_a_failure_to_record_does_not_fail_the_callers_call(
     tracker: Tracker, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -83,6 +83,11 @@ class Guard:
                 keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
         return tuple(keys)
 
+    @property
+    def reserves(self) -> bool:
+        """Whether any budget is in block mode (calls may reserve)."""
+        return bool(self._block)
+
     def blocking(self, tags: Mapping[str, str]) -> bool:
         """Whether any block-mode budget applies to a call with these tags."""
         return any(rule.scope_value(tags) is not None for _, rule in self._block)

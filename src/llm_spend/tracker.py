@@ -536,6 +536,12 @@ class Tracker:
 
     # -- budgets ------------------------------------------------------------------------------------
 
+    @property
+    def reserves(self) -> bool:
+        """Whether a block-mode budget is configured: only then does `guard()` reserve (and read its
+        `input_tokens`); capture skips working out the input bound when it does not."""
+        return self.budget_guard.reserves
+
     def preflight(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
         """A block-mode window applying to `tags` known to be exhausted (memory only, no I/O)."""
         return self.budget_guard.refusal(tags)

@@ -3,7 +3,9 @@
 `TrackerLike` is all that capture needs from the tracker: ``guard(...)``, an async context manager that
 reserves before the call when a block-mode budget applies (raising `BudgetExceeded` or
 `UnknownPriceError` before any byte leaves) and yields a `GuardedCallLike` to record on. Leaving the
-guard without a record releases the reservation (a non-2xx answer, a failed send).
+guard without a record releases the reservation (a non-2xx answer, a failed send). A tracker may also
+say that it never reserves (``reserves = False``, as `llm_spend.Tracker` does without a block-mode
+budget): capture then does not work out the input bound, which nothing would read.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Plan:
     model: str
     stream: bool
     input_bound: int
+    """0 when it was not worked out (the tracker does not reserve)."""
     max_output_tokens: int | None
     body: dict[str, Any] | None
     """The parsed JSON body, when it parsed (for rewrites)."""
@@ -84,9 +87,10 @@ def plan_call(
     raw: bytes,
     *,
     include_stream_usage: bool,
-    media_allowance: int,
+    media_allowance: int | None,
 ) -> Plan:
-    """Read the request body once: model, stream flag, max output tokens and an input bound."""
+    """Read the request body once: model, stream flag, max output tokens and an input bound (unless
+    `media_allowance` is None: a tracker that does not reserve needs none)."""
     body = load_json(raw) if raw else None
     if not isinstance(body, dict):
         body = None
@@ -97,7 +101,7 @@ def plan_call(
         provider,
         info.model or "unknown",
         info.stream,
-        input_bound(raw, body or {}, media_allowance),
+        0 if media_allowance is None else input_bound(raw, body or {}, media_allowance),
         info.max_output_tokens,
         body,
     )

@@ -60,6 +60,8 @@ class _Base:
         self._options = options
         self._router = options.router
         self._package = package
+        self._media_allowance = options.media_allowance_tokens if getattr(tracker, "reserves", True) else None
+        """None when the tracker never reserves: no input bound is worked out for it."""
         self._background: set[asyncio.Task[None]] = set()
         """Recordings under way that nobody awaits (shielded or collected streams)."""
 
@@ -76,7 +78,7 @@ class _Base:
             path,
             raw,
             include_stream_usage=options.include_stream_usage,
-            media_allowance=options.media_allowance_tokens,
+            media_allowance=self._media_allowance,
         )
 
     def _route(self, request: Any) -> tuple[Any, str, str, str] | None:
