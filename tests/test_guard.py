@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -619,6 +620,53 @@ async def test_a_call_spooled_twice_gives_its_reservation_back_once(db_url: str,
     state = await ledger(db_url)
     assert state["calls"] == 1 and state["reservations"] == 0
     assert state["day"][0] == (record.cost_nanousd, 0, 1)
+
+
+async def test_calls_right_after_the_server_drops_every_connection_are_reserved_and_written(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL: a restart (here every connection to the database terminated, the pool's idle ones
+    too) costs no call its reservation or its write: the first statement on a lost connection is made
+    again on a new one, so with fail_closed nothing fails and nothing goes to the spool."""
+    import asyncpg
+
+    spool = tmp_path / "calls.spool"
+    budgets = [Budget.daily(100, mode="block")]
+    async with Tracker(pg_url, budgets=budgets, on_storage_error="fail_closed", spool_path=spool) as tracker:
+        for _ in range(3):  # the lanes and the pool hold connections
+            async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+                await call.record(Usage(input_tokens=100, output_tokens=10))
+        await tracker.report(start=datetime.now(UTC) - timedelta(days=1))
+
+        async def terminate() -> int:
+            admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+            try:
+                killed: int = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    make_url(pg_url).database,
+                )
+                return killed
+            finally:
+                await admin.close()
+
+        for _ in range(2):
+            # Terminated from another thread while this loop waits, so that the tracker's connections
+            # have not yet seen their end when the next statements go out (as after a restart).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                killed = pool.submit(asyncio.run, terminate()).result()
+            assert killed >= 2
+            outcomes = []
+            for _ in range(3):
+                async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+                    outcomes.append("reserved" if call.reservation is not None else "went out")
+                    await call.record(Usage(input_tokens=100, output_tokens=10))
+            await tracker.track(provider="openai", model=MODEL, input_tokens=10, output_tokens=1)
+            assert outcomes == ["reserved"] * 3
+    state = await ledger(pg_url)
+    assert state["calls"] == 3 + 2 * 4 and state["reservations"] == 0
+    assert state["day"][0][1] == 0  # nothing left reserved
+    assert not spool.exists() or spool.stat().st_size == 0
 
 
 async def test_after_the_server_drops_its_connections_an_exhausted_budget_still_refuses(pg_url: str) -> None:

@@ -8,18 +8,33 @@ connection checked out (a lane) while the store is open; anything else borrows o
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
 mid-statement, an error that is not the server's answer) is invalidated here, so the pool replaces
 it instead of lending it again, and a lane holding it takes a new one next time.
+
+A server that restarted, or closed idle connections, leaves every connection of the pool dead, and
+the first statement on each would fail. `run` therefore tries its work once more when the connection
+turned out lost, after emptying the pool (`engine.dispose()`: what SQLAlchemy does itself when it
+sees a disconnect), so that the second try gets a new connection. The work given to `run` must be
+safe to repeat: the hot statements are (a ledger write inserts each call once by its event id and
+releases each reservation once; a reservation that did commit before its answer was lost is made
+again under the same id, which the database refuses: the call then fails instead of holding two).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["Drivers"]
+__all__ = ["Drivers", "Work"]
+
+logger = logging.getLogger("llm_spend")
+
+T = TypeVar("T")
+Work = Callable[[Any], Awaitable[T]]
+"""What `Drivers.run` does with a driver connection."""
 
 
 class _Lane:
@@ -64,6 +79,22 @@ class Drivers:
         finally:
             held.busy = False
 
+    async def run(self, lane: str, work: Work[T]) -> T:
+        """`await work(connection)` on the lane's connection; once more on a new connection when that
+        one was lost (see the module docstring). A failure to connect at all is raised at once."""
+        lent: Any = None
+        try:
+            async with self.lend(lane) as conn:
+                lent = conn
+                return await work(conn)
+        except Exception as exc:
+            if lent is None or not _lost(exc, lent):
+                raise
+            logger.warning("llm-spend: a PostgreSQL connection was lost (%s); trying on a new one", exc)
+        await self._engine.dispose()  # the pool's other connections are likely gone too
+        async with self.lend(lane) as conn:
+            return await work(conn)
+
     async def _drop(self, lane: str | None, held: _Lane) -> None:
         if lane is not None and self._lanes.get(lane) is held:
             del self._lanes[lane]
@@ -76,6 +107,25 @@ class Drivers:
         """Give the lanes' connections back to the pool (before the engine is disposed)."""
         for lane, held in list(self._lanes.items()):
             await self._drop(lane, held)
+
+
+def _lost(exc: Exception, driver: Any) -> bool:
+    """Whether `exc` means the connection is gone (not the server's answer to the statement)."""
+    import asyncpg
+
+    if driver.is_closed() or isinstance(exc, OSError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):  # a closed or confused connection, not bad arguments
+        return not isinstance(exc, asyncpg.DataError)
+    return isinstance(
+        exc,
+        (
+            asyncpg.PostgresConnectionError,
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.CannotConnectNowError,
+        ),
+    )
 
 
 @asynccontextmanager

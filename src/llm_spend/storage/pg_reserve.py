@@ -21,8 +21,7 @@ import asyncio
 import functools
 import json
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -37,7 +36,8 @@ _LOCK_ORDER = ", ".join("r." + c for c in _ORDER.split(", "))
 _MAX_KNOWN = 100_000
 _MAX_BATCH = 200
 
-Connect = Callable[[], AbstractAsyncContextManager[Any]]
+Run = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
+"""Runs its work on a connection of the lane (`Drivers.run`: once more on a new one if it was lost)."""
 
 
 class Pending(NamedTuple):
@@ -135,10 +135,10 @@ def _windows_json(ordered: Sequence[tuple[WindowKey, int, int]]) -> str:
 
 
 class PostgresReservations:
-    """Reservations through raw asyncpg connections that `connect()` lends (the engine's pool)."""
+    """Reservations through raw asyncpg connections that `run` lends (the engine's pool)."""
 
-    def __init__(self, connect: Connect) -> None:
-        self._connect = connect
+    def __init__(self, run: Run) -> None:
+        self._on_connection = run
         self._known: set[WindowKey] = set()
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
@@ -156,23 +156,27 @@ class PostgresReservations:
         """Prepare the batch statement on the lane's connection with a batch of none (changes
         nothing), so that the first calls after a start do not wait for it to be parsed and planned
         in a fresh server process: 20-30 ms on a slow machine, while sixteen calls queue."""
-        async with self._connect() as conn:
-            await conn.fetchrow(_BATCH_SQL, *([()] * 13))
+        await self._on_connection(lambda conn: conn.fetchrow(_BATCH_SQL, *([()] * 13)))
 
     async def _run(self, batch: Sequence[Pending]) -> list[Refusal | Exception | None]:
         """Each reservation's outcome: granted (None), refused, or the error that stopped it (those
-        made one by one before a failure keep their own outcome)."""
+        made one by one before a failure keep their own outcome; on a lost connection the rest are
+        made on the next)."""
         outcomes: list[Refusal | Exception | None] = []
+
+        async def decide(conn: Any) -> list[Refusal | Exception | None]:
+            keys = {key for item in batch for key, _, _ in item.ordered}
+            if not self._known.issuperset(keys):
+                await self._create(conn, sorted(keys))
+            if not outcomes and len(batch) > 1 and await self._all(conn, batch, sorted(keys)):
+                return [None] * len(batch)
+            for item in batch[len(outcomes) :]:
+                outcomes.append(await self._one(conn, item))
+            return outcomes
+
         try:
-            async with self._connect() as conn:
-                keys = {key for item in batch for key, _, _ in item.ordered}
-                if not self._known.issuperset(keys):
-                    await self._create(conn, sorted(keys))
-                if len(batch) > 1 and await self._all(conn, batch, sorted(keys)):
-                    return [None] * len(batch)
-                for item in batch:
-                    outcomes.append(await self._one(conn, item))
-                return outcomes
+            result: list[Refusal | Exception | None] = await self._on_connection(decide)
+            return result
         except Exception as exc:
             if not outcomes:
                 raise

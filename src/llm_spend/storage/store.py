@@ -9,6 +9,7 @@ read-then-write. Rows are touched in key order so concurrent writers on PostgreS
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -100,7 +101,7 @@ class Store:
         self._sql = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
         self._drivers = Drivers(self.engine)
         self._pg = (
-            PostgresReservations(lambda: self._drivers.lend("reservations"))
+            PostgresReservations(functools.partial(self._drivers.run, "reservations"))
             if self.dialect == "postgresql"
             else None
         )
@@ -112,8 +113,7 @@ class Store:
         """Ready the connections and statements of the hot writes before the first call needs them."""
         if self._pg is not None:
             await self._pg.warm()
-            async with self._drivers.lend("writes") as conn:
-                await write_batch(conn, [])
+            await self._drivers.run("writes", functools.partial(write_batch, batch=[]))
 
     async def close(self) -> None:
         if self._file is not None:
@@ -172,8 +172,9 @@ class Store:
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
-            async with self._drivers.lend("writes") as conn:
-                inserted, settled, totals = await write_batch(conn, batch)
+            inserted, settled, totals = await self._drivers.run(
+                "writes", functools.partial(write_batch, batch=batch)
+            )
             return spent_after(batch, inserted, rollup_deltas(batch, inserted, settled), totals)
         try:
             return await self._write(batch, fast=self.dialect == "sqlite")
