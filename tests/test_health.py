@@ -15,7 +15,6 @@ from alembic.script import ScriptDirectory
 import llm_spend.storage.store as store_module
 from llm_spend import Budget, Tracker
 from llm_spend.cli import main
-from llm_spend.health import check_health
 from llm_spend.storage.store import HEAD_REVISION
 
 
@@ -102,7 +101,7 @@ async def test_a_database_that_never_answers_is_reported_within_the_timeout(
     try:
         tracker = Tracker(url, budgets=[Budget.daily(1, mode="block")], spool_path=tmp_path / "s.spool")
         started = time.monotonic()
-        health = await check_health(tracker, database_timeout=0.5)
+        health = await tracker.health(database_timeout=0.5)
         elapsed = time.monotonic() - started
         await tracker.store.close()
         assert elapsed < 5 and health.database_error == "timed out after 0.5 s" and not health.database_ok

@@ -467,11 +467,11 @@ class Tracker:
 
     # -- health -------------------------------------------------------------------------------------
 
-    async def health(self) -> Health:
+    async def health(self, *, database_timeout: float = 5.0) -> Health:
         """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
         models in the last day, and whether each budget is enforced now. Never raises for a down
-        database: that is what it reports."""
-        return await check_health(self)
+        database: that is what it reports; the database checks give up after `database_timeout` s."""
+        return await check_health(self, database_timeout=database_timeout)
 
     # -- reports ------------------------------------------------------------------------------------
 
