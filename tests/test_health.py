@@ -113,3 +113,25 @@ async def test_a_database_that_never_answers_is_reported_within_the_timeout(
         assert "FAIL database reachable: timed out after 0.5 s" in capsys.readouterr().out
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("command", [["report"], ["budgets"], ["db", "current"]])
+def test_a_command_on_a_database_that_never_answers_gives_up_with_one_line(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command bounds the wait for a PostgreSQL server to accept its connection (10 s; shorter
+    here) and names the URL and what happened, rather than waiting the driver's minute."""
+    from llm_spend.cli import db
+
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT", 0.5)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{listener.getsockname()[1]}/x"
+    try:
+        started = time.monotonic()
+        assert main([*command, "--url", url]) == 1
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()
+    assert capsys.readouterr().err == f"llm-spend: cannot use --url {url}: no answer within 0.5 s\n"

@@ -74,6 +74,8 @@ def _cannot_use(args: argparse.Namespace, exc: BaseException) -> str:
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
     cause: Any = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     reason = (str(cause).strip().splitlines() or [""])[0] or type(cause).__name__
+    if isinstance(cause, TimeoutError):  # asyncpg's connect timeout says nothing more
+        reason = f"no answer within {db.CONNECT_TIMEOUT:g} s"
     url = getattr(args, "url", None)
     if url is None:
         return reason

@@ -17,6 +17,9 @@ from ..storage.store import Store
 __all__ = ["UrlError", "check_url", "ledger", "register"]
 
 _ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
+CONNECT_TIMEOUT = 10.0
+"""Seconds a command waits for a PostgreSQL server to accept a connection (a hung one is named, not
+waited on for the driver's minute)."""
 
 
 class UrlError(Exception):
@@ -44,7 +47,7 @@ def open_store(url: str, *, existing: bool) -> Store:
     """A Store on `url`, checked as `check_url` does."""
     check_url(url, existing=existing)
     try:
-        return Store(url)
+        return Store(url, connect_timeout=CONNECT_TIMEOUT)
     except ImportError as exc:  # the driver is not installed
         raise UrlError(f"{exc} (PostgreSQL needs the extra: pip install 'llm-spend[postgres]')") from None
 

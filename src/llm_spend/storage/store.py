@@ -76,7 +76,8 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 class Store:
     """The ledger database: create with a SQLAlchemy async URL, `await close()` when done."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
+        """`connect_timeout`: seconds a new PostgreSQL connection may take (asyncpg's default: 60)."""
         parsed = make_url(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
@@ -91,6 +92,8 @@ class Store:
                 kwargs["poolclass"] = StaticPool
         else:
             kwargs.update(pool_size=16, max_overflow=4, pool_use_lifo=True)
+            if connect_timeout is not None:
+                kwargs["connect_args"] = {"timeout": connect_timeout}
         self.engine = create_async_engine(url, **kwargs)
         """Reads: `engine.connect()` (on SQLite a deferred transaction, which blocks no writer)."""
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
