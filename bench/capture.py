@@ -65,9 +65,21 @@ class _Done:
 
 
 class _StubCall:
+    """What a GuardedCall offers (its signatures too), doing nothing."""
+
     max_output_tokens = None  # as a GuardedCall that was granted what it asked for
 
-    def record(self, usage: Usage | None, **fields: Any) -> _Done:
+    def record(
+        self,
+        usage: Usage | None,
+        *,
+        model: str | None = None,
+        usage_source: str = "manual",
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> _Done:
         return _Done()
 
     async def extend(self) -> None:
@@ -88,7 +100,15 @@ class StubTracker:
 
     reserves = False
 
-    def guard(self, **fields: Any) -> _StubGuard:
+    def guard(
+        self,
+        *,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int | None = None,
+        tags: Any = None,
+    ) -> _StubGuard:
         return _StubGuard()
 
 
