@@ -502,6 +502,46 @@ async def test_raise_mode_budget_raises_after_recording_a_json_call(url: str) ->
         assert len(await table(tracker)) == 1
 
 
+@pytest.mark.parametrize("sdk", ["anthropic", "anthropic stream", "anthropic sync"])
+async def test_an_sdk_retry_of_a_call_that_crossed_a_raise_budget_is_not_sent(url: str, sdk: str) -> None:
+    """anthropic wraps the BudgetExceeded(stage="post") of a billed answer in APIConnectionError and
+    retries: the retries are not sent (the provider would bill each), they raise the same error; the
+    one billed call is in the ledger once. A call the app makes again itself is sent as usual."""
+    async with Tracker(url, budgets=[Budget.daily(0.00001)], mode="raise") as tracker:
+        fake = FakeProviderTransport(usage=USAGE)
+        request = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": MESSAGES}
+        transport: Any = fake
+        if sdk == "anthropic stream":  # a stream read in full by the transport: recorded on arrival
+
+            async def read_in_full(sent: httpx2.Request) -> httpx2.Response:
+                answer = await fake.handle_async_request(sent)
+                return httpx2.Response(200, headers=answer.headers, content=await answer.aread())
+
+            request["stream"] = True
+            transport = httpx2.MockTransport(read_in_full)
+        if sdk != "anthropic sync":
+            claude = anthropic.AsyncAnthropic(
+                api_key="test", http_client=async_client(tracker, transport=transport), max_retries=2
+            )
+            with pytest.raises(anthropic.APIConnectionError) as wrapped:
+                await claude.messages.create(**request)  # type: ignore[arg-type]
+        else:
+            sync_claude = anthropic.Anthropic(
+                api_key="test", http_client=tracker.httpx_sync_client(transport=fake), max_retries=2
+            )
+            with pytest.raises(anthropic.APIConnectionError) as wrapped:
+                await asyncio.to_thread(sync_claude.messages.create, **request)  # type: ignore[arg-type]
+        crossed = spend_error(wrapped.value)
+        assert crossed is not None and crossed.stage == "post"
+        assert fake.calls == 1 and len(await table(tracker)) == 1
+        again = anthropic.AsyncAnthropic(
+            api_key="test", http_client=async_client(tracker, transport=transport), max_retries=0
+        )
+        with pytest.raises(anthropic.APIConnectionError):
+            await again.messages.create(**request)  # type: ignore[arg-type]
+        assert fake.calls == 2 and len(await table(tracker)) == 2
+
+
 async def test_long_streams_renew_their_reservation_lease(url: str) -> None:
     """A stream that outlives the lease renewal period extends its reservation while it streams."""
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block", reservation_ttl=600) as tracker:

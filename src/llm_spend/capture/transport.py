@@ -10,8 +10,13 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 - 2xx JSON: reads the (small) body, records its usage, and returns it;
 - 2xx SSE: returns the response with its stream tapped (`streams`), recorded exactly once.
 
-Each SDK retry is a separate request through here: each billed attempt is recorded. Neither bodies,
-headers nor keys are ever stored or logged.
+Each SDK retry is a separate request through here: each billed attempt is recorded. One is not sent:
+the retry of a request whose billed answer raised `BudgetExceeded(stage="post")` (a raise-mode
+budget crossed), which anthropic and openai 2.x wrap as a connection error and retry. The Stainless
+SDKs mark a retry with ``x-stainless-retry-count``; such a request, with the same URL and body as
+one that crossed in the last `CROSSED_FOR` seconds, raises the same `BudgetExceeded` at once, so
+the provider does not bill the call again. Neither bodies, headers nor keys are ever stored or
+logged (the crossed requests are kept as 16-byte digests).
 
 The sync transport runs the guard and the record on the tracker's event loop (where its writer lives)
 with ``asyncio.run_coroutine_threadsafe`` and waits. It must not be called from that loop's thread,
@@ -22,6 +27,7 @@ which would deadlock: it raises RuntimeError there instead (use the async client
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +56,10 @@ logger = logging.getLogger("llm_spend")
 
 LoopGetter = Callable[[], "asyncio.AbstractEventLoop | None"]
 
+CROSSED_FOR = 600.0
+"""Seconds during which an SDK's retry of a request that crossed a budget is refused unsent."""
+_CROSSED_MAX = 1_000
+
 
 class _Base:
     """What the async and sync transports share: routing and planning."""
@@ -64,6 +74,8 @@ class _Base:
         """None when the tracker never reserves: no input bound is worked out for it."""
         self._background: set[asyncio.Task[None]] = set()
         """Recordings under way that nobody awaits (shielded or collected streams)."""
+        self._crossed: dict[bytes, tuple[float, BudgetExceeded]] = {}
+        """Digest of (URL, body) -> (when, error) of requests whose answer raised stage "post"."""
 
     @property
     def inner(self) -> Any:
@@ -110,6 +122,24 @@ class _Base:
             extensions=request.extensions,
         )
 
+    def _retry_of_crossed(self, request: Any, raw: bytes) -> BudgetExceeded | None:
+        """The error of the request this one retries, when that one crossed a budget (see above)."""
+        count = request.headers.get("x-stainless-retry-count")
+        if count is None or count == "0":
+            return None
+        found = self._crossed.get(_digest(request, raw))
+        if found is None or found[0] < time.monotonic() - CROSSED_FOR:
+            return None
+        return found[1]
+
+    def _cross(self, request: Any, raw: bytes, exceeded: BudgetExceeded) -> None:
+        now = time.monotonic()
+        if len(self._crossed) >= _CROSSED_MAX:  # the expired ones go; if none has, the oldest
+            stale = [key for key, (when, _) in list(self._crossed.items()) if when < now - CROSSED_FOR]
+            for key in stale or list(self._crossed)[: _CROSSED_MAX // 10]:
+                self._crossed.pop(key, None)
+        self._crossed[_digest(request, raw)] = (now, exceeded)
+
     def _guard(self, plan: Plan) -> Any:
         return self._tracker.guard(
             provider=plan.provider,
@@ -147,6 +177,12 @@ def _content(response: Any) -> tuple[bool, str | None]:
     return sse, coding
 
 
+def _digest(request: Any, raw: bytes) -> bytes:
+    digest = hashlib.blake2b(str(request.url).encode(), digest_size=16)
+    digest.update(raw)
+    return digest.digest()
+
+
 def _elapsed_ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
 
@@ -158,7 +194,10 @@ class SpendAsyncTransport(_Base):
         found = self._route(request)
         if found is None:
             return await self._inner.handle_async_request(request)
-        plan = self._plan(await request.aread(), *found)
+        raw = await request.aread()
+        if self._crossed and (crossed := self._retry_of_crossed(request, raw)) is not None:
+            raise crossed
+        plan = self._plan(raw, *found)
         guard = self._guard(plan)
         call = await guard.__aenter__()
         started = time.perf_counter()
@@ -175,7 +214,11 @@ class SpendAsyncTransport(_Base):
             finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 finisher.feed_all([chunk async for chunk in response.stream])
-                await finisher.finish(raise_budget=True)
+                try:
+                    await finisher.finish(raise_budget=True)
+                except BudgetExceeded as exceeded:
+                    self._cross(request, raw, exceeded)
+                    raise
                 return response
             response.stream = self._package.async_stream(response.stream, finisher)
             return response
@@ -199,8 +242,9 @@ class SpendAsyncTransport(_Base):
         )
         try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
             await guard.__aexit__(None, None, None)
-        except BudgetExceeded:
-            raise  # stage "post": a raise- or block-mode window crossed, the caller's to handle
+        except BudgetExceeded as exceeded:  # stage "post": a window crossed, the caller's to handle
+            self._cross(request, raw, exceeded)
+            raise
         except Exception:  # a failure to record must not fail the caller's call
             logger.exception("llm-spend: recording a captured call failed")
         return response
@@ -223,7 +267,10 @@ class SpendSyncTransport(_Base):
         if found is None:
             return self._inner.handle_request(request)
         loop = self._tracker_loop()
-        plan = self._plan(request.read(), *found)
+        raw = request.read()
+        if self._crossed and (crossed := self._retry_of_crossed(request, raw)) is not None:
+            raise crossed
+        plan = self._plan(raw, *found)
         guard = self._guard(plan)
         call = run_on(loop, guard.__aenter__())
         started = time.perf_counter()
@@ -240,7 +287,11 @@ class SpendSyncTransport(_Base):
             finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
             if response.is_closed:  # read in full already (a mock transport): nothing left to tap
                 finisher.feed_all(list(response.stream))
-                run_on(loop, finisher.finish(raise_budget=True))
+                try:
+                    run_on(loop, finisher.finish(raise_budget=True))
+                except BudgetExceeded as exceeded:
+                    self._cross(request, raw, exceeded)
+                    raise
                 return response
             response.stream = self._package.sync_stream(response.stream, finisher)
             return response
@@ -257,13 +308,17 @@ class SpendSyncTransport(_Base):
             response.stream = self._package.read_body(raw)
             body = decode_body(raw, coding)
         outcome = read_outcome(plan, body)
-        run_on(
-            loop,
-            settle(
-                guard, call, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started),
-                raise_budget=True,
-            ),
-        )  # fmt: skip
+        try:
+            run_on(
+                loop,
+                settle(
+                    guard, call, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started),
+                    raise_budget=True,
+                ),
+            )  # fmt: skip
+        except BudgetExceeded as exceeded:
+            self._cross(request, raw, exceeded)
+            raise
         return response
 
     def _tracker_loop(self) -> asyncio.AbstractEventLoop:
