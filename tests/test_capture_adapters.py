@@ -307,6 +307,19 @@ def test_media_in_a_long_body_is_found_without_searching_its_bytes() -> None:
     assert input_bound(raw, media, 500) == len(raw) + 16 + 3 * (500 - image_characters)
 
 
+@pytest.mark.parametrize("size", [200, 3_000])  # searched, then walked; walked at once
+def test_a_tool_schema_whose_type_is_a_list_or_an_object_is_no_media(size: int) -> None:
+    """JSON schemas use "type" for a list of types, and may name a property "type": no error, no media."""
+    schema = {
+        "type": "object",
+        "properties": {"type": {"type": ["string", "null"], "description": "image or file"}, "x": {}},
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * size}], "tools": tools}
+    raw = json.dumps(body).encode()
+    assert input_bound(raw, body, 500) == len(raw) + 16 + TOOLS_ALLOWANCE
+
+
 def test_the_input_bound_never_falls_below_the_text_bytes() -> None:
     """Characters that take several bytes (escapes, emoji, accents) keep a media part's subtraction
     below its bytes: what remains still bounds the text around it."""

@@ -226,7 +226,8 @@ def _media(body: Any) -> tuple[int, int]:
         if type(value) is list:
             pending += value
         elif type(value) is dict:
-            if value.get("type") in _MEDIA_TYPES or not _MEDIA_KEYS.isdisjoint(value):
+            kind = value.get("type")  # in a tool's JSON schema, also a list or an object
+            if (type(kind) is str and kind in _MEDIA_TYPES) or not _MEDIA_KEYS.isdisjoint(value):
                 parts += 1
                 characters += _characters(value)
             else:
