@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import pickle
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from llm_spend import Budget, BudgetExceeded, LLMSpendError, Tracker, with_tags
 from llm_spend.budgets import window_bounds
+from llm_spend.exceptions import PricesFileError, UnknownPriceError
 
 Factory = Callable[..., Awaitable[Tracker]]
 
@@ -597,6 +600,16 @@ async def test_budget_exceeded_str_and_to_dict(sqlite_url: str, tracker_factory:
     assert (data["scope"], data["scope_value"]) == ("user_id", "a")
     assert datetime.fromisoformat(data["window_start"]) == info.value.window_start
     assert "day" in str(info.value)
+    for again in (pickle.loads(pickle.dumps(info.value)), copy.copy(info.value)):  # a worker's error
+        assert type(again) is BudgetExceeded and again.__traceback__ is None
+        assert (again.to_dict(), str(again), again.budget) == (data, str(info.value), info.value.budget)
+
+
+def test_every_error_survives_pickling() -> None:
+    """What a worker process raises reaches its parent whole (pickle calls the class again)."""
+    for error in (UnknownPriceError("openai", "gpt-9"), PricesFileError("prices.json", "gpt-9", "no input")):
+        again = pickle.loads(pickle.dumps(error))
+        assert (type(again), str(again), vars(again)) == (type(error), str(error), vars(error))
 
 
 async def test_unknown_price_never_counts_as_zero_silently(sqlite_url: str, tracker_factory: Factory) -> None:

@@ -25,7 +25,7 @@ from google.genai import types as genai_types
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import served
-from llm_spend import Budget, BudgetExceeded, Tracker, Usage
+from llm_spend import Budget, BudgetExceeded, Tracker, Usage, with_tags
 from llm_spend.capture import (
     CaptureOptions,
     async_budget_middleware,
@@ -502,13 +502,23 @@ async def test_raise_mode_budget_raises_after_recording_a_json_call(url: str) ->
         assert len(await table(tracker)) == 1
 
 
-@pytest.mark.parametrize("sdk", ["anthropic", "anthropic stream", "anthropic sync"])
+@pytest.mark.parametrize(
+    "sdk",
+    [
+        "anthropic",
+        "anthropic, body to read",
+        "anthropic stream",
+        "anthropic sync",
+        "anthropic sync, body to read",
+    ],
+)
 async def test_an_sdk_retry_of_a_call_that_crossed_a_raise_budget_is_not_sent(url: str, sdk: str) -> None:
     """anthropic wraps the BudgetExceeded(stage="post") of a billed answer in APIConnectionError and
     retries: the retries are not sent (the provider would bill each), they raise the same error; the
     one billed call is in the ledger once. A call the app makes again itself is sent as usual."""
     async with Tracker(url, budgets=[Budget.daily(0.00001)], mode="raise") as tracker:
-        fake = FakeProviderTransport(usage=USAGE)
+        # With a delay the fake answers as a network transport does, with a body still to read.
+        fake = FakeProviderTransport(usage=USAGE, delay=0.001 if "body to read" in sdk else 0.0)
         request = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": MESSAGES}
         transport: Any = fake
         if sdk == "anthropic stream":  # a stream read in full by the transport: recorded on arrival
@@ -519,7 +529,7 @@ async def test_an_sdk_retry_of_a_call_that_crossed_a_raise_budget_is_not_sent(ur
 
             request["stream"] = True
             transport = httpx2.MockTransport(read_in_full)
-        if sdk != "anthropic sync":
+        if not sdk.startswith("anthropic sync"):
             claude = anthropic.AsyncAnthropic(
                 api_key="test", http_client=async_client(tracker, transport=transport), max_retries=2
             )
@@ -540,6 +550,26 @@ async def test_an_sdk_retry_of_a_call_that_crossed_a_raise_budget_is_not_sent(ur
         with pytest.raises(anthropic.APIConnectionError):
             await again.messages.create(**request)  # type: ignore[arg-type]
         assert fake.calls == 2 and len(await table(tracker)) == 2
+
+
+async def test_a_retry_is_refused_only_for_the_call_that_crossed(url: str) -> None:
+    """Another user's call with the same body, even marked as a retry, is its own call: sent, and
+    judged by its own budget window."""
+    async with Tracker(url, budgets=[Budget.daily(0.00001, per="user_id")], mode="raise") as tracker:
+        fake = FakeProviderTransport(usage=USAGE)
+        http = async_client(tracker, transport=fake)
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": MESSAGES}
+        retry = {"x-stainless-retry-count": "1"}
+        with with_tags(user_id="a"):
+            with pytest.raises(BudgetExceeded):
+                await http.post("https://api.anthropic.com/v1/messages", json=body)
+            with pytest.raises(BudgetExceeded) as refused:
+                await http.post("https://api.anthropic.com/v1/messages", json=body, headers=retry)
+        assert fake.calls == 1 and refused.value.scope_value == "a"
+        with with_tags(user_id="b"), pytest.raises(BudgetExceeded) as crossed:
+            await http.post("https://api.anthropic.com/v1/messages", json=body, headers=retry)
+        assert fake.calls == 2 and crossed.value.scope_value == "b"
+        assert [row["tags"]["user_id"] for row in await table(tracker)] == ["a", "b"]
 
 
 async def test_long_streams_renew_their_reservation_lease(url: str) -> None:

@@ -7,6 +7,7 @@
      └── StorageError         the ledger database could not be used
 
 Each exception keeps its facts as attributes; the original error, if any, is its ``__cause__``.
+Each can be pickled and copied (a copy has the facts, not the traceback).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class BudgetExceeded(LLMSpendError):
             f"${format_usd(spent)}, reserved ${format_usd(reserved)}, requested ${format_usd(requested)})"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        facts = {name: getattr(self, name) for name in _FACTS}
+        return _budget_exceeded, (facts, self.retry_after)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, as the middleware sends it (money as strings)."""
         return {
@@ -99,6 +104,18 @@ class BudgetExceeded(LLMSpendError):
         }
 
 
+_FACTS = (
+    "budget", "period", "scope", "scope_value", "limit", "spent", "reserved", "requested", "stage",
+    "window_start", "window_end",
+)  # fmt: skip
+
+
+def _budget_exceeded(facts: dict[str, Any], retry_after: int | None) -> BudgetExceeded:
+    exceeded = BudgetExceeded(**facts)
+    exceeded.retry_after = retry_after
+    return exceeded
+
+
 class UnknownPriceError(LLMSpendError):
     """A block-mode budget applies, but the model has no price to reserve with."""
 
@@ -110,6 +127,9 @@ class UnknownPriceError(LLMSpendError):
             "add a price override or pass unknown_price='allow' to the Tracker"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return UnknownPriceError, (self.provider, self.model)
+
 
 class PricesFileError(LLMSpendError, ValueError):
     """A prices file (or `price_overrides`) is malformed: which one, which key, what is wrong."""
@@ -120,6 +140,9 @@ class PricesFileError(LLMSpendError, ValueError):
         self.problem = problem
         where = origin if key is None else f"{origin}, key {key!r}"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PricesFileError, (self.origin, self.key, self.problem)
 
 
 class StorageError(LLMSpendError):

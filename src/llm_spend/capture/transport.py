@@ -13,10 +13,11 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 Each SDK retry is a separate request through here: each billed attempt is recorded. One is not sent:
 the retry of a request whose billed answer raised `BudgetExceeded(stage="post")` (a raise-mode
 budget crossed), which anthropic and openai 2.x wrap as a connection error and retry. The Stainless
-SDKs mark a retry with ``x-stainless-retry-count``; such a request, with the same URL and body as
-one that crossed in the last `CROSSED_FOR` seconds, raises the same `BudgetExceeded` at once, so
-the provider does not bill the call again. Neither bodies, headers nor keys are ever stored or
-logged (the crossed requests are kept as 16-byte digests).
+SDKs mark a retry with ``x-stainless-retry-count``; such a request, with the same URL, body and tags
+as one that crossed in the last `CROSSED_FOR` seconds, in the same budget window, raises a copy of
+its `BudgetExceeded` at once, so the provider does not bill the call again. Neither bodies, headers
+nor keys are ever stored or logged (a crossed request is kept as a 16-byte digest and the error's
+facts, without its traceback).
 
 The sync transport runs the guard and the record on the tracker's event loop (where its writer lives)
 with ``asyncio.run_coroutine_threadsafe`` and waits. It must not be called from that loop's thread,
@@ -27,12 +28,15 @@ which would deadlock: it raises RuntimeError there instead (use the async client
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from ..context import current_tags
 from ..exceptions import BudgetExceeded
 from .base import Outcome
 from .calls import (
@@ -130,7 +134,10 @@ class _Base:
         found = self._crossed.get(_digest(request, raw))
         if found is None or found[0] < time.monotonic() - CROSSED_FOR:
             return None
-        return found[1]
+        crossed = found[1]
+        if crossed.window_end is not None and crossed.window_end <= datetime.now(UTC):
+            return None  # a new window: the call may be made again
+        return copy.copy(crossed)
 
     def _cross(self, request: Any, raw: bytes, exceeded: BudgetExceeded) -> None:
         now = time.monotonic()
@@ -138,7 +145,7 @@ class _Base:
             stale = [key for key, (when, _) in list(self._crossed.items()) if when < now - CROSSED_FOR]
             for key in stale or list(self._crossed)[: _CROSSED_MAX // 10]:
                 self._crossed.pop(key, None)
-        self._crossed[_digest(request, raw)] = (now, exceeded)
+        self._crossed[_digest(request, raw)] = (now, copy.copy(exceeded))  # the facts, not the frames
 
     def _guard(self, plan: Plan) -> Any:
         return self._tracker.guard(
@@ -178,7 +185,9 @@ def _content(response: Any) -> tuple[bool, str | None]:
 
 
 def _digest(request: Any, raw: bytes) -> bytes:
+    """What tells one call from another: its URL, its tags (the budgets' scopes) and its body."""
     digest = hashlib.blake2b(str(request.url).encode(), digest_size=16)
+    digest.update(repr(sorted(current_tags().items())).encode("utf-8", "surrogatepass"))
     digest.update(raw)
     return digest.digest()
 
@@ -234,9 +243,9 @@ class SpendAsyncTransport(_Base):
                 raise error
             finally:
                 await response.stream.aclose()
-            raw = b"".join(parts)
-            response.stream = self._package.read_body(raw)
-            body = decode_body(raw, coding)
+            received = b"".join(parts)
+            response.stream = self._package.read_body(received)
+            body = decode_body(received, coding)
         record(
             call, read_outcome(plan, body), source="response", stream=False, latency_ms=_elapsed_ms(started)
         )
@@ -299,14 +308,14 @@ class SpendSyncTransport(_Base):
             body = response.content
         else:
             try:
-                raw = b"".join(list(response.stream))
+                received = b"".join(list(response.stream))
             except BaseException:
                 run_on(loop, _settle_cut(guard, call, started))
                 raise
             finally:
                 response.stream.close()
-            response.stream = self._package.read_body(raw)
-            body = decode_body(raw, coding)
+            response.stream = self._package.read_body(received)
+            body = decode_body(received, coding)
         outcome = read_outcome(plan, body)
         try:
             run_on(
