@@ -104,6 +104,11 @@ async def openai_async_call(client: openai.AsyncOpenAI, kind: str) -> None:
     elif kind == "responses-stream":
         events = await client.responses.create(model="gpt-4o-mini", input="Say hello", stream=True)
         assert [event.type async for event in events][-1] == "response.completed"
+    elif kind == "responses-helper-stream":  # the SDK's helper builds the response from the events
+        async with client.responses.stream(model="gpt-4o-mini", input="Say hello") as stream:
+            deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+        assert "".join(deltas) == final.output_text == "Hello from the fake provider."
     else:
         result = await client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
         assert len(result.data) == 2
@@ -118,6 +123,9 @@ def openai_sync_call(client: openai.OpenAI, kind: str) -> None:
         client.responses.create(model="gpt-4o-mini", input="Say hello")
     elif kind == "responses-stream":
         assert list(client.responses.create(model="gpt-4o-mini", input="Say hello", stream=True))
+    elif kind == "responses-helper-stream":
+        with client.responses.stream(model="gpt-4o-mini", input="Say hello") as stream:
+            assert stream.get_final_response().output_text == "Hello from the fake provider."
     else:
         client.embeddings.create(model="text-embedding-3-small", input="a")
 
@@ -130,7 +138,9 @@ def openai_expected(kind: str) -> tuple[Usage, int]:
     return OPENAI_USAGE, CHAT_COST if kind.startswith("chat") else RESPONSES_COST
 
 
-OPENAI_KINDS = ["chat", "chat-stream", "responses", "responses-stream", "embeddings"]
+OPENAI_KINDS = [
+    "chat", "chat-stream", "responses", "responses-stream", "responses-helper-stream", "embeddings"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", OPENAI_KINDS)
@@ -323,3 +333,30 @@ def test_costs_compared_are_not_trivially_zero() -> None:
     """The oracle prices something: every compared cost is positive."""
     costs: list[Callable[[], int] | int] = [CHAT_COST, RESPONSES_COST, CLAUDE_COST, GEMINI_COST]
     assert all(isinstance(cost, int) and cost > 0 for cost in costs)
+
+
+async def test_the_fake_providers_errors_read_as_each_providers(tracker: Tracker) -> None:
+    """A status the fake is told to send comes with that provider's error body, so code that tells a
+    rate limit from a quota or an overload by the SDK's error fields can be tested; none is recorded."""
+    openai_client = openai.AsyncOpenAI(
+        api_key="test",
+        http_client=async_client(tracker, transport=FakeProviderTransport(statuses=[429])),
+        max_retries=0,
+    )
+    with pytest.raises(openai.RateLimitError) as limited:
+        await openai_client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert (limited.value.code, limited.value.type) == ("rate_limit_exceeded", "requests")
+    claude = anthropic.AsyncAnthropic(
+        api_key="test",
+        http_client=async_client(tracker, transport=FakeProviderTransport(statuses=[529])),
+        max_retries=0,
+    )
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        await claude.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=MESSAGES)  # type: ignore[arg-type]
+    assert overloaded.value.status_code == 529
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    gemini = gemini_client(async_client(tracker, transport=FakeProviderTransport(statuses=[429])), sync=False)
+    with pytest.raises(genai.errors.ClientError) as exhausted:
+        await gemini.aio.models.generate_content(model=GEMINI, contents="hi")
+    assert (exhausted.value.code, exhausted.value.status) == (429, "RESOURCE_EXHAUSTED")
+    assert await rows(tracker) == []

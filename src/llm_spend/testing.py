@@ -124,12 +124,8 @@ class FakeProviderTransport:
         self.requests.append(FakeRequest(provider, path, body))
         status = self._statuses.pop(0) if self._statuses else (404 if render is None else 200)
         if render is None or status >= 300:
-            error = {
-                "type": "error",
-                "error": {"type": "fake_error", "message": f"status {status}", "code": status},
-            }
             headers = [("content-type", "application/json"), ("retry-after-ms", "1")]
-            return status, headers, [_dumps(error)]
+            return status, headers, [_dumps(_error(provider, status))]
         model = self.model or _request_model(provider, path, request)
         stream = request.get("stream") is True or path.endswith(":streamGenerateContent")
         events = render(self, request, model, stream, f"fake{next(self._ids)}")
@@ -175,6 +171,34 @@ def _sse(data: Any, event: str | None = None, newline: str = "\n") -> bytes:
     head = f"event: {event}{newline}" if event else ""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"{head}data: {payload}{newline}{newline}".encode()
+
+
+_ERRORS: dict[int, tuple[str, str | None, str, str]] = {
+    # status: OpenAI's error type and code, Anthropic's error type, Gemini's status
+    400: ("invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
+    401: ("invalid_request_error", "invalid_api_key", "authentication_error", "UNAUTHENTICATED"),
+    403: ("invalid_request_error", None, "permission_error", "PERMISSION_DENIED"),
+    404: ("invalid_request_error", "model_not_found", "not_found_error", "NOT_FOUND"),
+    413: ("invalid_request_error", None, "request_too_large", "INVALID_ARGUMENT"),
+    429: ("requests", "rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    500: ("server_error", None, "api_error", "INTERNAL"),
+    503: ("server_error", None, "overloaded_error", "UNAVAILABLE"),
+    529: ("server_error", None, "overloaded_error", "UNAVAILABLE"),
+}
+
+
+def _error(provider: str, status: int) -> dict[str, Any]:
+    """The error body each provider sends with `status` (so the SDKs' error fields are set as in
+    production: `code`, `type`, `status`)."""
+    kind, code, anthropic_kind, gemini_status = _ERRORS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None, "api_error", "UNKNOWN")
+    )
+    message = f"fake provider: status {status}"
+    if provider == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_kind, "message": message}}
+    if provider == "gemini":
+        return {"error": {"code": status, "message": message, "status": gemini_status}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def _words(text: str) -> list[str]:
@@ -269,18 +293,27 @@ def _openai_responses(
     }  # fmt: skip
     if not stream:
         return [_dumps(response)]
+    # The events OpenAI sends, in its order: the SDK's `responses.stream()` builds the response from
+    # the item and part events, and refuses a text delta before its item was added.
     created = {**response, "status": "in_progress", "output": [], "usage": None}
-    events = [
-        _sse({"type": "response.created", "sequence_number": 0, "response": created}, "response.created")
+    opened = {**item, "status": "in_progress", "content": []}
+    place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": fake.text, "annotations": []}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": created},
+        {"type": "response.in_progress", "response": created},
+        {"type": "response.output_item.added", "output_index": 0, "item": opened},
+        {"type": "response.content_part.added", **place, "part": {**part, "text": ""}},
+        *(
+            {"type": "response.output_text.delta", **place, "delta": word, "logprobs": []}
+            for word in _words(fake.text)
+        ),
+        {"type": "response.output_text.done", **place, "text": fake.text, "logprobs": []},
+        {"type": "response.content_part.done", **place, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": response},
     ]
-    for number, word in enumerate(_words(fake.text), start=1):
-        delta = {
-            "type": "response.output_text.delta", "sequence_number": number, "item_id": item["id"],
-            "output_index": 0, "content_index": 0, "delta": word, "logprobs": [],
-        }  # fmt: skip
-        events.append(_sse(delta, "response.output_text.delta"))
-    done = {"type": "response.completed", "sequence_number": len(events), "response": response}
-    return [*events, _sse(done, "response.completed")]
+    return [_sse({**event, "sequence_number": number}, event["type"]) for number, event in enumerate(events)]
 
 
 def _openai_embeddings(
