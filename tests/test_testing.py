@@ -109,3 +109,20 @@ def test_provider_shapes_follow_each_providers_convention() -> None:
     )
     gemini = gemini_usage(usage)
     assert (gemini["candidatesTokenCount"], gemini["thoughtsTokenCount"]) == (30, 10)
+
+
+def test_embeddings_have_the_size_the_model_or_the_request_gives() -> None:
+    """`dimensions` when asked for, else the model's own size (1536 for text-embedding-3-small), else 8:
+    code that stores vectors in a fixed-size column meets the size it will meet in production."""
+    fake = FakeProviderTransport()
+    url = "https://api.openai.com/v1/embeddings"
+    with httpx2.Client(transport=fake) as client:
+
+        def size(**request: object) -> int:
+            body = client.post(url, json={"input": "a", "encoding_format": "float", **request}).json()
+            return len(body["data"][0]["embedding"])
+
+        assert size(model="text-embedding-3-small", dimensions=256) == 256
+        assert size(model="text-embedding-3-small") == 1536
+        assert size(model="text-embedding-3-large") == 3072
+        assert size(model="my-local-embedder") == 8

@@ -122,7 +122,10 @@ class FakeProviderTransport:
         request = body if isinstance(body, dict) else {}
         provider, render = self._renderer(path)
         self.requests.append(FakeRequest(provider, path, body))
-        status = self._statuses.pop(0) if self._statuses else (404 if render is None else 200)
+        try:  # one pop, not a check and a pop: clients in several threads share a fake
+            status = self._statuses.pop(0)
+        except IndexError:
+            status = 404 if render is None else 200
         if render is None or status >= 300:
             headers = [("content-type", "application/json"), ("retry-after-ms", "1")]
             return status, headers, [_dumps(_error(provider, status))]
@@ -316,13 +319,24 @@ def _openai_responses(
     return [_sse({**event, "sequence_number": number}, event["type"]) for number, event in enumerate(events)]
 
 
+_EMBEDDING_SIZES = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+"""The vector sizes of OpenAI's embedding models, when the request asks for no `dimensions`."""
+
+
 def _openai_embeddings(
     fake: FakeProviderTransport, request: dict[str, Any], model: str, stream: bool, rid: str
 ) -> list[bytes]:
     inputs = request.get("input")
     count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
     encoding = request.get("encoding_format")
-    data = [{"object": "embedding", "index": i, "embedding": embedding(8, encoding)} for i in range(count)]
+    size = request.get("dimensions")
+    if type(size) is not int or not 0 < size <= 8_192:
+        size = _EMBEDDING_SIZES.get(model, 8)
+    data = [{"object": "embedding", "index": i, "embedding": embedding(size, encoding)} for i in range(count)]
     body: dict[str, Any] = {"object": "list", "data": data, "model": model}
     if fake.usage is not None:
         body["usage"] = {"prompt_tokens": fake.usage.input_tokens, "total_tokens": fake.usage.input_tokens}
