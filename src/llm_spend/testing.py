@@ -69,9 +69,14 @@ class FakeProviderTransport:
         model: the model the responses name (default: the request's).
         chunk_size: split the SSE byte stream into network chunks of this many bytes (default: one
             chunk per event).
-        statuses: the HTTP statuses of the first requests, in order (e.g. ``[429]`` then 200s).
+        statuses: the HTTP statuses of the first requests, in order (e.g. ``[429]`` then 200s), each
+            answered with that provider's error body.
         truncate_after: end streams after this many events, before their final usage.
-        delay: seconds to wait before each streamed chunk but the first.
+        delay: seconds to wait before each streamed chunk but the first (inside the body: a client's
+            timeouts, which watch the network, never fire on it).
+
+        Every request is kept in `requests` (parsed), for tests to look at: `requests.clear()` between
+        the rounds of a long test keeps its memory flat.
         """
         self.usage = usage
         self.model = model
