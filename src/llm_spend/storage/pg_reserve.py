@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from .pg_drivers import Work
 from .rows import WINDOW_COLUMNS, Refusal, WindowKey, window_json
 
 __all__ = ["PostgresReservations"]
@@ -36,7 +37,7 @@ _LOCK_ORDER = ", ".join("r." + c for c in _ORDER.split(", "))
 _MAX_KNOWN = 100_000
 _MAX_BATCH = 200
 
-Run = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
+Run = Callable[[Work[Any]], Awaitable[Any]]
 """Runs its work on a connection of the lane (`Drivers.run`: once more on a new one if it was lost)."""
 
 
