@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import os
 import re
 import subprocess
@@ -68,7 +69,10 @@ async def call(which: str, n: int) -> None:
         capture.Unread(fake) if unread else fake, capture.StubTracker() if setup == "capture" else None
     )
     body = {"model": "gpt-4o-mini", "messages": capture.MESSAGES, "max_tokens": 500}
-    for _ in range(50 + n):
+    for _ in range(50):
+        await client.post(capture.CHAT, json=body)
+    settle_heap()
+    for _ in range(n):
         await client.post(capture.CHAT, json=body)
 
 
@@ -86,6 +90,14 @@ async def chunk(which: str, n: int) -> None:
         async with client.stream("POST", url, json=body) as response:
             async for _ in response.aiter_raw():
                 pass
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what is alive (gc.freeze): a full collection walks the whole heap (about
+    100 ms here), and whether one falls inside the N iterations or not moved a count by thousands of
+    instructions per iteration. Younger collections, which every iteration's garbage pays, still run."""
+    gc.collect()
+    gc.freeze()
 
 
 def count(kind: str, which: str, n: int) -> int:

@@ -304,6 +304,58 @@ async def test_the_input_bound_is_worked_out_only_for_a_tracker_that_reserves(ur
     assert (row["input_tokens"], row["output_tokens"], row["pricing_status"]) == (100, 20, "priced")
 
 
+@pytest.mark.parametrize("mode", ["raise", "block"])
+@pytest.mark.parametrize(
+    "answer",
+    [b'{"id":"r1","usage":{"prompt_tokens":10,"completion_tokens":2}}', b'{"id":"r1","usage":'],
+    ids=["names no model", "cut short"],
+)
+async def test_a_call_whose_answer_names_no_model_is_recorded_under_the_requests(
+    url: str, mode: str, answer: bytes
+) -> None:
+    """Without a block-mode budget capture reads no request body before sending it; the model the
+    request names is read when the answer names none (a host that leaves it out, a body cut short)."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=answer, headers={"content-type": "application/json"})
+
+    async with Tracker(url, budgets=[Budget.daily(10, mode=mode)]) as tracker:  # type: ignore[arg-type]
+        async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+            body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10}
+            response = await http.post(CHAT_URL, json=body)
+        assert (response.status_code, response.content) == (200, answer)
+    [row] = await table(tracker)
+    assert (row["model"], row["provider_response_id"]) == (
+        "gpt-4o-mini",
+        "r1" if answer.endswith(b"}") else None,
+    )
+    assert row["pricing_status"] == ("priced" if answer.endswith(b"}") else "unknown_usage")
+
+
+@pytest.mark.parametrize("spelled", ['"stream":true', '"\\u0073tream":true', '"str\\u0065am" : true'])
+async def test_a_stream_request_is_read_and_asks_for_usage_however_its_key_is_spelled(
+    tracker: Tracker, spelled: str
+) -> None:
+    """A request body that asks for a stream is read before it is sent, with or without a block-mode
+    budget, so that a chat stream is asked to report its usage: with the key spelled with escapes
+    too, which a search of the raw bytes for it would not find."""
+    fake = FakeProviderTransport(usage=USAGE)
+    content = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}],' + spelled + "}"
+    async with (
+        async_client(tracker, transport=fake) as http,
+        http.stream("POST", CHAT_URL, content=content.encode()) as response,
+    ):
+        await response.aread()
+    assert fake.requests[-1].json["stream_options"] == {"include_usage": True}
+    [row] = await recorded(tracker)
+    assert (row["model"], row["input_tokens"], row["output_tokens"], row["stream"]) == (
+        "gpt-4o-mini",
+        100,
+        20,
+        True,
+    )
+
+
 async def test_a_failure_to_record_does_not_fail_the_callers_call(
     tracker: Tracker, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,13 +16,24 @@ import zlib
 from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from ..exceptions import BudgetExceeded
 from ..usage import Usage, UsageSource
 from .base import Adapter, Outcome, input_bound, load_json
 
-__all__ = ["GuardedCallLike", "Plan", "TrackerLike", "decode_body", "leave", "plan_call", "record", "settle"]
+__all__ = [
+    "GuardedCallLike",
+    "Plan",
+    "TrackerLike",
+    "decode_body",
+    "leave",
+    "plan_call",
+    "record",
+    "request_model",
+    "settle",
+]
 
 logger = logging.getLogger("llm_spend")
 
@@ -68,7 +79,11 @@ class Plan:
     adapter: Adapter
     kind: str
     provider: str
-    model: str
+    path: str
+    raw: bytes
+    """The request body as sent by the caller."""
+    model: str | None
+    """"unknown" when the body names none; None while the body is not read (`request_model`)."""
     stream: bool
     input_bound: int
     """0 when it was not worked out (the tracker does not reserve)."""
@@ -77,6 +92,9 @@ class Plan:
     """The parsed JSON body, when it parsed (for rewrites)."""
     rewritten: bytes | None = None
     """The body to send instead of the caller's, when it was changed."""
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 def plan_call(
@@ -89,25 +107,46 @@ def plan_call(
     include_stream_usage: bool,
     media_allowance: int | None,
 ) -> Plan:
-    """Read the request body once: model, stream flag, max output tokens and an input bound (unless
-    `media_allowance` is None: a tracker that does not reserve needs none)."""
-    body = load_json(raw) if raw else None
-    if not isinstance(body, dict):
-        body = None
-    info = adapter.call_info(kind, path, body or {})
+    """Read the request body once: model, stream flag, max output tokens and an input bound.
+
+    A tracker that does not reserve (`media_allowance` None) needs none of them before the call, and
+    the body is not read then, unless the call may be a stream, by its path (Gemini's
+    ``:streamGenerateContent``) or its body (a stream request may have to be rewritten); a key spelled
+    with escapes (``"\\u0073tream"``) counts as maybe asking for one. `request_model` reads the model
+    when the answer names none."""
+    if media_allowance is None and "stream" not in path and b'"stream"' not in raw and b"\\u00" not in raw:
+        return Plan(adapter, kind, provider, path, raw, None, False, 0, None, None)
+    body = _parsed(raw)
+    info = adapter.call_info(kind, path, body or _EMPTY)
     plan = Plan(
         adapter,
         kind,
         provider,
+        path,
+        raw,
         info.model or "unknown",
         info.stream,
-        0 if media_allowance is None else input_bound(raw, body or {}, media_allowance),
+        0 if media_allowance is None else input_bound(raw, body or _EMPTY, media_allowance),
         info.max_output_tokens,
         body,
     )
     if body is not None and include_stream_usage and info.stream and adapter.with_stream_usage(kind, body):
         plan.rewritten = encode(body)
     return plan
+
+
+def request_model(plan: Plan) -> str:
+    """The model the request names ("unknown" if none), its body read now if the plan did not."""
+    if plan.model is None:
+        plan.model = (
+            plan.adapter.call_info(plan.kind, plan.path, _parsed(plan.raw) or _EMPTY).model or "unknown"
+        )
+    return plan.model
+
+
+def _parsed(raw: bytes) -> dict[str, Any] | None:
+    body = load_json(raw) if raw else None
+    return body if isinstance(body, dict) else None
 
 
 def clamp(plan: Plan, call: GuardedCallLike) -> None:
@@ -170,6 +209,7 @@ def read_outcome(plan: Plan, body: bytes | None) -> Outcome:
 async def settle(
     guard: Guard,
     call: GuardedCallLike,
+    plan: Plan,
     outcome: Outcome,
     *,
     source: UsageSource,
@@ -182,18 +222,19 @@ async def settle(
     A `BudgetExceeded` (a raise- or block-mode window crossed, stage "post") is raised when
     `raise_budget`, else logged; any other failure to record is logged, never raised.
     """
-    record(call, outcome, source=source, stream=stream, latency_ms=latency_ms)
+    record(call, plan, outcome, source=source, stream=stream, latency_ms=latency_ms)
     await leave(guard, None, raise_budget=raise_budget)
 
 
 def record(
-    call: GuardedCallLike, outcome: Outcome, *, source: UsageSource, stream: bool, latency_ms: int
+    call: GuardedCallLike, plan: Plan, outcome: Outcome, *, source: UsageSource, stream: bool, latency_ms: int
 ) -> None:
-    """Record the call on its guard (written when the guard is left); a failure is logged, not raised."""
+    """Record the call on its guard (written when the guard is left); a failure is logged, not raised.
+    The model is the one the answer names, else the request's."""
     try:
         call.record(
             outcome.usage,
-            model=outcome.model,
+            model=outcome.model or request_model(plan),
             usage_source=source,
             stream=stream,
             latency_ms=latency_ms,

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from .base import Accumulator, Outcome
-from .calls import Guard, GuardedCallLike, settle
+from .calls import Guard, GuardedCallLike, Plan, settle
 from .sse import SSEParser
 
 __all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream"]
@@ -53,6 +53,7 @@ class Finisher:
         "_head",
         "_parse",
         "_parser",
+        "_plan",
         "_renewal",
         "_started",
         "feed",
@@ -64,6 +65,7 @@ class Finisher:
         self,
         guard: Guard,
         call: GuardedCallLike,
+        plan: Plan,
         accumulator: Accumulator | None,
         *,
         encoding: str | None,
@@ -72,7 +74,7 @@ class Finisher:
         background: set[asyncio.Task[None]],
         renewal: float,
     ) -> None:
-        self._guard, self._call, self.loop, self._background = guard, call, loop, background
+        self._guard, self._call, self._plan, self.loop, self._background = guard, call, plan, loop, background
         self._started, self._renewal = started, renewal
         self.renew_at = _monotonic() + renewal
         """When to renew the reservation's lease (`extend`): the tap compares it with the clock."""
@@ -195,6 +197,7 @@ class Finisher:
         await settle(
             self._guard,
             self._call,
+            self._plan,
             outcome,
             source="stream",
             stream=True,

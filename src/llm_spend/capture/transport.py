@@ -31,6 +31,7 @@ import asyncio
 import copy
 import hashlib
 import logging
+import operator
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -60,6 +61,10 @@ logger = logging.getLogger("llm_spend")
 
 LoopGetter = Callable[[], "asyncio.AbstractEventLoop | None"]
 
+_ROUTES_MAX = 512
+"""Routes remembered per transport (host, port, method, path); past that many the memory starts over."""
+_UNROUTED: Any = object()
+
 CROSSED_FOR = 600.0
 """Seconds during which an SDK's retry of a request that crossed a budget is refused unsent."""
 _CROSSED_MAX = 1_000
@@ -73,6 +78,8 @@ class _Base:
         self._inner = inner
         self._options = options
         self._router = options.router
+        self._routes: dict[tuple[str, int | None, str, str], tuple[Any, str, str, str] | None] = {}
+        """What `_route` found for each (host, port, method, path) seen: one lookup, not four calls."""
         self._package = package
         self._media_allowance = options.media_allowance_tokens if getattr(tracker, "reserves", True) else None
         """None when the tracker never reserves: no input bound is worked out for it."""
@@ -100,12 +107,21 @@ class _Base:
     def _route(self, request: Any) -> tuple[Any, str, str, str] | None:
         """(adapter, kind, provider id, path) of a request to a billed endpoint, else None."""
         url = request.url
-        host = url.host
-        route = self._router.match(host, url.port)
+        key = (url.host, url.port, request.method, url.path)
+        found = self._routes.get(key, _UNROUTED)
+        if found is _UNROUTED:
+            if len(self._routes) >= _ROUTES_MAX:
+                self._routes.clear()
+            found = self._routes[key] = self._find_route(*key)
+        return found  # type: ignore[no-any-return]
+
+    def _find_route(
+        self, host: str, port: int | None, method: str, path: str
+    ) -> tuple[Any, str, str, str] | None:
+        route = self._router.match(host, port)
         if route is None:
             return None
-        path = url.path
-        kind = route.adapter.kind(request.method, path)
+        kind = route.adapter.kind(method, path)
         if kind is None:
             return None
         return route.adapter, kind, route.provider_for(host), path
@@ -113,7 +129,7 @@ class _Base:
     def _prepared(self, request: Any, plan: Plan, call: GuardedCallLike) -> Any:
         """The request to send: identity encoding, and the rewritten body if the plan changed it."""
         clamp(plan, call)
-        request.headers["Accept-Encoding"] = "identity"
+        _ask_identity(request.headers)
         if plan.rewritten is None:
             return request
         headers = request.headers.copy()
@@ -150,7 +166,7 @@ class _Base:
     def _guard(self, plan: Plan) -> Any:
         return self._tracker.guard(
             provider=plan.provider,
-            model=plan.model,
+            model=plan.model or "unknown",  # None: not read, nor needed before the answer
             input_tokens=plan.input_bound,
             max_output_tokens=plan.max_output_tokens,
         )
@@ -161,6 +177,7 @@ class _Base:
         return Finisher(
             guard,
             call,
+            plan,
             plan.adapter.accumulator(plan.kind) if sse else None,
             encoding=coding,
             started=started,
@@ -170,18 +187,42 @@ class _Base:
         )
 
 
+_IDENTITY = (b"Accept-Encoding", b"accept-encoding", b"identity")
+_KEY = operator.itemgetter(1)
+
+
+def _entries(headers: Any) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The (raw key, lower-case key, value) triples httpx and httpx2 keep a `Headers` in (`_list`),
+    or None if a release keeps them otherwise. One pass over them costs a fifth of what the public
+    methods do, which encode the key, lower-case it and build a list on every call."""
+    entries = getattr(headers, "_list", None)
+    return entries if type(entries) is list and (not entries or len(entries[0]) == 3) else None
+
+
+def _ask_identity(headers: Any) -> None:
+    """Set ``Accept-Encoding: identity`` on a request's headers."""
+    entries = _entries(headers)
+    keys = [] if entries is None else list(map(_KEY, entries))  # C loops: a Python one costs 3 times more
+    if keys.count(b"accept-encoding") == 1:
+        entries[keys.index(b"accept-encoding")] = _IDENTITY  # type: ignore[index]
+    else:  # none (a client without default headers), several, or no triples: the public way
+        headers["Accept-Encoding"] = "identity"
+
+
 def _content(response: Any) -> tuple[bool, str | None]:
-    """(is an SSE stream, Content-Encoding) of a response, in one pass over its raw headers: two
-    lookups through httpx's `Headers` cost four times as much (each encodes the key and scans)."""
-    sse, coding = False, None
-    for key, value in response.headers.raw:
-        size = len(key)
-        if size == 12 and key.lower() == b"content-type":
-            sse = value.startswith(b"text/event-stream")
-        elif size == 16 and key.lower() == b"content-encoding":
-            part = value.decode("latin-1").strip().lower()  # as httpx reads it
-            coding = part if coding is None else f"{coding}, {part}"
-    return sse, coding
+    """(is an SSE stream, Content-Encoding) of a response, in one pass over its headers."""
+    headers = response.headers
+    entries = _entries(headers)
+    if entries is None:
+        entries = [(key, key.lower(), value) for key, value in headers.raw]
+    keys = list(map(_KEY, entries))
+    sse = b"content-type" in keys and entries[keys.index(b"content-type")][2].startswith(b"text/event-stream")
+    if b"content-encoding" not in keys:
+        return sse, None
+    codings = [
+        value.decode("latin-1").strip().lower() for _, key, value in entries if key == b"content-encoding"
+    ]
+    return sse, ", ".join(codings)  # as httpx reads it
 
 
 def _digest(request: Any, raw: bytes) -> bytes:
@@ -239,7 +280,7 @@ class SpendAsyncTransport(_Base):
                 async for chunk in response.stream:  # not a comprehension: one more coroutine
                     parts.append(chunk)
             except BaseException as error:  # billed, but cut short: unknown usage
-                await _settle_cut(guard, call, started)
+                await _settle_cut(guard, call, plan, started)
                 raise error
             finally:
                 await response.stream.aclose()
@@ -247,7 +288,12 @@ class SpendAsyncTransport(_Base):
             response.stream = self._package.read_body(received)
             body = decode_body(received, coding)
         record(
-            call, read_outcome(plan, body), source="response", stream=False, latency_ms=_elapsed_ms(started)
+            call,
+            plan,
+            read_outcome(plan, body),
+            source="response",
+            stream=False,
+            latency_ms=_elapsed_ms(started),
         )
         try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
             await guard.__aexit__(None, None, None)
@@ -310,7 +356,7 @@ class SpendSyncTransport(_Base):
             try:
                 received = b"".join(list(response.stream))
             except BaseException:
-                run_on(loop, _settle_cut(guard, call, started))
+                run_on(loop, _settle_cut(guard, call, plan, started))
                 raise
             finally:
                 response.stream.close()
@@ -321,8 +367,8 @@ class SpendSyncTransport(_Base):
             run_on(
                 loop,
                 settle(
-                    guard, call, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started),
-                    raise_budget=True,
+                    guard, call, plan, outcome, source="response", stream=False,
+                    latency_ms=_elapsed_ms(started), raise_budget=True,
                 ),
             )  # fmt: skip
         except BudgetExceeded as exceeded:
@@ -352,10 +398,11 @@ class SpendSyncTransport(_Base):
         self._inner.close()
 
 
-async def _settle_cut(guard: Any, call: GuardedCallLike, started: float) -> None:
+async def _settle_cut(guard: Any, call: GuardedCallLike, plan: Plan, started: float) -> None:
     await settle(
         guard,
         call,
+        plan,
         Outcome(),
         source="response",
         stream=False,
