@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from ..exceptions import spend_error
 from ..usage import Usage
-from .base import CallInfo, Outcome, event_type, integer, limit, load_json, make_usage, text
+from .base import CallInfo, Outcome, event_type, identifiers, integer, limit, load_json, make_usage, text
 
 __all__ = ["ADAPTER", "AnthropicAdapter", "async_budget_middleware", "budget_middleware", "spend_error"]
 
@@ -64,9 +64,7 @@ class AnthropicAdapter:
         usage = usage if isinstance(usage, dict) else {}
         return Outcome(  # usage, model, response id, service tier (by position: faster)
             _usage(usage) if usage else None,
-            text(body.get("model")),
-            text(body.get("id")),
-            text(usage.get("service_tier"), 64),
+            *identifiers(body.get("model"), body.get("id"), usage.get("service_tier")),
         )
 
     def accumulator(self, kind: str) -> MessagesStream:

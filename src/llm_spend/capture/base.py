@@ -39,6 +39,7 @@ __all__ = [
     "CallInfo",
     "Outcome",
     "event_type",
+    "identifiers",
     "input_bound",
     "integer",
     "limit",
@@ -175,9 +176,21 @@ def text(value: object, limit: int = 200) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= limit and value.strip() else None
 
 
+def identifiers(
+    model: object, response_id: object, tier: object
+) -> tuple[str | None, str | None, str | None]:
+    """`text` of a response's model, id (200 characters at most) and service tier (64), in one call."""
+    return (
+        model if type(model) is str and 0 < len(model) <= 200 and model.strip() else None,
+        response_id
+        if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.strip()
+        else None,
+        tier if type(tier) is str and 0 < len(tier) <= 64 and tier.strip() else None,
+    )
+
+
 def make_usage(
     provider: str,
-    *,
     input_tokens: int,
     output_tokens: int,
     cache_read_tokens: int = 0,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..usage import Usage
-from .base import CallInfo, Outcome, integer, limit, load_json, make_usage, text
+from .base import CallInfo, Outcome, identifiers, integer, limit, load_json, make_usage
 
 __all__ = ["ADAPTER", "GeminiAdapter"]
 
@@ -75,8 +75,7 @@ class GeminiAdapter:
         usage = body.get("usageMetadata")
         return Outcome(  # usage, model, response id (by position: faster)
             _usage(usage) if isinstance(usage, dict) else None,
-            text(body.get("modelVersion")),
-            text(body.get("responseId")),
+            *identifiers(body.get("modelVersion"), body.get("responseId"), None),
         )
 
     def accumulator(self, kind: str) -> GenerateStream:

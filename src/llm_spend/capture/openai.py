@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..usage import Usage
-from .base import CallInfo, Outcome, event_type, integer, limit, load_json, make_usage, text
+from .base import CallInfo, Outcome, event_type, identifiers, integer, limit, load_json, make_usage, text
 
 __all__ = ["ADAPTER", "OpenAIAdapter"]
 
@@ -96,9 +96,7 @@ class OpenAIAdapter:
         usage = body.get("usage")
         return Outcome(  # usage, model, response id, service tier (by position: faster)
             _usage(kind, usage) if isinstance(usage, dict) else None,
-            text(body.get("model")),
-            text(body.get("id")),
-            text(body.get("service_tier"), 64),
+            *identifiers(body.get("model"), body.get("id"), body.get("service_tier")),
         )
 
     def accumulator(self, kind: str) -> ChatStream | ResponsesStream:
@@ -152,29 +150,33 @@ class ResponsesStream:
         return ADAPTER.outcome("responses", response)
 
 
+_CHAT_KEYS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+_RESPONSES_KEYS = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
 def _usage(kind: str, usage: Mapping[str, Any]) -> Usage | None:
-    if kind == "responses":
-        details = usage.get("input_tokens_details")
-        output_details = usage.get("output_tokens_details")
-        input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
-    else:
-        details = usage.get("prompt_tokens_details")
-        output_details = usage.get("completion_tokens_details")
-        input_tokens, output_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    input_key, output_key, details_key, output_details_key = (
+        _RESPONSES_KEYS if kind == "responses" else _CHAT_KEYS
+    )
+    input_tokens = usage.get(input_key)
     if type(input_tokens) is not int:
         return None
-    details = details if isinstance(details, dict) else {}
-    output_details = output_details if isinstance(output_details, dict) else {}
-    cache_read = details.get("cached_tokens")
+    details, output_details = usage.get(details_key), usage.get(output_details_key)
+    cache_read = cache_write = reasoning = None
+    if isinstance(details, dict):
+        cache_read, cache_write = details.get("cached_tokens"), details.get("cache_write_tokens")
     if cache_read is None:
         cache_read = usage.get("prompt_cache_hit_tokens")  # DeepSeek
+    if isinstance(output_details, dict):
+        reasoning = output_details.get("reasoning_tokens")
     return make_usage(
         "openai",
-        input_tokens=integer(input_tokens),
-        output_tokens=integer(output_tokens),
-        cache_read_tokens=integer(cache_read),
-        cache_write_tokens=integer(details.get("cache_write_tokens")),
-        reasoning_tokens=integer(output_details.get("reasoning_tokens")),
+        integer(input_tokens),
+        integer(usage.get(output_key)),
+        integer(cache_read),
+        integer(cache_write),
+        0,
+        integer(reasoning),
     )
 
 
