@@ -3,7 +3,9 @@
 Run: .venv/bin/python bench/capture.py. The same fake provider transport (llm_spend.testing) answers
 with and without the capture wrapper, in the same run, through an httpx2.AsyncClient (the SDKs' own
 work is the same either way and is left out). "capture only" uses a stub tracker whose guard and
-record do nothing, so it measures parsing, routing and tapping; "+ SQLite ledger" uses a real Tracker
+record do nothing, so it measures parsing, routing and tapping, as for a tracker without a block-mode
+budget; "capture, reserving" the same stub saying that it reserves (capture then reads every request
+before it is sent, as for a block-mode budget); "+ SQLite ledger" uses a real Tracker
 writing every call to a SQLite file (group-committed by its writer). Medians over several runs.
 Figures only, no assertions: they depend on the machine.
 """
@@ -95,10 +97,12 @@ class _StubGuard:
 
 
 class StubTracker:
-    """Guard and record that do nothing: the transport's own cost, without a ledger (and, like a
-    Tracker without a block-mode budget, without reservations)."""
+    """Guard and record that do nothing: the transport's own cost, without a ledger. Like a Tracker
+    without a block-mode budget, it does not reserve, unless `reserves` (then capture reads every
+    request before sending it, for the input bound and the max output tokens a reservation needs)."""
 
-    reserves = False
+    def __init__(self, reserves: bool = False) -> None:
+        self.reserves = reserves
 
     def guard(
         self,
@@ -188,7 +192,12 @@ async def main() -> None:
     text = " ".join(f"w{i}" for i in range(CHUNKS))
     with tempfile.TemporaryDirectory() as folder:
         async with Tracker(f"sqlite+aiosqlite:///{Path(folder) / 'bench.db'}") as tracker:
-            setups = {"plain": None, "capture only": StubTracker(), "+ SQLite ledger": tracker}
+            setups = {
+                "plain": None,
+                "capture only": StubTracker(),
+                "capture, reserving": StubTracker(reserves=True),
+                "+ SQLite ledger": tracker,
+            }
             for body, wrap in (("body read by the transport", None), ("body read from a stream", Unread)):
                 print(f"\nnon-streaming chat call, {body}, µs per call (median of {CALL_RUNS} x {CALLS})")
                 clients = {name: client(_fake(wrap), guard) for name, guard in setups.items()}
