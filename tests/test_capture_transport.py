@@ -338,7 +338,7 @@ async def test_a_stream_request_is_read_and_asks_for_usage_however_its_key_is_sp
 ) -> None:
     """A request body that asks for a stream is read before it is sent, with or without a block-mode
     budget, so that a chat stream is asked to report its usage: with the key spelled with escapes
-    too, which a search of the raw bytes for it would not find."""
+    too, which a search of the raw bytes for the key would miss."""
     fake = FakeProviderTransport(usage=USAGE)
     content = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}],' + spelled + "}"
     async with (

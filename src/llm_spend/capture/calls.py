@@ -80,10 +80,8 @@ class Plan:
     kind: str
     provider: str
     path: str
-    raw: bytes
-    """The request body as sent by the caller."""
     model: str | None
-    """"unknown" when the body names none; None while the body is not read (`request_model`)."""
+    """"unknown" when the request names none; None until it is needed (`request_model`)."""
     stream: bool
     input_bound: int
     """0 when it was not worked out (the tracker does not reserve)."""
@@ -109,21 +107,21 @@ def plan_call(
 ) -> Plan:
     """Read the request body once: model, stream flag, max output tokens and an input bound.
 
-    A tracker that does not reserve (`media_allowance` None) needs none of them before the call, and
-    the body is not read then, unless the call may be a stream, by its path (Gemini's
-    ``:streamGenerateContent``) or its body (a stream request may have to be rewritten); a key spelled
-    with escapes (``"\\u0073tream"``) counts as maybe asking for one. `request_model` reads the model
-    when the answer names none."""
-    if media_allowance is None and "stream" not in path and b'"stream"' not in raw and b"\\u00" not in raw:
-        return Plan(adapter, kind, provider, path, raw, None, False, 0, None, None)
-    body = _parsed(raw)
+    A tracker that does not reserve (`media_allowance` None) needs none of them before the call
+    unless the call may be a stream, by its path (Gemini's ``:streamGenerateContent``) or its body's
+    top-level keys (a stream request may have to be rewritten); otherwise the body is parsed and no
+    more, and `request_model` reads the model from it when the answer names none."""
+    body = load_json(raw) if raw else None
+    if not isinstance(body, dict):
+        body = None
+    if media_allowance is None and "stream" not in path and (body is None or "stream" not in body):
+        return Plan(adapter, kind, provider, path, None, False, 0, None, body)
     info = adapter.call_info(kind, path, body or _EMPTY)
     plan = Plan(
         adapter,
         kind,
         provider,
         path,
-        raw,
         info.model or "unknown",
         info.stream,
         0 if media_allowance is None else input_bound(raw, body or _EMPTY, media_allowance),
@@ -136,17 +134,10 @@ def plan_call(
 
 
 def request_model(plan: Plan) -> str:
-    """The model the request names ("unknown" if none), its body read now if the plan did not."""
+    """The model the request names ("unknown" if none), read from its parsed body when first needed."""
     if plan.model is None:
-        plan.model = (
-            plan.adapter.call_info(plan.kind, plan.path, _parsed(plan.raw) or _EMPTY).model or "unknown"
-        )
+        plan.model = plan.adapter.call_info(plan.kind, plan.path, plan.body or _EMPTY).model or "unknown"
     return plan.model
-
-
-def _parsed(raw: bytes) -> dict[str, Any] | None:
-    body = load_json(raw) if raw else None
-    return body if isinstance(body, dict) else None
 
 
 def clamp(plan: Plan, call: GuardedCallLike) -> None:
