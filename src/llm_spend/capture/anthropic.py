@@ -23,15 +23,56 @@ attempt was refused (the provider is never reached). Add `budget_middleware` (sy
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from ..exceptions import spend_error
 from ..usage import Usage
-from .base import CallInfo, Outcome, event_type, identifiers, integer, limit, load_json, make_usage, text
+from .base import (
+    CallInfo,
+    Count,
+    Outcome,
+    Text,
+    View,
+    event_type,
+    integer,
+    limit,
+    load_json,
+    make_outcome,
+    make_usage,
+    text,
+    view,
+)
 
 __all__ = ["ADAPTER", "AnthropicAdapter", "async_budget_middleware", "budget_middleware", "spend_error"]
 
 _R = TypeVar("_R")
+
+
+class _CacheCreation(TypedDict, total=False):
+    ephemeral_1h_input_tokens: Count
+    ephemeral_5m_input_tokens: Count
+
+
+class _OutputDetails(TypedDict, total=False):
+    thinking_tokens: Count
+
+
+class _Usage(TypedDict, total=False):
+    input_tokens: Count
+    output_tokens: Count
+    cache_read_input_tokens: Count
+    cache_creation_input_tokens: Count
+    cache_creation: _CacheCreation | None
+    output_tokens_details: _OutputDetails | None
+    service_tier: Text
+
+
+class _Message(TypedDict, total=False):
+    """What `AnthropicAdapter.outcome` reads of a response."""
+
+    id: Text
+    model: Text
+    usage: _Usage | None
 
 
 class AnthropicAdapter:
@@ -39,6 +80,7 @@ class AnthropicAdapter:
 
     name = "anthropic"
     default_provider = "anthropic"
+    response_view: View = view(_Message)
 
     def kind(self, method: str, path: str) -> str | None:
         return "messages" if method == "POST" and path.endswith("/messages") else None
@@ -62,9 +104,8 @@ class AnthropicAdapter:
             return Outcome()
         usage = body.get("usage")
         usage = usage if isinstance(usage, dict) else {}
-        return Outcome(  # usage, model, response id, service tier (by position: faster)
-            _usage(usage) if usage else None,
-            *identifiers(body.get("model"), body.get("id"), usage.get("service_tier")),
+        return make_outcome(
+            _usage(usage) if usage else None, body.get("model"), body.get("id"), usage.get("service_tier")
         )
 
     def accumulator(self, kind: str) -> MessagesStream:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, NamedTuple, Protocol
+from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias
 
 from ..usage import MAX_TOKENS, Usage
 
@@ -30,6 +30,11 @@ try:  # the extra [fast]: 2-3 times faster to read the JSON of requests and resp
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the stdlib does the same, slower
     _orjson = None
+_msgspec: ModuleType | None
+try:  # the extra [fast]: a response's usage read without building the rest of it (`view`)
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - the whole body is read instead
+    _msgspec = None
 
 __all__ = [
     "MEDIA_ALLOWANCE",
@@ -37,15 +42,20 @@ __all__ = [
     "Accumulator",
     "Adapter",
     "CallInfo",
+    "Count",
     "Outcome",
+    "Text",
+    "View",
     "event_type",
-    "identifiers",
     "input_bound",
     "integer",
     "limit",
     "load_json",
+    "make_outcome",
     "make_usage",
+    "read",
     "text",
+    "view",
 ]
 
 logger = logging.getLogger("llm_spend")
@@ -104,6 +114,8 @@ class Adapter(Protocol):
     name: str
     default_provider: str
     """The provider id recorded (and priced) when the configuration names none."""
+    response_view: View
+    """Reads the keys of a complete response body that `outcome` reads (`view`), or None."""
 
     def kind(self, method: str, path: str) -> str | None:
         """The billed endpoint this request goes to, or None (then the request passes untouched)."""
@@ -161,6 +173,41 @@ def load_json(data: bytes) -> Any:
         return None
 
 
+View: TypeAlias = Callable[[bytes], Any] | None
+"""A decoder of the keys of a JSON body that an adapter reads (see `view`), or None."""
+
+_COUNTS = None if _msgspec is None else _msgspec.Meta(ge=-(2**63), le=2**63 - 1)
+Count: TypeAlias = Annotated[int, _COUNTS] | None
+"""A token count in a `view`: null, or a signed 64-bit integer (which orjson, too, reads as an int)."""
+Text: TypeAlias = str | None
+"""An identifier (model, id, tier) in a `view`."""
+
+
+def view(shape: type) -> View:
+    """A decoder of a JSON body into `shape`, a TypedDict of the keys an adapter reads (nested ones
+    too, with `Count` and `Text` leaves), the others skipped unbuilt; None without msgspec.
+
+    It reads a response's usage in half the instructions of a whole parse. Every value it returns is
+    the one `load_json` gives for the same key, so an adapter reads the same facts from either, as
+    long as `shape` names every key the adapter reads (tests/test_capture_views.py checks it); a
+    body that does not fit the shape (a count that is a float, a string, out of orjson's integer
+    range; a value of another type; not JSON at all) makes it raise, and `read` parses it whole."""
+    if _msgspec is None:
+        return None
+    return _msgspec.json.Decoder(shape).decode  # type: ignore[no-any-return]
+
+
+def read(data: bytes, shape: View) -> Any:
+    """The keys of a JSON body that `shape` (a `view`) names, or the whole body when it does not fit
+    or there is no view: what `load_json` gives, for every key an adapter reads."""
+    if shape is not None:
+        try:
+            return shape(data)
+        except (ValueError, RecursionError):  # msgspec's errors are ValueErrors
+            pass
+    return load_json(data)
+
+
 def integer(value: object) -> int:
     """A token count from a payload: non-negative ints as they are, anything else as 0."""
     return value if type(value) is int and value >= 0 else 0
@@ -176,16 +223,22 @@ def text(value: object, limit: int = 200) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= limit and value.strip() else None
 
 
-def identifiers(
-    model: object, response_id: object, tier: object
-) -> tuple[str | None, str | None, str | None]:
-    """`text` of a response's model, id (200 characters at most) and service tier (64), in one call."""
-    return (
-        model if type(model) is str and 0 < len(model) <= 200 and model.strip() else None,
-        response_id
-        if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.strip()
-        else None,
-        tier if type(tier) is str and 0 < len(tier) <= 64 and tier.strip() else None,
+_new_tuple = tuple.__new__
+
+
+def make_outcome(usage: Usage | None, model: object, response_id: object, tier: object) -> Outcome:
+    """The `Outcome` of a response, with `text` of its model, id (200 characters at most) and service
+    tier (64), in one call (a NamedTuple's own constructor costs twice as much)."""
+    return _new_tuple(
+        Outcome,
+        (
+            usage,
+            model if type(model) is str and 0 < len(model) <= 200 and model.strip() else None,
+            response_id
+            if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.strip()
+            else None,
+            tier if type(tier) is str and 0 < len(tier) <= 64 and tier.strip() else None,
+        ),
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from ..exceptions import BudgetExceeded
 from ..usage import Usage, UsageSource
-from .base import Adapter, Outcome, input_bound, load_json
+from .base import Adapter, Outcome, input_bound, load_json, read
 
 __all__ = [
     "GuardedCallLike",
@@ -185,7 +185,7 @@ def decode_body(raw: bytes, encoding: str | None) -> bytes | None:
 
 def read_outcome(plan: Plan, body: bytes | None) -> Outcome:
     """The outcome of a complete JSON response; a body that cannot be read gives unknown usage."""
-    parsed = None if body is None else load_json(body)
+    parsed = None if body is None else read(body, plan.adapter.response_view)
     if parsed is None:
         if body is not None:
             logger.warning("llm-spend: unreadable %s response (not JSON); usage unknown", plan.provider)

@@ -18,10 +18,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from ..usage import Usage
-from .base import CallInfo, Outcome, identifiers, integer, limit, load_json, make_usage
+from .base import (
+    CallInfo,
+    Count,
+    Outcome,
+    Text,
+    View,
+    integer,
+    limit,
+    load_json,
+    make_outcome,
+    make_usage,
+    view,
+)
 
 __all__ = ["ADAPTER", "GeminiAdapter"]
 
@@ -32,11 +44,28 @@ _REASON = b'Reason"'
 """In both keys above: one scan of each chunk finds neither, the common case."""
 
 
+class _UsageMetadata(TypedDict, total=False):
+    promptTokenCount: Count
+    toolUsePromptTokenCount: Count
+    candidatesTokenCount: Count
+    thoughtsTokenCount: Count
+    cachedContentTokenCount: Count
+
+
+class _Response(TypedDict, total=False):
+    """What `GeminiAdapter.outcome` reads of a response."""
+
+    modelVersion: Text
+    responseId: Text
+    usageMetadata: _UsageMetadata | None
+
+
 class GeminiAdapter:
     """generateContent and streamGenerateContent; the model is named in the path."""
 
     name = "gemini"
     default_provider = "google"
+    response_view: View = view(_Response)
 
     def kind(self, method: str, path: str) -> str | None:
         if method != "POST" or not path.endswith("Content"):
@@ -73,9 +102,11 @@ class GeminiAdapter:
         if not isinstance(body, dict):
             return Outcome()
         usage = body.get("usageMetadata")
-        return Outcome(  # usage, model, response id (by position: faster)
+        return make_outcome(
             _usage(usage) if isinstance(usage, dict) else None,
-            *identifiers(body.get("modelVersion"), body.get("responseId"), None),
+            body.get("modelVersion"),
+            body.get("responseId"),
+            None,
         )
 
     def accumulator(self, kind: str) -> GenerateStream:

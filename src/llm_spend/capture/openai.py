@@ -21,10 +21,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from ..usage import Usage
-from .base import CallInfo, Outcome, event_type, identifiers, integer, limit, load_json, make_usage, text
+from .base import (
+    CallInfo,
+    Count,
+    Outcome,
+    Text,
+    View,
+    event_type,
+    integer,
+    limit,
+    load_json,
+    make_outcome,
+    make_usage,
+    text,
+    view,
+)
 
 __all__ = ["ADAPTER", "OpenAIAdapter"]
 
@@ -35,11 +49,42 @@ _USAGE = b'"usage":'
 _NO_USAGE = b'"usage":null}'
 
 
+class _InputDetails(TypedDict, total=False):
+    cached_tokens: Count
+    cache_write_tokens: Count
+
+
+class _OutputDetails(TypedDict, total=False):
+    reasoning_tokens: Count
+
+
+class _Usage(TypedDict, total=False):
+    prompt_tokens: Count
+    completion_tokens: Count
+    prompt_cache_hit_tokens: Count
+    prompt_tokens_details: _InputDetails | None
+    completion_tokens_details: _OutputDetails | None
+    input_tokens: Count
+    output_tokens: Count
+    input_tokens_details: _InputDetails | None
+    output_tokens_details: _OutputDetails | None
+
+
+class _Response(TypedDict, total=False):
+    """What `OpenAIAdapter.outcome` reads of a response (chat, responses, embeddings)."""
+
+    id: Text
+    model: Text
+    service_tier: Text
+    usage: _Usage | None
+
+
 class OpenAIAdapter:
     """Chat completions, responses and embeddings, on api.openai.com or an OpenAI-compatible host."""
 
     name = "openai"
     default_provider = "openai"
+    response_view: View = view(_Response)
 
     def kind(self, method: str, path: str) -> str | None:
         if method != "POST":
@@ -94,9 +139,11 @@ class OpenAIAdapter:
         if not isinstance(body, dict):
             return Outcome()
         usage = body.get("usage")
-        return Outcome(  # usage, model, response id, service tier (by position: faster)
+        return make_outcome(
             _usage(kind, usage) if isinstance(usage, dict) else None,
-            *identifiers(body.get("model"), body.get("id"), body.get("service_tier")),
+            body.get("model"),
+            body.get("id"),
+            body.get("service_tier"),
         )
 
     def accumulator(self, kind: str) -> ChatStream | ResponsesStream:
