@@ -256,6 +256,48 @@ def test_with_every_key_present_or_any_one_missing_an_adapter_reads_only_its_vie
             assert through_view == whole
 
 
+ANSWER = (
+    b'{"id":"r1","model":"m","choices":[{"message":{"content":"TEXT"}}],'
+    b'"usage":{"prompt_tokens":40,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":8}},'
+    b'"usageMetadata":{"promptTokenCount":40,"candidatesTokenCount":5}}'
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    provider=st.sampled_from(sorted(ADAPTERS)),
+    inside=st.binary(max_size=12),
+    at=st.integers(min_value=0, max_value=len(ANSWER)),
+    cut=st.integers(min_value=0, max_value=3),
+)
+def test_bytes_put_anywhere_in_an_answer_read_the_same_through_the_view(
+    provider: str, inside: bytes, at: int, cut: int
+) -> None:
+    """Bytes the view skips are checked as the whole parse checks them: invalid UTF-8, control
+    characters, bad escapes or numbers in the text make both refuse the body, or both read it."""
+    for raw in (
+        ANSWER.replace(b"TEXT", inside),
+        ANSWER[:at] + inside + ANSWER[at + cut :],
+    ):
+        for through_view, whole in readings(provider, raw):
+            assert through_view == whole, raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"\xff", b"\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"\x01", b"\\x", b"\\ud800", "“curly” — ok".encode()],
+    ids=["0xff", "cut", "overlong", "surrogate", "control", "bad escape", "lone surrogate", "valid"],
+)
+def test_an_answer_whose_text_is_invalid_reads_as_the_whole_body_reads_it(text: bytes) -> None:
+    raw = ANSWER.replace(b"TEXT", text)
+    for provider in ADAPTERS:
+        for through_view, whole in readings(provider, raw):
+            assert through_view == whole
+    assert (readings("openai", raw)[0][1].usage is None) == (
+        text in (b"\xff", b"\xc3", b"\xc0\xaf", b"\x01", b"\\x")
+    )
+
+
 def test_without_a_view_the_whole_body_is_read() -> None:
     raw = b'{"model": "m", "id": "r1", "usage": {"prompt_tokens": 4, "completion_tokens": 1}, "choices": []}'
     nothing: View = None

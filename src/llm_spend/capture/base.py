@@ -187,10 +187,10 @@ def view(shape: type) -> View:
     """A decoder of a JSON body into `shape`, a TypedDict of the keys an adapter reads (nested ones
     too, with `Count` and `Text` leaves), the others skipped unbuilt; None without msgspec.
 
-    It reads a response's usage in half the instructions of a whole parse. Every value it returns is
-    the one `load_json` gives for the same key, so an adapter reads the same facts from either, as
+    It reads a response's usage in half the instructions of a whole parse. Every value it keeps is
+    the one `load_json` gives at the same place, so an adapter reads the same facts from either, as
     long as `shape` names every key the adapter reads (tests/test_capture_views.py checks it); a
-    body that does not fit the shape (a count that is a float, a string, out of orjson's integer
+    body that does not fit the shape (a count that is a float, a string or outside the signed 64-bit
     range; a value of another type; not JSON at all) makes it raise, and `read` parses it whole."""
     if _msgspec is None:
         return None
@@ -199,13 +199,25 @@ def view(shape: type) -> View:
 
 def read(data: bytes, shape: View) -> Any:
     """The keys of a JSON body that `shape` (a `view`) names, or the whole body when it does not fit
-    or there is no view: what `load_json` gives, for every key an adapter reads."""
-    if shape is not None:
+    or there is no view: what `load_json` gives, for every key an adapter reads.
+
+    The view skips the strings it does not keep without checking their UTF-8, which the whole parse
+    refuses when it is not valid: a body that is not ASCII is checked first (a decode: on 2 kB, less
+    than the view saves)."""
+    if shape is not None and (data.isascii() or _utf8(data)):
         try:
             return shape(data)
         except (ValueError, RecursionError):  # msgspec's errors are ValueErrors
             pass
     return load_json(data)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def integer(value: object) -> int:
