@@ -104,6 +104,25 @@ async def test_other_hosts_pass_through_untouched(tracker: Tracker) -> None:
     assert await table(tracker) == []
 
 
+async def test_a_url_spelled_another_way_takes_the_same_route(tracker: Tracker) -> None:
+    """Routes are remembered by the URL as written (an upper-case host, the default port, an escaped
+    path) and found from it decoded: each spelling of a billed endpoint is recorded, once, and a
+    path that only looks like one when undecoded is not."""
+    fake = FakeProviderTransport(usage=USAGE)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with async_client(tracker, transport=fake) as http:
+        for url in (
+            "https://api.openai.com/v1/chat/completions",
+            "https://API.OpenAI.com:443/v1/chat%2Fcompletions",
+            "https://api.openai.com/v1/chat/completions",
+            "https://api.openai.com/v1/chat/completions%3F",
+        ):
+            await http.post(url, json=body)
+    rows = await table(tracker)
+    assert [(row["provider"], row["model"]) for row in rows] == [("openai", "gpt-4o-mini")] * 3
+    assert fake.calls == 4
+
+
 async def test_provider_requests_ask_for_identity_encoding_and_compressed_bodies_still_parse(
     tracker: Tracker,
 ) -> None:

@@ -105,14 +105,23 @@ class _Base:
         )
 
     def _route(self, request: Any) -> tuple[Any, str, str, str] | None:
-        """(adapter, kind, provider id, path) of a request to a billed endpoint, else None."""
+        """(adapter, kind, provider id, path) of a request to a billed endpoint, else None.
+
+        Remembered by the URL's host, port and path as httpx parsed them (`_uri_reference`: the
+        host IDNA-encoded, the path percent-encoded), a third of the cost of its `host` and `path`
+        properties, which decode them on every call; each key still maps to one route, found from
+        the decoded values. A release that parses URLs otherwise is keyed by the properties."""
         url = request.url
-        key = (url.host, url.port, request.method, url.path)
+        try:
+            parsed = url._uri_reference
+            key = (parsed.host, parsed.port, request.method, parsed.path)
+        except AttributeError:
+            key = (url.host, url.port, request.method, url.path)
         found = self._routes.get(key, _UNROUTED)
         if found is _UNROUTED:
             if len(self._routes) >= _ROUTES_MAX:
                 self._routes.clear()
-            found = self._routes[key] = self._find_route(*key)
+            found = self._routes[key] = self._find_route(url.host, url.port, request.method, url.path)
         return found  # type: ignore[no-any-return]
 
     def _find_route(
