@@ -101,7 +101,6 @@ def plan_call(
     provider: str,
     path: str,
     raw: bytes,
-    *,
     include_stream_usage: bool,
     media_allowance: int | None,
 ) -> Plan:

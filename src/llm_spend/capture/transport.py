@@ -83,6 +83,7 @@ class _Base:
         self._package = package
         self._media_allowance = options.media_allowance_tokens if getattr(tracker, "reserves", True) else None
         """None when the tracker never reserves: no input bound is worked out for it."""
+        self._stream_usage = options.include_stream_usage
         self._background: set[asyncio.Task[None]] = set()
         """Recordings under way that nobody awaits (shielded or collected streams)."""
         self._crossed: dict[bytes, tuple[float, BudgetExceeded]] = {}
@@ -91,18 +92,6 @@ class _Base:
     @property
     def inner(self) -> Any:
         return self._inner
-
-    def _plan(self, raw: bytes, adapter: Any, kind: str, provider: str, path: str) -> Plan:
-        options = self._options
-        return plan_call(
-            adapter,
-            kind,
-            provider,
-            path,
-            raw,
-            include_stream_usage=options.include_stream_usage,
-            media_allowance=self._media_allowance,
-        )
 
     def _route(self, request: Any) -> tuple[Any, str, str, str] | None:
         """(adapter, kind, provider id, path) of a request to a billed endpoint, else None.
@@ -256,7 +245,7 @@ class SpendAsyncTransport(_Base):
         raw = await request.aread()
         if self._crossed and (crossed := self._retry_of_crossed(request, raw)) is not None:
             raise crossed
-        plan = self._plan(raw, *found)
+        plan = plan_call(*found, raw, self._stream_usage, self._media_allowance)
         guard = self._guard(plan)
         call = await guard.__aenter__()
         started = time.perf_counter()
@@ -334,7 +323,7 @@ class SpendSyncTransport(_Base):
         raw = request.read()
         if self._crossed and (crossed := self._retry_of_crossed(request, raw)) is not None:
             raise crossed
-        plan = self._plan(raw, *found)
+        plan = plan_call(*found, raw, self._stream_usage, self._media_allowance)
         guard = self._guard(plan)
         call = run_on(loop, guard.__aenter__())
         started = time.perf_counter()
