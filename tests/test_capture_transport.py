@@ -779,6 +779,73 @@ async def test_deflate_streams_with_or_without_the_zlib_header_are_read(
         assert await table(tracker, reservations) == []
 
 
+class SyncChunks(httpx2.SyncByteStream):
+    """`Chunks` for a sync client."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self._body, self._size = body, size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for start in range(0, len(self._body), self._size):
+            yield self._body[start : start + self._size]
+
+
+JSON_ANSWER = json.dumps({"id": "c", "model": "gpt-4o-mini", "usage": openai_chat_usage(USAGE)}).encode()
+ENCODINGS: dict[str, Any] = {
+    "identity": lambda body: body,
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "raw deflate": lambda body: (lambda c: c.compress(body) + c.flush())(zlib.compressobj(wbits=-15)),
+}
+
+
+@pytest.mark.parametrize("answer", ["json", "sse"])
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("read_in_full", [True, False], ids=["read in full", "from a stream"])
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_answer_to_a_request_for_no_stream_is_read_however_it_comes(
+    tracker: Tracker, answer: str, encoding: str, read_in_full: bool, sync: bool
+) -> None:
+    """A request that asks for no stream is read as JSON first, its headers only when that fails:
+    still recorded with its usage when the host compresses it though identity was asked for, and
+    when it streams SSE unasked; the client gets the answer as it came either way."""
+    plain = JSON_ANSWER if answer == "json" else sse_final_chunk()
+    body = ENCODINGS[encoding](plain)
+    name = "deflate" if encoding == "raw deflate" else encoding
+    content_type = "application/json" if answer == "json" else "text/event-stream"
+    headers = (
+        {"content-type": content_type, "content-encoding": name}
+        if name != "identity"
+        else {"content-type": content_type}
+    )
+    asked: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        asked.append(request.headers["accept-encoding"])
+        if read_in_full:
+            return httpx2.Response(200, content=body, headers=headers)
+        return httpx2.Response(200, stream=(SyncChunks if sync else Chunks)(body, 9), headers=headers)
+
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    if sync:
+        loop = asyncio.get_running_loop()
+
+        def work() -> bytes:
+            with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
+                return http.post(CHAT_URL, json=request).content
+
+        received = await asyncio.to_thread(work)
+    else:
+        async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+            received = (await http.post(CHAT_URL, json=request)).content
+    assert received == plain and asked == ["identity"]
+    rows = await recorded(tracker)
+    assert [(row["input_tokens"], row["output_tokens"], row["stream"]) for row in rows] == [
+        (100, 20, answer == "sse")
+    ]
+    assert rows[0]["pricing_status"] == "priced"
+
+
 @pytest.mark.parametrize("size", [1, 2, 4, 1_000], ids=lambda size: f"chunks of {size}")
 async def test_a_stream_that_opens_with_a_byte_order_mark_is_read(tracker: Tracker, size: int) -> None:
     """The SSE specification drops one byte order mark at the start of a stream, however the

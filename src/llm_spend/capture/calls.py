@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from ..exceptions import BudgetExceeded
 from ..usage import Usage, UsageSource
-from .base import Adapter, Outcome, input_bound, load_json, read
+from .base import Adapter, Outcome, input_bound, load_json
 
 __all__ = [
     "GuardedCallLike",
@@ -29,6 +29,7 @@ __all__ = [
     "TrackerLike",
     "decode_body",
     "leave",
+    "outcome_of",
     "plan_call",
     "record",
     "request_model",
@@ -182,12 +183,11 @@ def decode_body(raw: bytes, encoding: str | None) -> bytes | None:
     return None
 
 
-def read_outcome(plan: Plan, body: bytes | None) -> Outcome:
-    """The outcome of a complete JSON response; a body that cannot be read gives unknown usage."""
-    parsed = None if body is None else read(body, plan.adapter.response_view)
+def outcome_of(plan: Plan, parsed: Any) -> Outcome:
+    """The outcome of a complete JSON response, parsed (`base.read`); one that did not parse (None)
+    gives unknown usage."""
     if parsed is None:
-        if body is not None:
-            logger.warning("llm-spend: unreadable %s response (not JSON); usage unknown", plan.provider)
+        logger.warning("llm-spend: unreadable %s response (not JSON); usage unknown", plan.provider)
         return Outcome()
     try:
         return plan.adapter.outcome(plan.kind, parsed)

@@ -7,8 +7,11 @@ knows pass straight through (one dict lookup). For a provider request it reads t
 call raises `BudgetExceeded` before any byte leaves), sends, and then:
 
 - non-2xx: leaves the guard without a record (the reservation is released) and returns the response;
-- 2xx JSON: reads the (small) body, records its usage, and returns it;
-- 2xx SSE: returns the response with its stream tapped (`streams`), recorded exactly once.
+- 2xx to a request for no stream: reads the (small) body, records its usage, and returns it. The
+  response's headers are read only when the body is not JSON (compressed, or SSE from a host that
+  streams unasked, which is then tapped as below);
+- 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
+  exactly once.
 
 Each SDK retry is a separate request through here: each billed attempt is recorded. One is not sent:
 the retry of a request whose billed answer raised `BudgetExceeded(stage="post")` (a raise-mode
@@ -39,7 +42,7 @@ from typing import Any
 
 from ..context import current_tags
 from ..exceptions import BudgetExceeded
-from .base import Outcome
+from .base import Outcome, read
 from .calls import (
     GuardedCallLike,
     Plan,
@@ -47,8 +50,8 @@ from .calls import (
     clamp,
     decode_body,
     leave,
+    outcome_of,
     plan_call,
-    read_outcome,
     record,
     settle,
 )
@@ -198,13 +201,16 @@ def _entries(headers: Any) -> list[tuple[bytes, bytes, bytes]] | None:
 
 
 def _ask_identity(headers: Any) -> None:
-    """Set ``Accept-Encoding: identity`` on a request's headers."""
+    """Set ``Accept-Encoding: identity`` on a request's headers: on the first such triple (the third of
+    httpx's default headers), else the public way. A second one, given twice by hand, stays, and the
+    server may compress all the same: an answer's Content-Encoding is read whenever it is not JSON."""
     entries = _entries(headers)
-    keys = [] if entries is None else list(map(_KEY, entries))  # C loops: a Python one costs 3 times more
-    if keys.count(b"accept-encoding") == 1:
-        entries[keys.index(b"accept-encoding")] = _IDENTITY  # type: ignore[index]
-    else:  # none (a client without default headers), several, or no triples: the public way
-        headers["Accept-Encoding"] = "identity"
+    if entries is not None:
+        for at, entry in enumerate(entries):
+            if entry[1] == b"accept-encoding":
+                entries[at] = _IDENTITY
+                return
+    headers["Accept-Encoding"] = "identity"
 
 
 def _content(response: Any) -> tuple[bool, str | None]:
@@ -221,6 +227,28 @@ def _content(response: Any) -> tuple[bool, str | None]:
         value.decode("latin-1").strip().lower() for _, key, value in entries if key == b"content-encoding"
     ]
     return sse, ", ".join(codings)  # as httpx reads it
+
+
+def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> Outcome | None:
+    """The outcome of a complete answer to a request that asked for no stream; None when it is an
+    SSE stream all the same (a host streaming unasked: the caller taps it as one).
+
+    Its headers are read only when the body is not JSON: identity was asked for, and compressed
+    bytes (gzip, zlib) are never JSON, so a parse that succeeds needs neither the Content-Type nor
+    the Content-Encoding, a pass over every header (a provider sends twenty or more). `encoded`: the
+    body is as it came (from a network transport), not decoded by the client (a mock's content)."""
+    view = plan.adapter.response_view
+    parsed = read(body, view)
+    if parsed is None:
+        sse, coding = _content(response)
+        if sse:
+            return None
+        if encoded and coding:
+            decoded = decode_body(body, coding)  # None (logged) when it cannot be decoded
+            if decoded is None:
+                return Outcome()
+            parsed = read(decoded, view)
+    return outcome_of(plan, parsed)
 
 
 def _digest(request: Any, raw: bytes) -> bytes:
@@ -257,49 +285,43 @@ class SpendAsyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             await leave(guard, None)
             return response
-        sse, coding = _content(response)
-        if sse or plan.stream:
-            finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
-            if response.is_closed:  # read in full already (a mock transport): nothing left to tap
-                finisher.feed_all([chunk async for chunk in response.stream])
+        if not plan.stream:  # an answer in one piece, read here and recorded before it is returned
+            if response.is_closed:  # read in full already (a mock transport): its content is decoded
+                body, encoded = response.content, False
+            else:
+                parts: list[bytes] = []
                 try:
-                    await finisher.finish(raise_budget=True)
-                except BudgetExceeded as exceeded:
+                    async for chunk in response.stream:  # not a comprehension: one more coroutine
+                        parts.append(chunk)
+                except BaseException as error:  # billed, but cut short: unknown usage
+                    await _settle_cut(guard, call, plan, started)
+                    raise error
+                finally:
+                    await response.stream.aclose()
+                body, encoded = b"".join(parts), True
+                response.stream = self._package.read_body(body)
+            outcome = _answer(plan, response, body, encoded)
+            if outcome is not None:
+                record(call, plan, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started))
+                try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
+                    await guard.__aexit__(None, None, None)
+                except BudgetExceeded as exceeded:  # stage "post": a window crossed, the caller's to handle
                     self._cross(request, raw, exceeded)
                     raise
+                except Exception:  # a failure to record must not fail the caller's call
+                    logger.exception("llm-spend: recording a captured call failed")
                 return response
-            response.stream = self._package.async_stream(response.stream, finisher)
-            return response
-        if response.is_closed:  # read in full already (a mock transport): its content is decoded
-            body = response.content
-        else:
-            parts: list[bytes] = []
+        sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
+        finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
+        if response.is_closed:  # read in full already: nothing left to tap
+            finisher.feed_all([chunk async for chunk in response.stream])
             try:
-                async for chunk in response.stream:  # not a comprehension: one more coroutine
-                    parts.append(chunk)
-            except BaseException as error:  # billed, but cut short: unknown usage
-                await _settle_cut(guard, call, plan, started)
-                raise error
-            finally:
-                await response.stream.aclose()
-            received = b"".join(parts)
-            response.stream = self._package.read_body(received)
-            body = decode_body(received, coding)
-        record(
-            call,
-            plan,
-            read_outcome(plan, body),
-            source="response",
-            stream=False,
-            latency_ms=_elapsed_ms(started),
-        )
-        try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
-            await guard.__aexit__(None, None, None)
-        except BudgetExceeded as exceeded:  # stage "post": a window crossed, the caller's to handle
-            self._cross(request, raw, exceeded)
-            raise
-        except Exception:  # a failure to record must not fail the caller's call
-            logger.exception("llm-spend: recording a captured call failed")
+                await finisher.finish(raise_budget=True)
+            except BudgetExceeded as exceeded:
+                self._cross(request, raw, exceeded)
+                raise
+            return response
+        response.stream = self._package.async_stream(response.stream, finisher)
         return response
 
     async def aclose(self) -> None:
@@ -335,43 +357,43 @@ class SpendSyncTransport(_Base):
         if not 200 <= response.status_code < 300:
             run_on(loop, leave(guard, None))
             return response
-        sse, coding = _content(response)
-        if sse or plan.stream:
-            finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
-            if response.is_closed:  # read in full already (a mock transport): nothing left to tap
-                finisher.feed_all(list(response.stream))
+        if not plan.stream:  # an answer in one piece, read here and recorded before it is returned
+            if response.is_closed:  # read in full already (a mock transport): its content is decoded
+                body, encoded = response.content, False
+            else:
                 try:
-                    run_on(loop, finisher.finish(raise_budget=True))
+                    body, encoded = b"".join(list(response.stream)), True
+                except BaseException:
+                    run_on(loop, _settle_cut(guard, call, plan, started))
+                    raise
+                finally:
+                    response.stream.close()
+                response.stream = self._package.read_body(body)
+            outcome = _answer(plan, response, body, encoded)
+            if outcome is not None:
+                try:
+                    run_on(
+                        loop,
+                        settle(
+                            guard, call, plan, outcome, source="response", stream=False,
+                            latency_ms=_elapsed_ms(started), raise_budget=True,
+                        ),
+                    )  # fmt: skip
                 except BudgetExceeded as exceeded:
                     self._cross(request, raw, exceeded)
                     raise
                 return response
-            response.stream = self._package.sync_stream(response.stream, finisher)
-            return response
-        if response.is_closed:  # read in full already (a mock transport): its content is decoded
-            body = response.content
-        else:
+        sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
+        finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
+        if response.is_closed:  # read in full already: nothing left to tap
+            finisher.feed_all(list(response.stream))
             try:
-                received = b"".join(list(response.stream))
-            except BaseException:
-                run_on(loop, _settle_cut(guard, call, plan, started))
+                run_on(loop, finisher.finish(raise_budget=True))
+            except BudgetExceeded as exceeded:
+                self._cross(request, raw, exceeded)
                 raise
-            finally:
-                response.stream.close()
-            response.stream = self._package.read_body(received)
-            body = decode_body(received, coding)
-        outcome = read_outcome(plan, body)
-        try:
-            run_on(
-                loop,
-                settle(
-                    guard, call, plan, outcome, source="response", stream=False,
-                    latency_ms=_elapsed_ms(started), raise_budget=True,
-                ),
-            )  # fmt: skip
-        except BudgetExceeded as exceeded:
-            self._cross(request, raw, exceeded)
-            raise
+            return response
+        response.stream = self._package.sync_stream(response.stream, finisher)
         return response
 
     def _tracker_loop(self) -> asyncio.AbstractEventLoop:
