@@ -6,7 +6,8 @@ work is the same either way and is left out). "capture only" uses a stub tracker
 record do nothing, so it measures parsing, routing and tapping, as for a tracker without a block-mode
 budget; "capture, reserving" the same stub saying that it reserves (capture then reads every request
 before it is sent, as for a block-mode budget); "+ SQLite ledger" uses a real Tracker
-writing every call to a SQLite file (group-committed by its writer). Medians over several runs.
+writing every call to a SQLite file (group-committed by its writer), timed against plain runs of
+its own so that its writer's work does not land in the other rows. Medians over several runs.
 Figures only, no assertions: they depend on the machine.
 """
 
@@ -27,6 +28,7 @@ from llm_spend.capture import async_transport
 from llm_spend.testing import FakeProviderTransport
 
 CALLS, CALL_RUNS = 2_000, 7
+LEDGER = "+ SQLite ledger"
 LARGE_CALLS = 100
 CHUNKS, STREAM_RUNS = 2_000, 7
 USAGE = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1024)
@@ -135,6 +137,22 @@ async def per_call(
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
+async def apart(
+    setups: dict[str, Any], make: Any, messages: Any = MESSAGES, calls: int = CALLS
+) -> dict[str, tuple[float, float]]:
+    """(µs per call, µs added over plain) of each setup: the clients that do no I/O in interleaved
+    runs, then the ledger's client interleaved with a plain client of its own. The ledger's writer
+    leaves work behind it (commits on its thread, objects for the garbage collector) that lands in
+    whichever runs follow, and would scatter the capture rows."""
+    quiet = await per_call(
+        {name: make(guard) for name, guard in setups.items() if name != LEDGER}, messages, calls
+    )
+    found = {name: (micros, micros - quiet["plain"]) for name, micros in quiet.items()}
+    pair = await per_call({"plain": make(None), LEDGER: make(setups[LEDGER])}, messages, calls)
+    found[LEDGER] = (pair[LEDGER], pair[LEDGER] - pair["plain"])
+    return found
+
+
 async def per_chunk(
     clients: dict[str, httpx2.AsyncClient], url: str, body: dict[str, Any]
 ) -> tuple[dict[str, float], int]:
@@ -196,21 +214,18 @@ async def main() -> None:
                 "plain": None,
                 "capture only": StubTracker(),
                 "capture, reserving": StubTracker(reserves=True),
-                "+ SQLite ledger": tracker,
+                LEDGER: tracker,
             }
             for body, wrap in (("body read by the transport", None), ("body read from a stream", Unread)):
                 print(f"\nnon-streaming chat call, {body}, µs per call (median of {CALL_RUNS} x {CALLS})")
-                clients = {name: client(_fake(wrap), guard) for name, guard in setups.items()}
-                calls = await per_call(clients)
-                for name, micros in calls.items():
-                    print(f"  {name:18} {micros:8.1f}   added {micros - calls['plain']:7.1f}")
+                calls = await apart(setups, lambda guard, wrap=wrap: client(_fake(wrap), guard))
+                for name, (micros, added) in calls.items():
+                    print(f"  {name:18} {micros:8.1f}   added {added:7.1f}")
             print(f"\nlarge requests, µs per call (median of {CALL_RUNS} x {LARGE_CALLS})")
             for label, messages in LARGE.items():
-                large = await per_call(
-                    {name: client(_fake(None), setups[name]) for name in setups}, messages, LARGE_CALLS
-                )
-                for name, micros in large.items():
-                    print(f"  {label:20} {name:16} {micros:9.1f}   added {micros - large['plain']:7.1f}")
+                large = await apart(setups, lambda guard: client(_fake(None), guard), messages, LARGE_CALLS)
+                for name, (micros, added) in large.items():
+                    print(f"  {label:20} {name:16} {micros:9.1f}   added {added:7.1f}")
             print(f"\nstreamed chunk, µs per chunk (median of {STREAM_RUNS} streams of ~{CHUNKS} events)")
             for stream, (url, body) in STREAMS.items():
                 streaming = {
