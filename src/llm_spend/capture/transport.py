@@ -202,14 +202,15 @@ def _entries(headers: Any) -> list[tuple[bytes, bytes, bytes]] | None:
 
 def _ask_identity(headers: Any) -> None:
     """Set ``Accept-Encoding: identity`` on a request's headers: on the first such triple (the third of
-    httpx's default headers), else the public way. A second one, given twice by hand, stays, and the
-    server may compress all the same: an answer's Content-Encoding is read whenever it is not JSON."""
+    httpx's default headers) when it is the only one, else the public way, which drops the others."""
     entries = _entries(headers)
     if entries is not None:
         for at, entry in enumerate(entries):
             if entry[1] == b"accept-encoding":
-                entries[at] = _IDENTITY
-                return
+                if b"accept-encoding" not in list(map(_KEY, entries[at + 1 :])):
+                    entries[at] = _IDENTITY
+                    return
+                break
     headers["Accept-Encoding"] = "identity"
 
 
