@@ -906,3 +906,20 @@ async def test_requests_capture_reads_or_rewrites_are_sent_and_recorded(
     assert sent["messages"] == json.loads(content)["messages"]
     [row] = await recorded(tracker)
     assert (row["input_tokens"], row["output_tokens"]) == (100, 20)
+
+
+async def test_accept_encoding_given_twice_is_asked_as_identity_alone(tracker: Tracker) -> None:
+    """Headers given twice by hand become one `Accept-Encoding: identity`: a second one left in
+    place would let the server answer in an encoding capture cannot read."""
+    asked: list[list[str]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        asked.append(request.headers.get_list("accept-encoding"))
+        return httpx2.Response(200, content=JSON_ANSWER, headers={"content-type": "application/json"})
+
+    headers = [("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")]
+    async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+        await http.post(CHAT_URL, json={"model": "gpt-4o-mini", "messages": MESSAGES}, headers=headers)
+    assert asked == [["identity"]]
+    [row] = await recorded(tracker)
+    assert (row["input_tokens"], row["output_tokens"]) == (100, 20)
