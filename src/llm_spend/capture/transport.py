@@ -7,9 +7,10 @@ knows pass straight through (one dict lookup). For a provider request it reads t
 call raises `BudgetExceeded` before any byte leaves), sends, and then:
 
 - non-2xx: leaves the guard without a record (the reservation is released) and returns the response;
-- 2xx to a request for no stream: reads the (small) body, records its usage, and returns it. The
-  response's headers are read only when the body is not JSON (compressed, or SSE from a host that
-  streams unasked, which is then tapped as below);
+- 2xx to a request for no stream: reads the body (renewing the reservation's lease while it comes,
+  as a tap does), records its usage, and returns it. The response's headers are read only when the
+  body is not JSON (compressed, or SSE from a host that streams unasked, which is then tapped as
+  below). A read cut short is recorded with the usage such an SSE body had shown, else unknown;
 - 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
   exactly once.
 
@@ -63,6 +64,8 @@ __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 logger = logging.getLogger("llm_spend")
 
 LoopGetter = Callable[[], "asyncio.AbstractEventLoop | None"]
+
+_now = time.perf_counter
 
 _ROUTES_MAX = 512
 """Routes remembered per transport (host, port, method, path); past that many the memory starts over."""
@@ -187,6 +190,31 @@ class _Base:
             renewal=self._options.lease_renewal,
         )
 
+    async def _cut(
+        self, guard: Any, call: GuardedCallLike, plan: Plan, response: Any, parts: list[bytes], started: float
+    ) -> None:
+        """Record an answer to a request for no stream whose read failed partway (on the tracker's
+        loop): with the usage seen so far when it is an SSE stream sent unasked (its usage event may
+        have come), else with unknown usage."""
+        sse, coding = _content(response)
+        if not sse:
+            await settle(
+                guard, call, plan, Outcome(), source="response", stream=False,
+                latency_ms=_elapsed_ms(started), raise_budget=False,
+            )  # fmt: skip
+            return
+        finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
+        finisher.feed_all(parts)
+        await finisher.finish()
+
+
+async def _renew(call: GuardedCallLike) -> None:
+    """Renew a reservation's lease while an answer is read (as `Finisher.extend` does for a tap)."""
+    try:
+        await call.extend()
+    except Exception:
+        logger.exception("llm-spend: renewing a reservation's lease failed")
+
 
 _IDENTITY = (b"Accept-Encoding", b"accept-encoding", b"identity")
 _KEY = operator.itemgetter(1)
@@ -291,11 +319,15 @@ class SpendAsyncTransport(_Base):
                 body, encoded = response.content, False
             else:
                 parts: list[bytes] = []
+                renew_at = started + self._options.lease_renewal
                 try:
                     async for chunk in response.stream:  # not a comprehension: one more coroutine
                         parts.append(chunk)
-                except BaseException as error:  # billed, but cut short: unknown usage
-                    await _settle_cut(guard, call, plan, started)
+                        if _now() >= renew_at:  # a host streaming slowly, unasked
+                            renew_at = _now() + self._options.lease_renewal
+                            await _renew(call)
+                except BaseException as error:  # billed, but cut short
+                    await self._cut(guard, call, plan, response, parts, started)
                     raise error
                 finally:
                     await response.stream.aclose()
@@ -362,13 +394,20 @@ class SpendSyncTransport(_Base):
             if response.is_closed:  # read in full already (a mock transport): its content is decoded
                 body, encoded = response.content, False
             else:
+                parts: list[bytes] = []
+                renew_at = started + self._options.lease_renewal
                 try:
-                    body, encoded = b"".join(list(response.stream)), True
-                except BaseException:
-                    run_on(loop, _settle_cut(guard, call, plan, started))
+                    for chunk in response.stream:
+                        parts.append(chunk)
+                        if _now() >= renew_at:  # a host streaming slowly, unasked
+                            renew_at = _now() + self._options.lease_renewal
+                            run_on(loop, _renew(call))
+                except BaseException:  # billed, but cut short
+                    run_on(loop, self._cut(guard, call, plan, response, parts, started))
                     raise
                 finally:
                     response.stream.close()
+                body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
             outcome = _answer(plan, response, body, encoded)
             if outcome is not None:
@@ -417,16 +456,3 @@ class SpendSyncTransport(_Base):
 
     def close(self) -> None:
         self._inner.close()
-
-
-async def _settle_cut(guard: Any, call: GuardedCallLike, plan: Plan, started: float) -> None:
-    await settle(
-        guard,
-        call,
-        plan,
-        Outcome(),
-        source="response",
-        stream=False,
-        latency_ms=_elapsed_ms(started),
-        raise_budget=False,
-    )
