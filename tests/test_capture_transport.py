@@ -7,6 +7,7 @@ import contextlib
 import gc
 import gzip
 import json
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -923,3 +924,120 @@ async def test_accept_encoding_given_twice_is_asked_as_identity_alone(tracker: T
     assert asked == [["identity"]]
     [row] = await recorded(tracker)
     assert (row["input_tokens"], row["output_tokens"]) == (100, 20)
+
+
+class CutAfter(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+    """A body that breaks off with a read error after its first `events` SSE events (or bytes of
+    JSON), as a dropped connection does."""
+
+    def __init__(self, body: bytes, events: int) -> None:
+        head = body.split(b"\n\n")[:events] if body.startswith(b"data:") else [body[:events]]
+        self._parts = [part + b"\n\n" for part in head] if body.startswith(b"data:") else head
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            yield part
+        raise httpx2.ReadError("connection dropped")
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._parts
+        raise httpx2.ReadError("connection dropped")
+
+
+@pytest.mark.parametrize(
+    "answer", ["json", "sse"], ids=["json cut short", "sse sent unasked, cut after its usage"]
+)
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_answer_to_a_request_for_no_stream_cut_short_is_recorded_with_what_came(
+    url: str, answer: str, sync: bool
+) -> None:
+    """A read error partway through an answer to a request for no stream reaches the caller, and
+    the billed call is recorded once, its reservation settled: with the usage an SSE stream sent
+    unasked had shown before the cut, with unknown usage for JSON cut short."""
+    content_type = "application/json" if answer == "json" else "text/event-stream"
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        body = JSON_ANSWER if answer == "json" else sse_final_chunk()
+        return httpx2.Response(200, stream=CutAfter(body, 1 if answer == "sse" else 20),
+                               headers={"content-type": content_type})  # fmt: skip
+
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
+        if sync:
+            loop = asyncio.get_running_loop()
+
+            def work() -> None:
+                with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
+                    http.post(CHAT_URL, json=request)
+
+            with pytest.raises(httpx2.ReadError):
+                await asyncio.to_thread(work)
+        else:
+            async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+                with pytest.raises(httpx2.ReadError):
+                    await http.post(CHAT_URL, json=request)
+        [row] = await recorded(tracker)
+        if answer == "sse":
+            assert (row["input_tokens"], row["output_tokens"], row["usage_source"], row["stream"]) == (
+                100, 20, "stream", True,
+            )  # fmt: skip
+            assert row["pricing_status"] == "priced"
+        else:
+            assert (row["usage_source"], row["pricing_status"], row["stream"]) == (
+                "unknown", "unknown_usage", False,
+            )  # fmt: skip
+        assert await table(tracker, reservations) == []
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_answer_to_a_request_for_no_stream_read_slowly_renews_its_lease(
+    url: str, sync: bool
+) -> None:
+    """A host streaming SSE slowly to a request that asked for no stream: the reservation's lease
+    is renewed while the transport reads the answer, as a tapped stream renews it."""
+    events = [part + b"\n\n" for part in sse_final_chunk().split(b"\n\n") if part]
+    filler = [b": keep-alive\n\n"] * 4
+    seen: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block", reservation_ttl=600) as tracker:
+
+        class Slow(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                for part in filler:
+                    yield part
+                    await asyncio.sleep(0.03)
+                seen.extend(await table(tracker, reservations))
+                for part in events:
+                    yield part
+
+            def __iter__(self) -> Iterator[bytes]:
+                for part in filler:
+                    yield part
+                    time.sleep(0.03)
+                seen.extend(asyncio.run_coroutine_threadsafe(table(tracker, reservations), loop).result())
+                yield from events
+
+        def handler(request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(200, stream=Slow(), headers={"content-type": "text/event-stream"})
+
+        options = CaptureOptions(lease_renewal=0.01)
+        request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+        if sync:
+
+            def work() -> None:
+                transport = httpx2.MockTransport(handler)
+                with sync_client(tracker, loop=lambda: loop, options=options, transport=transport) as http:
+                    http.post(CHAT_URL, json=request)
+
+            await asyncio.to_thread(work)
+        else:
+            async with async_client(
+                tracker, options=options, transport=httpx2.MockTransport(handler)
+            ) as http:
+                await http.post(CHAT_URL, json=request)
+        [held] = seen
+        assert held["expires_at"] > held["created_at"] + timedelta(seconds=600)
+        [row] = await recorded(tracker)
+        assert (row["input_tokens"], row["output_tokens"], row["stream"]) == (100, 20, True)
+        assert await table(tracker, reservations) == []
