@@ -193,16 +193,17 @@ class _Base:
     async def _cut(
         self, guard: Any, call: GuardedCallLike, plan: Plan, response: Any, parts: list[bytes], started: float
     ) -> None:
-        """Record an answer to a request for no stream whose read failed partway (on the tracker's
-        loop): with the usage seen so far when it is an SSE stream sent unasked (its usage event may
-        have come), else with unknown usage."""
-        sse, coding = _content(response)
-        if not sse:
+        """Record an answer to a request for no stream whose read or close failed (on the tracker's
+        loop) with what came: its usage when the body came whole (its close failed) or is an SSE
+        stream sent unasked that showed it before the cut, else unknown usage."""
+        outcome = _answer(plan, response, b"".join(parts), True)
+        if outcome is not None:
             await settle(
-                guard, call, plan, Outcome(), source="response", stream=False,
+                guard, call, plan, outcome, source="response", stream=False,
                 latency_ms=_elapsed_ms(started), raise_budget=False,
             )  # fmt: skip
             return
+        sse, coding = _content(response)
         finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
         finisher.feed_all(parts)
         await finisher.finish()
@@ -235,7 +236,10 @@ def _ask_identity(headers: Any) -> None:
     if entries is not None:
         for at, entry in enumerate(entries):
             if entry[1] == b"accept-encoding":
-                if b"accept-encoding" not in list(map(_KEY, entries[at + 1 :])):
+                for later in entries[at + 1 :]:  # a loop: cheaper than listing the keys
+                    if later[1] == b"accept-encoding":
+                        break
+                else:
                     entries[at] = _IDENTITY
                     return
                 break
@@ -321,16 +325,17 @@ class SpendAsyncTransport(_Base):
                 parts: list[bytes] = []
                 renew_at = started + self._options.lease_renewal
                 try:
-                    async for chunk in response.stream:  # not a comprehension: one more coroutine
-                        parts.append(chunk)
-                        if _now() >= renew_at:  # a host streaming slowly, unasked
-                            renew_at = _now() + self._options.lease_renewal
-                            await _renew(call)
-                except BaseException as error:  # billed, but cut short
+                    try:
+                        async for chunk in response.stream:  # not a comprehension: one more coroutine
+                            parts.append(chunk)
+                            if _now() >= renew_at:  # a host streaming slowly, unasked
+                                renew_at = _now() + self._options.lease_renewal
+                                await _renew(call)
+                    finally:
+                        await response.stream.aclose()
+                except BaseException as error:  # billed, but cut short (or its close failed)
                     await self._cut(guard, call, plan, response, parts, started)
                     raise error
-                finally:
-                    await response.stream.aclose()
                 body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
             outcome = _answer(plan, response, body, encoded)
@@ -397,16 +402,17 @@ class SpendSyncTransport(_Base):
                 parts: list[bytes] = []
                 renew_at = started + self._options.lease_renewal
                 try:
-                    for chunk in response.stream:
-                        parts.append(chunk)
-                        if _now() >= renew_at:  # a host streaming slowly, unasked
-                            renew_at = _now() + self._options.lease_renewal
-                            run_on(loop, _renew(call))
-                except BaseException:  # billed, but cut short
+                    try:
+                        for chunk in response.stream:
+                            parts.append(chunk)
+                            if _now() >= renew_at:  # a host streaming slowly, unasked
+                                renew_at = _now() + self._options.lease_renewal
+                                run_on(loop, _renew(call))
+                    finally:
+                        response.stream.close()
+                except BaseException:  # billed, but cut short (or its close failed)
                     run_on(loop, self._cut(guard, call, plan, response, parts, started))
                     raise
-                finally:
-                    response.stream.close()
                 body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
             outcome = _answer(plan, response, body, encoded)
