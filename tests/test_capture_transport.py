@@ -1041,3 +1041,58 @@ async def test_an_answer_to_a_request_for_no_stream_read_slowly_renews_its_lease
         [row] = await recorded(tracker)
         assert (row["input_tokens"], row["output_tokens"], row["stream"]) == (100, 20, True)
         assert await table(tracker, reservations) == []
+
+
+class CloseFails(httpx2.AsyncByteStream, httpx2.SyncByteStream):
+    """A body that comes whole, and whose connection then fails to close."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._body
+
+    async def aclose(self) -> None:
+        raise httpx2.ReadError("closing the connection failed")
+
+    def close(self) -> None:
+        raise httpx2.ReadError("closing the connection failed")
+
+
+@pytest.mark.parametrize("answer", ["json", "sse"])
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_answer_whose_close_fails_is_recorded_with_its_usage(
+    url: str, answer: str, sync: bool
+) -> None:
+    """An answer to a request for no stream that came whole, then failed to close: the error reaches
+    the caller, and the billed call is recorded with its usage and its reservation settled."""
+    body, content_type = (
+        (JSON_ANSWER, "application/json") if answer == "json" else (sse_final_chunk(), "text/event-stream")
+    )
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=CloseFails(body), headers={"content-type": content_type})
+
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
+        if sync:
+            loop = asyncio.get_running_loop()
+
+            def work() -> None:
+                with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
+                    http.post(CHAT_URL, json=request)
+
+            with pytest.raises(httpx2.ReadError):
+                await asyncio.to_thread(work)
+        else:
+            async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
+                with pytest.raises(httpx2.ReadError):
+                    await http.post(CHAT_URL, json=request)
+        [row] = await recorded(tracker)
+        assert (row["input_tokens"], row["output_tokens"], row["stream"], row["pricing_status"]) == (
+            100, 20, answer == "sse", "priced",
+        )  # fmt: skip
+        assert await table(tracker, reservations) == []
