@@ -800,6 +800,25 @@ ENCODINGS: dict[str, Any] = {
 }
 
 
+async def post_for_no_stream(
+    tracker: Tracker, handler: Any, *, sync: bool, options: CaptureOptions | None = None
+) -> bytes:
+    """POST a chat request that asks for no stream to `handler` through the async or the sync client
+    (on a thread), and give back the body the client read."""
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    transport = httpx2.MockTransport(handler)
+    if sync:
+        loop = asyncio.get_running_loop()
+
+        def work() -> bytes:
+            with sync_client(tracker, loop=lambda: loop, options=options, transport=transport) as http:
+                return http.post(CHAT_URL, json=request).content
+
+        return await asyncio.to_thread(work)
+    async with async_client(tracker, options=options, transport=transport) as http:
+        return (await http.post(CHAT_URL, json=request)).content
+
+
 @pytest.mark.parametrize("answer", ["json", "sse"])
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
 @pytest.mark.parametrize("read_in_full", [True, False], ids=["read in full", "from a stream"])
@@ -827,18 +846,7 @@ async def test_an_answer_to_a_request_for_no_stream_is_read_however_it_comes(
             return httpx2.Response(200, content=body, headers=headers)
         return httpx2.Response(200, stream=(SyncChunks if sync else Chunks)(body, 9), headers=headers)
 
-    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
-    if sync:
-        loop = asyncio.get_running_loop()
-
-        def work() -> bytes:
-            with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
-                return http.post(CHAT_URL, json=request).content
-
-        received = await asyncio.to_thread(work)
-    else:
-        async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
-            received = (await http.post(CHAT_URL, json=request)).content
+    received = await post_for_no_stream(tracker, handler, sync=sync)
     assert received == plain and asked == ["identity"]
     rows = await recorded(tracker)
     assert [(row["input_tokens"], row["output_tokens"], row["stream"]) for row in rows] == [
@@ -961,21 +969,9 @@ async def test_an_answer_to_a_request_for_no_stream_cut_short_is_recorded_with_w
         return httpx2.Response(200, stream=CutAfter(body, 1 if answer == "sse" else 20),
                                headers={"content-type": content_type})  # fmt: skip
 
-    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
-        if sync:
-            loop = asyncio.get_running_loop()
-
-            def work() -> None:
-                with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
-                    http.post(CHAT_URL, json=request)
-
-            with pytest.raises(httpx2.ReadError):
-                await asyncio.to_thread(work)
-        else:
-            async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
-                with pytest.raises(httpx2.ReadError):
-                    await http.post(CHAT_URL, json=request)
+        with pytest.raises(httpx2.ReadError):
+            await post_for_no_stream(tracker, handler, sync=sync)
         [row] = await recorded(tracker)
         if answer == "sse":
             assert (row["input_tokens"], row["output_tokens"], row["usage_source"], row["stream"]) == (
@@ -1022,20 +1018,7 @@ async def test_an_answer_to_a_request_for_no_stream_read_slowly_renews_its_lease
             return httpx2.Response(200, stream=Slow(), headers={"content-type": "text/event-stream"})
 
         options = CaptureOptions(lease_renewal=0.01)
-        request = {"model": "gpt-4o-mini", "messages": MESSAGES}
-        if sync:
-
-            def work() -> None:
-                transport = httpx2.MockTransport(handler)
-                with sync_client(tracker, loop=lambda: loop, options=options, transport=transport) as http:
-                    http.post(CHAT_URL, json=request)
-
-            await asyncio.to_thread(work)
-        else:
-            async with async_client(
-                tracker, options=options, transport=httpx2.MockTransport(handler)
-            ) as http:
-                await http.post(CHAT_URL, json=request)
+        await post_for_no_stream(tracker, handler, sync=sync, options=options)
         [held] = seen
         assert held["expires_at"] > held["created_at"] + timedelta(seconds=600)
         [row] = await recorded(tracker)
@@ -1076,21 +1059,9 @@ async def test_an_answer_whose_close_fails_is_recorded_with_its_usage(
     def handler(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, stream=CloseFails(body), headers={"content-type": content_type})
 
-    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
     async with Tracker(url, budgets=[Budget.daily(10)], mode="block") as tracker:
-        if sync:
-            loop = asyncio.get_running_loop()
-
-            def work() -> None:
-                with sync_client(tracker, loop=lambda: loop, transport=httpx2.MockTransport(handler)) as http:
-                    http.post(CHAT_URL, json=request)
-
-            with pytest.raises(httpx2.ReadError):
-                await asyncio.to_thread(work)
-        else:
-            async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
-                with pytest.raises(httpx2.ReadError):
-                    await http.post(CHAT_URL, json=request)
+        with pytest.raises(httpx2.ReadError):
+            await post_for_no_stream(tracker, handler, sync=sync)
         [row] = await recorded(tracker)
         assert (row["input_tokens"], row["output_tokens"], row["stream"], row["pricing_status"]) == (
             100, 20, answer == "sse", "priced",
