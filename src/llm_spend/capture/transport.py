@@ -9,8 +9,8 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 - non-2xx: leaves the guard without a record (the reservation is released) and returns the response;
 - 2xx to a request for no stream: reads the body (renewing the reservation's lease while it comes,
   as a tap does), records its usage, and returns it. The response's headers are read only when the
-  body is not JSON (compressed, or SSE from a host that streams unasked, which is then tapped as
-  below). A read cut short is recorded with the usage such an SSE body had shown, else unknown;
+  body is not JSON (compressed, or SSE from a host that streams unasked, then read as a stream
+  is). A read cut short is recorded with the usage such an SSE body had shown, else unknown;
 - 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
   exactly once.
 
@@ -264,7 +264,7 @@ def _content(response: Any) -> tuple[bool, str | None]:
 
 def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> Outcome | None:
     """The outcome of a complete answer to a request that asked for no stream; None when it is an
-    SSE stream all the same (a host streaming unasked: the caller taps it as one).
+    SSE stream all the same (a host streaming unasked: the caller reads it as a stream).
 
     Its headers are read only when the body is not JSON: identity was asked for, and compressed
     bytes (gzip, zlib) are never JSON, so a parse that succeeds needs neither the Content-Type nor
@@ -351,7 +351,7 @@ class SpendAsyncTransport(_Base):
                 return response
         sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
         finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
-        if response.is_closed:  # read in full already: nothing left to tap
+        if response.is_closed or not plan.stream:  # read in full already: nothing left to tap
             finisher.feed_all([chunk async for chunk in response.stream])
             try:
                 await finisher.finish(raise_budget=True)
@@ -431,7 +431,7 @@ class SpendSyncTransport(_Base):
                 return response
         sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
         finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
-        if response.is_closed:  # read in full already: nothing left to tap
+        if response.is_closed or not plan.stream:  # read in full already: nothing left to tap
             finisher.feed_all(list(response.stream))
             try:
                 run_on(loop, finisher.finish(raise_budget=True))
