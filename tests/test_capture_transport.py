@@ -1067,3 +1067,21 @@ async def test_an_answer_whose_close_fails_is_recorded_with_its_usage(
             100, 20, answer == "sse", "priced",
         )  # fmt: skip
         assert await table(tracker, reservations) == []
+
+
+async def test_an_sse_answer_sent_unasked_is_recorded_before_it_is_returned(tracker: Tracker) -> None:
+    """An SSE answer to a request for no stream is read whole by the transport, like a JSON one:
+    recorded before the client has the response, even one the caller has not read yet."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            200, stream=Chunks(sse_final_chunk(), 9), headers={"content-type": "text/event-stream"}
+        )
+
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    http = async_client(tracker, transport=httpx2.MockTransport(handler))
+    async with http, http.stream("POST", CHAT_URL, json=request) as response:
+        [row] = await table(tracker)
+        assert (row["input_tokens"], row["output_tokens"], row["stream"]) == (100, 20, True)
+        assert await response.aread() == sse_final_chunk()
+    assert len(await recorded(tracker)) == 1
