@@ -22,7 +22,7 @@ from .base import Accumulator, Outcome
 from .calls import Guard, GuardedCallLike, Plan, settle
 from .sse import SSEParser
 
-__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream"]
+__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream", "renew"]
 
 logger = logging.getLogger("llm_spend")
 _monotonic = time.monotonic
@@ -149,10 +149,7 @@ class Finisher:
     async def extend(self) -> None:
         """Renew the reservation's lease, for `renewal` seconds more of streaming."""
         self.renew_at = _monotonic() + self._renewal
-        try:
-            await self._call.extend()
-        except Exception:
-            logger.exception("llm-spend: renewing a stream's reservation failed")
+        await renew(self._call)
 
     async def finish(self, *, raise_budget: bool = False) -> None:
         """Record now (on the loop, awaited, shielded from cancellation); a no-op after the first."""
@@ -204,6 +201,14 @@ class Finisher:
             latency_ms=latency_ms,
             raise_budget=raise_budget,
         )
+
+
+async def renew(call: GuardedCallLike) -> None:
+    """Renew a call's reservation lease while its answer comes; a failure is logged, not raised."""
+    try:
+        await call.extend()
+    except Exception:
+        logger.exception("llm-spend: renewing a reservation's lease failed")
 
 
 def _ignore(chunk: bytes) -> None:

@@ -57,7 +57,7 @@ from .calls import (
     settle,
 )
 from .options import CaptureOptions
-from .streams import Finisher, run_on
+from .streams import Finisher, renew, run_on
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
@@ -209,14 +209,6 @@ class _Base:
         await finisher.finish()
 
 
-async def _renew(call: GuardedCallLike) -> None:
-    """Renew a reservation's lease while an answer is read (as `Finisher.extend` does for a tap)."""
-    try:
-        await call.extend()
-    except Exception:
-        logger.exception("llm-spend: renewing a reservation's lease failed")
-
-
 _IDENTITY = (b"Accept-Encoding", b"accept-encoding", b"identity")
 _KEY = operator.itemgetter(1)
 
@@ -330,7 +322,7 @@ class SpendAsyncTransport(_Base):
                             parts.append(chunk)
                             if _now() >= renew_at:  # a host streaming slowly, unasked
                                 renew_at = _now() + self._options.lease_renewal
-                                await _renew(call)
+                                await renew(call)
                     finally:
                         await response.stream.aclose()
                 except BaseException as error:  # billed, but cut short (or its close failed)
@@ -407,7 +399,7 @@ class SpendSyncTransport(_Base):
                             parts.append(chunk)
                             if _now() >= renew_at:  # a host streaming slowly, unasked
                                 renew_at = _now() + self._options.lease_renewal
-                                run_on(loop, _renew(call))
+                                run_on(loop, renew(call))
                     finally:
                         response.stream.close()
                 except BaseException:  # billed, but cut short (or its close failed)
