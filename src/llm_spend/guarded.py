@@ -91,7 +91,7 @@ class GuardedCall:
 
     async def extend(self) -> None:
         """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
-        if self.reservation is not None:
+        if self.reservation is not None and self._tracker._home():  # else the next start settles it
             await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
 
     def _unfinished(self) -> bool:
@@ -105,6 +105,9 @@ class GuardedCall:
             if not self._pending.awaited:
                 await self._pending
         elif self.reservation is not None:
+            if not self._tracker._home():  # closed, or its loop stopped: no database to release in
+                logger.warning("llm-spend: a reservation left at shutdown is released once its lease ends")
+                return
             try:
                 await self._tracker.store.release(self.reservation.id)
             except Exception as exc:  # the sweep releases it when its lease runs out

@@ -408,18 +408,26 @@ class Tracker:
         """Queue the record's write (with its reservation's settlement); it is under way on return."""
         writer = self._writer
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
-        if writer is None:
-            if self._closed is None:
-                raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
-            return self._spool_late(PendingWrite(record, windows, **settle), self._closed[0])
+        if writer is None or asyncio.get_running_loop() is not self._loop:
+            return self._late(PendingWrite(record, windows, **settle))
         return writer.submit(PendingWrite(record, windows, **settle))
 
-    def _spool_late(self, item: PendingWrite, database_id: str | None) -> Awaitable[Any]:
-        """A call recorded after the tracker closed (a guard or stream still open at shutdown): it was
+    def _late(self, item: PendingWrite) -> Awaitable[Any]:
+        """A call recorded after the tracker closed (a guard or stream still open at shutdown), or,
+        from a sync client's thread, once the tracker's loop stopped with the tracker open: it was
         billed, so it is kept in the spool, and written (its reservation settled) at the next start."""
+        writer, loop, closed = self._writer, self._loop, self._closed
+        if loop is not None and loop.is_running():
+            raise RuntimeError("the tracker runs on another event loop: record from that loop")
+        if writer is not None:
+            database_id, why = writer.database_id, "after the tracker's event loop stopped"
+        elif closed is not None:
+            database_id, why = closed[0], "after the tracker closed"
+        else:
+            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         logger.warning(
-            "llm-spend: a %s/%s call was recorded after the tracker closed; spooled to %s for the next start",
-            item.record.provider, item.record.model, self.spool.path,
+            "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
+            item.record.provider, item.record.model, why, self.spool.path,
         )  # fmt: skip
 
         async def spool() -> object:
@@ -533,6 +541,14 @@ class Tracker:
 
     def _running_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
+
+    def _home(self) -> bool:
+        """Whether this runs on the tracker's loop while the tracker is open: only then may it use
+        the database (closed, or from a sync client's thread once the loop stopped, it may not)."""
+        try:
+            return self._loop is not None and asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     # -- budgets ------------------------------------------------------------------------------------
 
