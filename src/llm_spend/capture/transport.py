@@ -57,7 +57,7 @@ from .calls import (
     settle,
 )
 from .options import CaptureOptions
-from .streams import Finisher, renew, run_on
+from .streams import Finisher, renew, run_after, run_on
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
@@ -377,15 +377,15 @@ class SpendSyncTransport(_Base):
             raise crossed
         plan = plan_call(*found, raw, self._stream_usage, self._media_allowance)
         guard = self._guard(plan)
-        call = run_on(loop, guard.__aenter__())
+        call = run_on(loop, guard.__aenter__(), here=False)
         started = time.perf_counter()
         try:
             response = self._inner.handle_request(self._prepared(request, plan, call))
         except BaseException as error:
-            run_on(loop, leave(guard, error))
+            run_after(loop, leave(guard, error))
             raise
         if not 200 <= response.status_code < 300:
-            run_on(loop, leave(guard, None))
+            run_after(loop, leave(guard, None))
             return response
         if not plan.stream:  # an answer in one piece, read here and recorded before it is returned
             if response.is_closed:  # read in full already (a mock transport): its content is decoded
@@ -399,18 +399,18 @@ class SpendSyncTransport(_Base):
                             parts.append(chunk)
                             if _now() >= renew_at:  # a host streaming slowly, unasked
                                 renew_at = _now() + self._options.lease_renewal
-                                run_on(loop, renew(call))
+                                run_after(loop, renew(call))
                     finally:
                         response.stream.close()
                 except BaseException:  # billed, but cut short (or its close failed)
-                    run_on(loop, self._cut(guard, call, plan, response, parts, started))
+                    run_after(loop, self._cut(guard, call, plan, response, parts, started))
                     raise
                 body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
             outcome = _answer(plan, response, body, encoded)
             if outcome is not None:
                 try:
-                    run_on(
+                    run_after(
                         loop,
                         settle(
                             guard, call, plan, outcome, source="response", stream=False,
@@ -426,7 +426,7 @@ class SpendSyncTransport(_Base):
         if response.is_closed or not plan.stream:  # read in full already: nothing left to tap
             finisher.feed_all(list(response.stream))
             try:
-                run_on(loop, finisher.finish(raise_budget=True))
+                run_after(loop, finisher.finish(raise_budget=True))
             except BudgetExceeded as exceeded:
                 self._cross(request, raw, exceeded)
                 raise
