@@ -158,6 +158,34 @@ def test_a_sync_sdk_call_outliving_asyncio_run_is_spooled_and_written_at_the_nex
     assert_written_once(*asyncio.run(next_start(db_url, spool)))
 
 
+def test_an_answer_that_comes_while_asyncio_run_shuts_down_is_kept(db_url: str, spool: Path) -> None:
+    """The answer comes after `main()` returned, while `asyncio.run` cancels what is left and waits for
+    its executor (held busy until the caller has its answer): the record, made on the loop or in the
+    thread, is in the spool before anything can cancel it, and the next start writes it."""
+    asked, answer, returned = threading.Event(), threading.Event(), threading.Event()
+    callers: list[Caller] = []
+
+    def busy() -> None:  # an app's work still in the default executor as asyncio.run ends
+        assert returned.wait(WAIT)
+        answer.set()
+        callers[0].join(WAIT)
+
+    async def main() -> None:
+        async with Tracker(db_url, budgets=BUDGETS, spool_path=spool) as tracker:
+            http = tracker.httpx_sync_client(transport=httpx2.MockTransport(json_handler(asked, answer)))
+            callers.append(
+                Caller(lambda: http.post(CHAT_URL, json={"model": "gpt-4o-mini", "messages": MESSAGES}))
+            )
+            callers[0].start()
+            assert await asyncio.to_thread(asked.wait, WAIT)
+        asyncio.get_running_loop().run_in_executor(None, busy)
+        returned.set()
+
+    asyncio.run(main())
+    assert callers[0].outcome().status_code == 200
+    assert_written_once(*asyncio.run(next_start(db_url, spool)))
+
+
 @pytest.mark.parametrize("tracker_closed", [True, False], ids=["tracker closed", "tracker left open"])
 def test_a_sync_call_whose_loop_stopped_returns_and_is_spooled(
     db_url: str, spool: Path, server: LoopThread, tracker_closed: bool
@@ -194,7 +222,8 @@ class HeldStream(httpx2.SyncByteStream):
         chunk = {"id": "c", "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}
         yield f"data: {json.dumps(chunk)}\n\n".encode()
         assert self._answer.wait(WAIT)
-        yield f"data: {json.dumps({'id': 'c', 'model': 'gpt-4o-mini', 'choices': [], 'usage': USAGE})}\n\n".encode()
+        last = {"id": "c", "model": "gpt-4o-mini", "choices": [], "usage": USAGE}
+        yield f"data: {json.dumps(last)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
 

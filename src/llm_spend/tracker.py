@@ -215,10 +215,13 @@ class Tracker:
                     self._sweeper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._sweeper
-                writer, self._writer, self._loop = self._writer, None, None
-                await writer.close(self.shutdown_timeout)
-                self._closed = (writer.database_id,)
-                await self.store.close()
+                writer, self._writer = self._writer, None
+                self._closed = (writer.database_id,)  # a call recorded from now on goes to the spool
+                try:
+                    await writer.close(self.shutdown_timeout)
+                    await self.store.close()
+                finally:
+                    self._loop = None  # the database is closed: nothing releases or renews in it now
 
     async def _sweep_forever(self) -> None:
         """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
@@ -413,28 +416,30 @@ class Tracker:
         return writer.submit(PendingWrite(record, windows, **settle))
 
     def _late(self, item: PendingWrite) -> Awaitable[Any]:
-        """A call recorded after the tracker closed (a guard or stream still open at shutdown), or,
-        from a sync client's thread, once the tracker's loop stopped with the tracker open: it was
-        billed, so it is kept in the spool, and written (its reservation settled) at the next start."""
-        writer, loop, closed = self._writer, self._loop, self._closed
-        if loop is not None and loop.is_running():
-            raise RuntimeError("the tracker runs on another event loop: record from that loop")
+        """A call recorded after the tracker closed (a guard or stream still open at shutdown), or off
+        its loop (a sync client's thread, once the loop stopped): it was billed, so it is appended to
+        the spool at once, where nothing can cancel it (a blocking append: this happens at shutdown),
+        and written, its reservation settled, at the next start."""
+        writer, closed = self._writer, self._closed
         if writer is not None:
-            database_id, why = writer.database_id, "after the tracker's event loop stopped"
+            database_id, why = writer.database_id, "off the tracker's event loop"
         elif closed is not None:
             database_id, why = closed[0], "after the tracker closed"
         else:
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
-        logger.warning(
-            "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
-            item.record.provider, item.record.model, why, self.spool.path,
-        )  # fmt: skip
-
-        async def spool() -> object:
-            kept = await asyncio.to_thread(self.spool.append, [item], database_id)
-            return SPOOLED if kept else None
-
-        return asyncio.ensure_future(spool())
+        written: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        try:
+            kept = self.spool.append([item], database_id)
+        except Exception as exc:
+            written.set_exception(exc)
+            return written
+        if kept:
+            logger.warning(
+                "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
+                item.record.provider, item.record.model, why, self.spool.path,
+            )  # fmt: skip
+        written.set_result(SPOOLED if kept else None)
+        return written
 
     async def _recorded(
         self, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
@@ -540,7 +545,7 @@ class Tracker:
         return capture.sync_client(self, loop=self._running_loop, options=self.capture, **kwargs)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop
+        return self._loop if self._writer is not None else None
 
     def _home(self) -> bool:
         """Whether this runs on the tracker's loop while the tracker is open: only then may it use

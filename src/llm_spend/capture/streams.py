@@ -355,19 +355,24 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any], *, here: bool = True) -> Any:
     """Run a coroutine on the tracker's loop from another thread and wait for its result.
 
-    The wait never outlasts the loop. If the loop is closed, or stops before it has started the
-    coroutine, the coroutine runs in this thread on a loop of its own (`here`; the tracker, closed
-    or cut off from its loop, then spools what is recorded and leaves the database alone), or is
-    dropped with a RuntimeError (not `here`: a reservation needs the tracker's loop). Exactly one
-    of the two loops runs it: each must claim it first. If the loop started it and then stopped,
-    this waits `_PATIENCE` seconds for it to run again, then gives up with a RuntimeError.
+    The wait never outlasts the loop. If the loop is closed, or stops (or cancels it, as an ending
+    `asyncio.run` does) before it has started the coroutine, the coroutine runs in this thread on a
+    loop of its own (`here`; the tracker, closed or cut off from its loop, then spools what is
+    recorded and leaves the database alone), or is dropped with a RuntimeError (not `here`: a
+    reservation needs the tracker's loop). Exactly one of the two loops runs it: each claims it
+    first, the tracker's loop in the coroutine's first step. If the loop started it and then
+    stopped, this waits `_PATIENCE` seconds for it to run again, then gives up with a RuntimeError.
     """
     claim = threading.Lock()
     done: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-    def start() -> None:  # on the loop: the tracker's work, unless this thread took it first
+    async def claimed() -> Any:  # on the loop: the tracker's work, unless this thread took it first
         if claim.acquire(blocking=False):
-            loop.create_task(coroutine).add_done_callback(functools.partial(_copy, done))
+            return await coroutine
+        return None
+
+    def start() -> None:
+        loop.create_task(claimed()).add_done_callback(functools.partial(_copy, done))
 
     with contextlib.suppress(RuntimeError):  # a closed loop refuses it
         loop.call_soon_threadsafe(start)  # with this thread's context (its tags)
@@ -376,13 +381,17 @@ def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
         try:
             return done.result(0 if loop.is_closed() else _SLICE)
         except TimeoutError:
-            if done.done():  # the coroutine's own TimeoutError
-                raise
+            if done.done():  # done since: its result, or the coroutine's own error
+                return done.result()
+        except concurrent.futures.CancelledError:
+            if claim.acquire(blocking=False):
+                break  # cancelled before its first step: this thread's now
+            raise
         if loop.is_running():
             stopped_at = None
             continue
         if claim.acquire(blocking=False):
-            break  # the loop stopped before it started the coroutine: it is this thread's now
+            break  # the loop stopped before it started the coroutine: this thread's now
         if loop.is_closed() or (stopped_at is not None and _monotonic() - stopped_at > _PATIENCE):
             raise RuntimeError("llm-spend: the tracker's event loop stopped in the middle of a call's work")
         if stopped_at is None:
@@ -395,12 +404,12 @@ def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
 
 def run_after(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
     """`run_on` for what follows a call that went out (renewing its lease, recording, releasing):
-    if that cannot run anywhere, it is logged, never raised, as the call itself went through.
-    (A `BudgetExceeded` the record raises is raised.)"""
+    if that cannot run anywhere, or is cancelled midway, it is logged, never raised, as the call
+    itself went through. (A `BudgetExceeded` the record raises is raised.)"""
     try:
         run_on(loop, coroutine)
-    except RuntimeError as exc:
-        logger.error("%s: a captured call may not be recorded", exc)
+    except (RuntimeError, concurrent.futures.CancelledError) as exc:
+        logger.error("llm-spend: a captured call may not be recorded: %r", exc)
 
 
 def _copy(done: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
