@@ -24,13 +24,14 @@ from .capture.base import MEDIA_ALLOWANCE
 from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
 from .context import current_request_id, current_tags, merge_tags, normalize_tags
-from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
-from .guard import Guard, Reservation
+from .exceptions import BudgetExceeded
+from .guard import Guard
 from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
-from .money import from_nanousd, to_nanousd
+from .money import from_nanousd
 from .pricing import Cost, Pricer
 from .reports import BudgetStatus, ReportRow, budget_status, report
+from .reserving import Reserver
 from .storage.spool import Spool, default_spool_path, url_key
 from .storage.store import PendingWrite, Store
 from .storage.writer import SPOOLED, Writer
@@ -125,17 +126,12 @@ class Tracker:
             raise ValueError(f"clamp_min_output_tokens must be at least 1, got {clamp_min_output_tokens}")
         if default_max_output_tokens is not None:
             check_tokens("default_max_output_tokens", default_max_output_tokens)
-        self.default_max_output_tokens = default_max_output_tokens
-        self.clamp_max_tokens = bool(clamp_max_tokens)
-        self.clamp_min_output_tokens = clamp_min_output_tokens
         self.url = url
         self.timezone = _zone(timezone)
         self.on_exceeded = on_exceeded
         self.auto_migrate = auto_migrate
-        self.unknown_price = unknown_price
         self.lease = timedelta(seconds=reservation_ttl)
         self.sweep_interval = float(sweep_interval)
-        self.on_storage_error = on_storage_error
         self.shutdown_timeout = float(shutdown_timeout)
         self.capture = CaptureOptions(
             providers=providers,
@@ -150,6 +146,16 @@ class Tracker:
             price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
         )
         self.budget_guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone, store=self.store)
+        self._reserver = Reserver(
+            self.budget_guard,
+            self.pricer,
+            lease=self.lease,
+            unknown_price=unknown_price,
+            on_storage_error=on_storage_error,
+            clamp_max_tokens=bool(clamp_max_tokens),
+            clamp_min_output_tokens=clamp_min_output_tokens,
+            default_max_output_tokens=default_max_output_tokens,
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue
         self._writer: Writer | None = None
@@ -597,97 +603,9 @@ class Tracker:
         provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
-        reservation, granted = None, None
-        if self.budget_guard.blocking(merged):
-            estimate = self._estimate(provider, model, input_tokens, max_output_tokens)
-            if estimate is not None:
-                try:
-                    reservation = await self._reserve(merged, estimate)
-                except BudgetExceeded as refused:
-                    reservation, granted = await self._clamped(provider, model, input_tokens, merged, refused)
-            elif self.unknown_price == "refuse":
-                raise UnknownPriceError(provider, model)
+        reservation, granted = await self._reserver.reserve(
+            provider, model, input_tokens, max_output_tokens, merged
+        )
         call = GuardedCall(self, provider, model, merged, reservation)
         call.max_output_tokens = granted
         return call
-
-    async def _reserve(self, tags: Mapping[str, str], estimate: int) -> Reservation | None:
-        """Reserve, or, when the database fails, refuse (fail_closed) or go unreserved (fail_open)."""
-        try:
-            return await self.budget_guard.reserve(new_event_id(), tags, estimate, lease=self.lease)
-        except LLMSpendError:
-            raise
-        except Exception as exc:
-            if self.on_storage_error == "fail_closed":
-                raise StorageError(
-                    f"cannot reserve for a block-mode budget, the database failed: {exc} "
-                    "(on_storage_error='fail_closed')"
-                ) from exc
-            logger.warning(
-                "llm-spend: reservation failed (%s); the call goes out unreserved (fail_open)", exc
-            )
-            return None
-
-    async def _clamped(
-        self, provider: str, model: str, input_tokens: int, tags: Mapping[str, str], refused: BudgetExceeded
-    ) -> tuple[Reservation | None, int]:
-        """With `clamp_max_tokens`: reserve for as many output tokens as the refusing window can pay
-        for; when another window refuses that, as many as it can (the tightest window decides), each
-        window refusing at most about once; else the refusal stands."""
-        for _ in range(len(self.budget_guard.rules) + 1):
-            granted = self._affordable_output(provider, model, input_tokens, refused)
-            if granted is None:
-                break
-            smaller = self._estimate(provider, model, input_tokens, granted)
-            assert smaller is not None
-            try:
-                return await self._reserve(tags, smaller), granted
-            except BudgetExceeded as again:
-                refused = again
-        raise refused
-
-    def _affordable_output(
-        self, provider: str, model: str, input_tokens: int, refused: BudgetExceeded
-    ) -> int | None:
-        """With `clamp_max_tokens`: the most output tokens the refusing window can still pay for, if
-        at least `clamp_min_output_tokens`; else None (the refusal stands)."""
-        if not self.clamp_max_tokens:
-            return None
-        room = to_nanousd(refused.limit - refused.spent - refused.reserved)
-        now = datetime.now(UTC)
-        base = self.pricer.bound(provider, model, input_tokens=input_tokens, output_tokens=0, at=now).nanousd
-        per_million = self.pricer.bound(provider, model, input_tokens=0, output_tokens=10**6, at=now).nanousd
-        if base is None or not per_million or room <= base:
-            return None
-        granted = (room - base) * 10**6 // per_million
-        while granted > 0:  # rounding to the nano-dollar may cost a token or two
-            cost = self.pricer.bound(
-                provider, model, input_tokens=input_tokens, output_tokens=granted, at=now
-            )
-            if cost.nanousd is not None and cost.nanousd <= room:
-                break
-            granted -= max(1, granted // 1000)
-        return granted if granted >= self.clamp_min_output_tokens else None
-
-    def _estimate(
-        self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None
-    ) -> int | None:
-        """An upper bound of the call's cost in nano-USD, or None when the model has no price."""
-        if max_output_tokens is None:
-            window = self.pricer.context_window(provider, model)
-            if window is not None:
-                max_output_tokens = max(window - input_tokens, 0)
-            elif self.default_max_output_tokens is not None:
-                max_output_tokens = self.default_max_output_tokens
-            else:
-                raise LLMSpendError(
-                    f"cannot bound the cost of a {provider}/{model} call that sets no max output tokens: "
-                    "its context window is unknown; set max tokens on the request or "
-                    "Tracker(default_max_output_tokens=...)"
-                )
-        check_tokens("max_output_tokens", max_output_tokens)
-        bound = self.pricer.bound(
-            provider, model, input_tokens=input_tokens, output_tokens=max_output_tokens, at=datetime.now(UTC)
-        )
-        nanousd: int | None = bound.nanousd
-        return nanousd
