@@ -471,6 +471,43 @@ async def test_calls_still_open_when_the_tracker_closes_are_spooled_and_written_
     assert status[0].spent == 2 * record.cost and status[0].reserved == 0
 
 
+async def test_a_call_recorded_after_close_whose_spool_cannot_be_written_is_lost_loudly_not_raised(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call recorded after the tracker closed, when the spool cannot be written (its directory is
+    a file): logged as LOST and counted, as the writer's spooling does, and the caller still gets
+    its record."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    tracker = Tracker(sqlite_url, spool_path=blocker / "spool")
+    async with tracker:
+        pass
+    with caplog.at_level(logging.ERROR, logger="llm_spend"):
+        record = await tracker.track(**VALID)
+    assert isinstance(record, CallRecord)
+    assert tracker.spool.dropped == 1 and "is LOST" in caplog.text
+    assert await count(sqlite_url, "llm_calls") == 0
+
+
+def test_a_tracker_entered_together_under_one_asyncio_run_then_another_starts_in_each(
+    sqlite_url: str,
+) -> None:
+    """Two tasks entering one tracker together, under `asyncio.run` and then under another: the second
+    run's tasks wait on a lock of their own loop, not the first run's (which would raise)."""
+    tracker = Tracker(sqlite_url)
+
+    async def use() -> None:
+        async with tracker:
+            await tracker.track(**VALID)
+
+    async def together() -> None:
+        await asyncio.gather(use(), use())
+
+    asyncio.run(together())
+    asyncio.run(together())
+    assert asyncio.run(count(sqlite_url, "llm_calls")) == 4
+
+
 async def test_tasks_entering_one_tracker_together_start_it_once(sqlite_url: str) -> None:
     """Two tasks entering the same tracker at once (two lifespans sharing it) start one writer; the
     last exit stops it, in time, and leaves no task behind."""

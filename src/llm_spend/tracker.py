@@ -160,8 +160,10 @@ class Tracker:
         self._max_batch, self._max_queue = max_batch, max_queue
         self._writer: Writer | None = None
         self._entered = 0
-        self._lifecycle = asyncio.Lock()
-        """Held while the tracker starts or stops: tasks entering it together start it once."""
+        self._lifecycles: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        """Held while the tracker starts or stops: tasks entering it together start it once (one
+        lock per event loop, as a lock belongs to one: a tracker may be entered again under another
+        `asyncio.run`)."""
         self._closed: tuple[str | None] | None = None
         """Once it was closed: (the database's id, if known), for calls recorded after (spooled)."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,11 +178,18 @@ class Tracker:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Tracker:
-        async with self._lifecycle:
+        async with self._lifecycle():
             if self._entered == 0:
                 await self._start()
             self._entered += 1
         return self
+
+    def _lifecycle(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._lifecycles.get(loop)
+        if lock is None:
+            self._lifecycles = {loop: (lock := asyncio.Lock())}  # the lock of a loop gone is dropped
+        return lock
 
     async def _start(self) -> None:
         """Migrate, replay the spool, sweep, and start the writer and the sweeper (first entry)."""
@@ -214,7 +223,7 @@ class Tracker:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        async with self._lifecycle:
+        async with self._lifecycle():
             self._entered -= 1
             if self._entered == 0 and self._writer is not None:
                 if self._sweeper is not None:
@@ -225,9 +234,9 @@ class Tracker:
                 self._closed = (writer.database_id,)  # a call recorded from now on goes to the spool
                 try:
                     await writer.close(self.shutdown_timeout)
-                    await self.store.close()
                 finally:
-                    self._loop = None  # the database is closed: nothing releases or renews in it now
+                    self._loop = None  # from now on nothing releases or renews in the database
+                await self.store.close()
 
     async def _sweep_forever(self) -> None:
         """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
@@ -436,9 +445,13 @@ class Tracker:
         written: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         try:
             kept = self.spool.append([item], database_id)
-        except Exception as exc:
-            written.set_exception(exc)
-            return written
+        except Exception as exc:  # e.g. a full disk: as the writer's spooling, lost loudly, not raised
+            kept = 0
+            self.spool.dropped += 1
+            logger.error(
+                "llm-spend: writing the spool %s failed (%s): a %s/%s call could not be kept and is LOST",
+                self.spool.path, exc, item.record.provider, item.record.model,
+            )  # fmt: skip
         if kept:
             logger.warning(
                 "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
