@@ -10,6 +10,7 @@ holds its answer until the test has taken the tracker (and its loop) away.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -262,6 +263,41 @@ def test_a_sync_stream_read_after_its_loop_closed_is_spooled_with_its_usage(
     rows, held, status = asyncio.run(next_start(db_url, spool))
     assert [row["stream"] for row in rows] == [True]
     assert_written_once(rows, held, status)
+
+
+def test_a_sync_stream_dropped_unread_after_its_loop_closed_is_spooled(
+    db_url: str, spool: Path, server: LoopThread
+) -> None:
+    """A sync stream opened, then let go without being read or closed once the tracker and its loop
+    closed: collected, it is recorded (with unknown usage, as nothing of it was read) by a thread of
+    its own, and the next start writes it and settles its reservation."""
+    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool)
+    server.run(tracker.__aenter__())
+    http = tracker.httpx_sync_client(
+        transport=httpx2.MockTransport(
+            lambda request: httpx2.Response(
+                200, stream=HeldStream(threading.Event()), headers={"content-type": "text/event-stream"}
+            )
+        )
+    )
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": MESSAGES}
+    with with_tags(user="u1"):
+        response = http.send(http.build_request("POST", CHAT_URL, json=body), stream=True)
+    server.run(tracker.__aexit__(None, None, None))
+    server.stop()
+    server.loop.close()
+    del response
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name == "llm-spend-late-stream":
+            thread.join(WAIT)
+    rows, held, status = asyncio.run(next_start(db_url, spool))
+    [row] = rows
+    assert (row["stream"], row["usage_source"], row["pricing_status"], row["cost_nanousd"]) == (
+        True, "unknown", "unknown_usage", None,
+    )  # fmt: skip
+    assert row["tags"] == {"user": "u1"}
+    assert held == 0 and status[0].reserved == 0
 
 
 def test_a_failed_sync_call_after_the_tracker_closed_leaves_its_reservation_to_the_sweep(

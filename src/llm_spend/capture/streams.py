@@ -315,7 +315,15 @@ class TappedSyncStream:
         run_after(finisher.loop, finisher.finish(raise_budget=raise_budget))
 
     def __del__(self) -> None:
-        self._finisher.finish_later()
+        finisher = self._finisher
+        if finisher.done:
+            return
+        if finisher.loop.is_running():
+            finisher.finish_later()
+        else:  # its loop stopped or closed: a thread of its own records it, as `run_on` does
+            threading.Thread(
+                target=run_after, args=(finisher.loop, finisher.finish()), name="llm-spend-late-stream"
+            ).start()
 
 
 class ReadBody:
