@@ -485,7 +485,7 @@ async def test_a_call_recorded_after_close_whose_spool_cannot_be_written_is_lost
     with caplog.at_level(logging.ERROR, logger="llm_spend"):
         record = await tracker.track(**VALID)
     assert isinstance(record, CallRecord)
-    assert tracker.spool.dropped == 1 and "is LOST" in caplog.text
+    assert tracker.spool.dropped == 1 and "LOST" in caplog.text
     assert await count(sqlite_url, "llm_calls") == 0
 
 

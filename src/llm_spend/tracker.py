@@ -443,15 +443,7 @@ class Tracker:
         else:
             raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
         written: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        try:
-            kept = self.spool.append([item], database_id)
-        except Exception as exc:  # e.g. a full disk: as the writer's spooling, lost loudly, not raised
-            kept = 0
-            self.spool.dropped += 1
-            logger.error(
-                "llm-spend: writing the spool %s failed (%s): a %s/%s call could not be kept and is LOST",
-                self.spool.path, exc, item.record.provider, item.record.model,
-            )  # fmt: skip
+        kept = self.spool.append_or_drop([item], database_id)
         if kept:
             logger.warning(
                 "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",

@@ -70,6 +70,20 @@ class Spool:
         self.dropped = 0
         """Calls lost because the spool was full (each one logged as an error)."""
 
+    def append_or_drop(self, items: Sequence[PendingWrite], database_id: str | None) -> int:
+        """`append`, or, when the spool cannot be written (a full disk, a directory that is a file),
+        log the calls as LOST and count them in `dropped`: they cannot be kept anywhere, and
+        recording goes on. Returns how many were kept."""
+        try:
+            return self.append(items, database_id)
+        except Exception as exc:
+            self.dropped += len(items)
+            logger.error(
+                "llm-spend: writing the spool %s failed (%s): %d calls could not be kept and are LOST",
+                self.path, exc, len(items),
+            )  # fmt: skip
+            return 0
+
     def append(self, items: Sequence[PendingWrite], database_id: str | None) -> int:
         """Write items durably (fsync); returns how many fit under `max_bytes`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ class Writer:
         except asyncio.CancelledError:  # the shutdown deadline passed mid-batch: keep it in the spool
             # Every item of it, those whose caller stopped waiting too: the batch did not commit (or
             # its answer was lost; a replay then changes nothing twice).
-            kept = self._spool.append([item for item, _ in batch], self._database_id)
+            kept = self._spool.append_or_drop([item for item, _ in batch], self._database_id)
             self.spooled += kept
             for _, future in batch:
                 if not future.done():
@@ -286,15 +286,7 @@ class Writer:
             return 0
         # Written before this database's id could be read, a line is marked for this URL's database.
         owner = self._database_id
-        try:
-            kept = await asyncio.to_thread(self._spool.append, [item for item, _ in batch], owner)
-        except Exception as exc:  # e.g. a full disk: the calls cannot be kept anywhere
-            kept = 0
-            self._spool.dropped += len(batch)
-            logger.error(
-                "llm-spend: writing the spool %s failed (%s): %d calls could not be kept and are LOST",
-                self._spool.path, exc, len(batch),
-            )  # fmt: skip
+        kept = await asyncio.to_thread(self._spool.append_or_drop, [item for item, _ in batch], owner)
         self.spooled += kept
         for _, future in batch:
             if not future.done():
