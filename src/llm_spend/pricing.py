@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
-from decimal import Decimal, Inexact, localcontext
+from decimal import Decimal
 from importlib.metadata import version
-from operator import attrgetter, mul
 from typing import NamedTuple, TypeVar
 
 from genai_prices.data import providers as bundled_providers
@@ -35,34 +34,28 @@ from genai_prices.types import (
     TieredPrices,
     TimeOfDateConstraint,
 )
-from genai_prices.units import UnitDef, UnitRegistry
-from genai_prices.validation import validate_priced_units
+from genai_prices.units import UnitRegistry
 
 from .money import to_nanousd
 from .price_layers import PricesFile, PriceTable, Rates, parse_rates
+from .price_rates import (
+    Compiled,
+    TierRates,
+    compile_prices,
+    max_rate,
+    priced_units,
+    to_nano,
+    total,
+    unit_rates,
+)
 from .usage import PricingStatus, Usage
 
 __all__ = ["Cost", "Explanation", "Pricer"]
 
 logger = logging.getLogger("llm_spend")
 
-_RAW_KEYS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_reasoning_tokens",
-    "cache_write_5m_tokens",
-    "requests",
-)
-"""The genai-prices usage keys a `Usage` fills, in the order of the vector that `_total` builds."""
-_USAGE_FIELDS = attrgetter(*_RAW_KEYS[:5], "reasoning_tokens")
-_ZERO = Decimal(0)
 _K = TypeVar("_K")
 _V = TypeVar("_V")
-_Rates = tuple[tuple[int, Decimal], ...]
-"""A price per single unit as (tier start, rate), tiers in genai-prices' order; the base starts at -1."""
 
 
 class Cost(NamedTuple):
@@ -101,36 +94,11 @@ _EXPLAINED = {
 }
 
 
-class _Term(NamedTuple):
-    """One priced unit: its billed count as integer coefficients over the usage vector, and its rates
-    as integers in units of 10**-scale USD (tier start, rate), tiers in genai-prices' order."""
-
-    counts: tuple[tuple[int, int], ...]
-    rates: tuple[tuple[int, int], ...]
-
-
-class _Compiled(NamedTuple):
-    """A price set compiled to integer arithmetic: sum count * rate over the terms is exact."""
-
-    terms: tuple[_Term, ...]
-    scale: int
-    """Rates are in 10**-scale USD, so the total is too."""
-    up: int
-    """10**(9 - scale) when scale <= 9, else 1: what turns a total into nano-USD exactly."""
-    down: int
-    """10**(scale - 9) when scale > 9, else 1: what a total is divided by (half-even) for nano-USD."""
-    checks: tuple[tuple[int, ...], ...]
-    """The count vectors (over the usage vector) of the terms that could come out negative."""
-    bands: tuple[tuple[int, tuple[int, ...]], ...]
-    """(tier start, weights), highest start first: for a call with more input tokens than the start,
-    the total is the usage vector dotted with the weights (one band at -1 without tiers)."""
-
-
 class _Limits(NamedTuple):
     """Every input-side and output-side token rate of a model, and its highest per-request fee."""
 
-    inputs: _Rates
-    outputs: _Rates
+    inputs: TierRates
+    outputs: TierRates
     fixed: Decimal
 
 
@@ -176,7 +144,7 @@ class Pricer:
         self._source = f"genai-prices {version('genai-prices')}"
         self._max_entries = max_entries
         self._entries: dict[tuple[str, str], _Entry | None] = {}
-        self._rates: dict[tuple[object, ...], _Compiled | None] = {}
+        self._rates: dict[tuple[object, ...], Compiled | None] = {}
         self._layered = self._overrides is not None or self._file is not None
         self._limits: dict[tuple[object, ...], _Limits | None] = {}
         self._warned: dict[tuple[str, str, str], None] = {}
@@ -212,11 +180,11 @@ class Pricer:
             compiled = self._compile(entry, key, at, service_tier, batch)
         if compiled is None:
             return self._unknown("unknown_model", provider, model)
-        total = _total(compiled, usage)
-        if total is None:
+        summed = total(compiled, usage)
+        if summed is None:
             return self._unknown("unknown_usage", provider, model)
-        amount = Decimal(total).scaleb(-compiled.scale)
-        return Cost(amount, _to_nano(total, compiled), "priced", self._source, entry.model.id)
+        amount = Decimal(summed).scaleb(-compiled.scale)
+        return Cost(amount, to_nano(summed, compiled), "priced", self._source, entry.model.id)
 
     def bound(
         self, provider: str, model: str, *, input_tokens: int, output_tokens: int, at: datetime
@@ -247,8 +215,8 @@ class Pricer:
             limits = _remember(self._limits, key, self._bound_rates(entry, day), self._max_entries)
         if limits is None:
             return self._unknown("unknown_model", provider, model)
-        amount = limits.fixed + input_tokens * _max_rate(limits.inputs, input_tokens)
-        amount += output_tokens * _max_rate(limits.outputs, input_tokens)
+        amount = limits.fixed + input_tokens * max_rate(limits.inputs, input_tokens)
+        amount += output_tokens * max_rate(limits.outputs, input_tokens)
         return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
 
     def explain(
@@ -318,14 +286,14 @@ class Pricer:
 
     def _compile(
         self, entry: _Entry, key: tuple[object, ...], at: datetime, service_tier: str | None, batch: bool
-    ) -> _Compiled | None:
+    ) -> Compiled | None:
         """Compile the prices that apply under `key`; None, with a warning, for an unusable price set."""
         context = {"service_tier": service_tier} if service_tier is not None else {}
         if batch:
             context["processing"] = "batch"
         model_price = entry.model.get_prices(at, context or None)
         try:
-            compiled: _Compiled | None = _integral(_terms(model_price, self._registry))
+            compiled: Compiled | None = compile_prices(model_price, self._registry)
         except (ValueError, ArithmeticError) as error:
             logger.warning("llm-spend: unusable price for %s in genai-prices: %s", entry.model.id, error)
             compiled = None
@@ -338,13 +306,15 @@ class Pricer:
             prices += [variant.prices for variant in entry.model.price_variants or ()]
         inputs: list[tuple[int, Decimal]] = []
         outputs: list[tuple[int, Decimal]] = []
-        fixed, other = [_ZERO], False
-        for unit, value in (item for model_price in prices for item in _priced(model_price, self._registry)):
+        fixed, other = [Decimal(0)], False
+        for unit, value in (
+            item for model_price in prices for item in priced_units(model_price, self._registry)
+        ):
             family, direction = unit.dimensions.get("family"), unit.dimensions.get("direction")
             if family == "tokens" and direction in ("input", "output"):
-                (inputs if direction == "input" else outputs).extend(_rates(value, unit.per))
+                (inputs if direction == "input" else outputs).extend(unit_rates(value, unit.per))
             elif family == "requests":
-                fixed.extend(rate for _, rate in _rates(value, unit.per))
+                fixed.extend(rate for _, rate in unit_rates(value, unit.per))
             else:
                 other = True
         if other and not inputs and not outputs:
@@ -388,119 +358,6 @@ def _when(entry: _Entry, at: datetime) -> object:
     if entry.by_time:
         return tuple(constraint.active(at) for constraint in entry.constraints)
     return _utc(at).date()
-
-
-def _priced(model_price: ModelPrice, registry: UnitRegistry) -> list[tuple[UnitDef, Decimal | TieredPrices]]:
-    """The (unit, price) pairs of a price set; like genai-prices, ignore keys it does not know."""
-    priced: list[tuple[UnitDef, Decimal | TieredPrices]] = []
-    for key, value in model_price.__dict__.items():
-        if not key.startswith("_") and value is not None:
-            try:
-                priced.append((registry.unit_for_price_key(key), value))
-            except KeyError:
-                continue
-    return priced
-
-
-def _rates(value: Decimal | TieredPrices, per: int) -> _Rates:
-    """A price divided by `per`, with its tiers highest start first, as genai-prices tries them.
-
-    The division must be exact (per is a power of ten for every unit a `Usage` fills), so that
-    rate * count equals genai-prices' price * count / per; otherwise decimal.Inexact is raised.
-    """
-    if isinstance(value, TieredPrices):
-        prices = [(tier.start, tier.price) for tier in reversed(value.tiers)] + [(-1, value.base)]
-    else:
-        prices = [(-1, value)]
-    with localcontext() as context:
-        context.traps[Inexact] = True
-        return tuple((start, price / per) for start, price in prices)
-
-
-def _terms(
-    model_price: ModelPrice, registry: UnitRegistry
-) -> list[tuple[tuple[tuple[int, int], ...], _Rates]]:
-    """Compile a price set with genai-prices' leaf decomposition (`decompose.compute_leaf_values`).
-
-    A unit's billed count is its usage minus the billed counts of its priced descendants (the units whose
-    dimensions include its own), so each count is a fixed integer combination of the usage vector.
-    Raises ValueError, as genai-prices does, when the price set lacks an ancestor or join price.
-    """
-    priced = _priced(model_price, registry)
-    validate_priced_units([unit for unit, _ in priced], registry)
-    priced.sort(key=lambda item: (-len(item[0].dimensions), item[0].usage_key))
-    counts: list[dict[int, int]] = []
-    terms: list[tuple[tuple[tuple[int, int], ...], _Rates]] = []
-    for position, (unit, value) in enumerate(priced):
-        count = {_RAW_KEYS.index(unit.usage_key): 1} if unit.usage_key in _RAW_KEYS else {}
-        for other, (descendant, _) in zip(counts, priced[:position], strict=True):
-            if unit.dimensions.items() <= descendant.dimensions.items():
-                for index, coefficient in other.items():
-                    count[index] = count.get(index, 0) - coefficient
-        counts.append({index: coefficient for index, coefficient in count.items() if coefficient})
-        if counts[-1]:
-            terms.append((tuple(counts[-1].items()), _rates(value, unit.per)))
-    return terms
-
-
-def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], _Rates]]) -> _Compiled:
-    """The terms with every rate an integer count of 10**-scale USD, scale the finest any rate needs."""
-    exponents = [rate.as_tuple().exponent for _, rates in terms for _, rate in rates]
-    scale = max([0, *(-e for e in exponents if isinstance(e, int))])
-    compiled = tuple(
-        _Term(counts, tuple((start, int(rate.scaleb(scale))) for start, rate in rates))
-        for counts, rates in terms
-    )
-    up, down = int(Decimal(10).scaleb(max(9 - scale, 0))), int(Decimal(10).scaleb(max(scale - 9, 0)))
-    vectors = [_vector(term.counts) for term in compiled]
-    checks = tuple(v for v, term in zip(vectors, compiled, strict=True) if any(c < 0 for _, c in term.counts))
-    starts = sorted({-1, *(start for term in compiled for start, _ in term.rates)}, reverse=True)
-    bands = []
-    for band in starts:  # every tier holds from its start to the next one: one weight vector each
-        rates = [next(rate for start, rate in term.rates if band + 1 > start) for term in compiled]
-        weights = tuple(
-            sum(v[i] * rate for v, rate in zip(vectors, rates, strict=True)) for i in range(len(_RAW_KEYS))
-        )
-        bands.append((band, weights))
-    return _Compiled(compiled, scale, up // 10, down // 10, checks, tuple(bands))
-
-
-def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
-    vector = [0] * len(_RAW_KEYS)
-    for index, coefficient in counts:
-        vector[index] = coefficient
-    return tuple(vector)
-
-
-def _total(compiled: _Compiled, usage: Usage) -> int | None:
-    """Sum rate * count over the terms, as genai-prices sums, in integers; None for a negative count."""
-    raw: tuple[int, ...] = _USAGE_FIELDS(usage)
-    raw += (raw[3] - raw[4] if raw[4] else 0, 1)  # 5-minute writes are passed only beside 1-hour ones
-    for vector in compiled.checks:
-        if sum(map(mul, raw, vector)) < 0:
-            return None
-    input_tokens = raw[0]
-    for start, weights in compiled.bands:  # the base band starts at -1: one always applies
-        if input_tokens > start:
-            dot: int = sum(map(mul, raw, weights))
-            return dot
-    raise AssertionError("no band starts at -1")  # pragma: no cover
-
-
-def _to_nano(total: int, compiled: _Compiled) -> int:
-    """`total` (in 10**-scale USD) in nano-USD, rounded half-even (as `money.to_nanousd`)."""
-    down = compiled.down
-    if down == 1:
-        return total * compiled.up
-    nano, rest = divmod(total, down)
-    if 2 * rest > down or (2 * rest == down and nano & 1):
-        nano += 1
-    return nano
-
-
-def _max_rate(rates: _Rates, input_tokens: int) -> Decimal:
-    """The highest of the rates that a call with at most `input_tokens` input tokens can reach."""
-    return max((rate for start, rate in rates if input_tokens > start), default=_ZERO)
 
 
 def _standard_prices(model: ModelInfo, day: date) -> list[ModelPrice]:
