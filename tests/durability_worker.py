@@ -22,7 +22,7 @@ async def main(url: str, calls: int) -> None:
                 for _ in range(calls)
             )
         )
-        print(json.dumps({"spooled": tracker._writer.spooled if tracker._writer else 0,
+        print(json.dumps({"spooled": tracker._recorder.writer.spooled if tracker._recorder.writer else 0,
                           "event_ids": [r.event_id for r in records]}), flush=True)  # fmt: skip
         await asyncio.sleep(3600)
 

@@ -56,7 +56,7 @@ async def seed_dated(url: str, days_ago: list[int]) -> list[str]:
 
     async with Tracker(url) as tracker:
         records = [
-            tracker._build(
+            tracker._recorder.build(
                 provider="openai", model="gpt-4o-mini", usage=Usage(input_tokens=100, output_tokens=10),
                 usage_source="manual", tags={"user_id": "=cmd|x"},
                 occurred_at=datetime.now(UTC) - timedelta(days=n),

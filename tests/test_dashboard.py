@@ -52,7 +52,7 @@ async def seed(tracker: Tracker) -> list[CallRecord]:
         ),
     ]
     records = [
-        tracker._build(provider=p, model=m, usage=u, usage_source="manual", tags=tags, stream=stream,
+        tracker._recorder.build(provider=p, model=m, usage=u, usage_source="manual", tags=tags, stream=stream,
                        occurred_at=now - timedelta(seconds=i + 1))
         for i, (p, m, u, tags, stream) in enumerate(specs)
     ]  # fmt: skip
@@ -285,7 +285,7 @@ async def test_tags_named_like_report_columns_are_shown_but_never_grouped(sqlite
     calls (as text, not filter links) and leaves them out of the tag keys it groups by, so the
     overview's top tags are real tags and no page links to a 400."""
     async with Tracker(sqlite_url) as tracker:
-        record = tracker._build(
+        record = tracker._recorder.build(
             provider="openai", model="gpt-4o-mini", usage=Usage(input_tokens=10, output_tokens=1),
             usage_source="manual", tags={"model": "variant-b", "day": "monday", "team": "search"},
         )  # fmt: skip
@@ -360,8 +360,8 @@ async def test_the_tags_page_says_it_shows_the_top_500_values_and_keeps_the_no_k
         now = datetime.now(UTC) - timedelta(seconds=1)
         specs = [(1000 + n, {"user_id": f"u{n:03d}"}) for n in range(502)] + [(1, {})]
         records = [
-            tracker._build(provider="openai", model="gpt-4o", usage=Usage(input_tokens=i, output_tokens=1),
-                           usage_source="manual", tags=tags, occurred_at=now)
+            tracker._recorder.build(provider="openai", model="gpt-4o", usage=Usage(input_tokens=i,
+                                    output_tokens=1), usage_source="manual", tags=tags, occurred_at=now)
             for i, tags in specs
         ]  # fmt: skip
         windows = tracker.budget_guard.windows

@@ -74,12 +74,12 @@ def seed_calls(tracker: Tracker) -> list[Any]:
         }
         if n % 60 == 5:
             tags["feature"] = "export"
-        records.append(tracker._build(
+        records.append(tracker._recorder.build(
             provider=provider, model=model, usage_source="manual", tags=tags,
             usage=Usage(input_tokens=rng.randint(200, 9000), output_tokens=rng.randint(20, 1500)),
             occurred_at=now - timedelta(days=days_ago, minutes=n),
         ))  # fmt: skip
-    records.append(tracker._build(
+    records.append(tracker._recorder.build(
         provider="openai", model="gpt-4o-mini", usage_source="manual", tags={"user_id": XSS},
         usage=Usage(input_tokens=100, output_tokens=10), occurred_at=now - timedelta(hours=2),
     ))  # fmt: skip

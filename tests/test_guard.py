@@ -607,7 +607,7 @@ async def test_a_call_spooled_twice_gives_its_reservation_back_once(db_url: str,
     async with tracker, tracker.guard(**CALL) as call:  # type: ignore[arg-type]
         held = call.reservation
         assert held is not None
-        record = tracker._build(
+        record = tracker._recorder.build(
             provider="openai", model=MODEL, usage=Usage(input_tokens=100, output_tokens=10),
             usage_source="manual", tags=call.tags, occurred_at=held.at,
         )  # fmt: skip

@@ -41,7 +41,7 @@ START, END = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC
 
 async def seed(tracker: Tracker) -> list[CallRecord]:
     records = [
-        tracker._build(
+        tracker._recorder.build(
             provider=provider, model=model, usage=Usage(input_tokens=i, output_tokens=o),
             usage_source="manual", tags=tags, occurred_at=at,
         )
@@ -195,7 +195,7 @@ async def test_a_day_whose_calls_sit_in_another_zones_earlier_window(db_url: str
     from llm_spend.reports import report
 
     async with Tracker(db_url, timezone="America/New_York") as tracker:
-        record = tracker._build(
+        record = tracker._recorder.build(
             provider="openai", model="gpt-4o", usage=Usage(input_tokens=10, output_tokens=1),
             usage_source="manual", tags={}, occurred_at=datetime(2026, 11, 10, 2, 0, tzinfo=UTC),
         )  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,8 @@ from .money import from_nanousd
 from .usage import CallRecord, Usage, UsageSource, check_text
 
 if TYPE_CHECKING:
-    from .tracker import Tracker
+    from .recorder import Recorder
+    from .reserving import Reserver
 
 __all__ = ["GuardedCall", "Guarding"]
 
@@ -27,7 +27,8 @@ class GuardedCall:
 
     def __init__(
         self,
-        tracker: Tracker,
+        recorder: Recorder,
+        reserver: Reserver,
         provider: str,
         model: str,
         tags: Mapping[str, str],
@@ -37,7 +38,7 @@ class GuardedCall:
         self.model = model
         self.tags = tags
         self.reservation = reservation
-        self._tracker = tracker
+        self._recorder, self._reserver = recorder, reserver
         self._pending: _Recording | None = None
         self.max_output_tokens: int | None = None
         """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
@@ -69,30 +70,30 @@ class GuardedCall:
             raise RuntimeError("this guarded call was already recorded")
         if usage is not None and not isinstance(usage, Usage):
             raise ValueError(f"usage must be a llm_spend.Usage or None, got {type(usage).__name__}")
-        tracker, reservation = self._tracker, self.reservation
-        record = tracker._build(
+        recorder, reservation = self._recorder, self.reservation
+        record = recorder.build(
             provider=self.provider, model=self.model if model is None else check_text("model", model, 200),
             usage=usage, usage_source=usage_source, tags=self.tags,
             occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
             service_tier=service_tier, provider_response_id=provider_response_id,
         )  # fmt: skip
         if reservation is None:
-            self._pending = _Recording(tracker, record, tracker._submit(record))
+            self._pending = _Recording(recorder, record, recorder.submit(record))
             return self._pending
         if record.cost_nanousd is not None and record.cost_nanousd > reservation.estimate:
-            tracker.budget_guard.excess_calls += 1
+            recorder.budget_guard.excess_calls += 1
             logger.warning(
                 "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
-        written = tracker._submit(record, reservation_id=reservation.id, release=reservation.windows)
-        self._pending = _Recording(tracker, record, written, reservation.estimate)
+        written = recorder.submit(record, reservation_id=reservation.id, release=reservation.windows)
+        self._pending = _Recording(recorder, record, written, reservation.estimate)
         return self._pending
 
     async def extend(self) -> None:
         """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
-        if self.reservation is not None and self._tracker._home():  # else the next start settles it
-            await self._tracker.store.extend(self.reservation.id, datetime.now(UTC) + self._tracker.lease)
+        if self.reservation is not None and self._recorder.home():  # else the next start settles it
+            await self._reserver.extend(self.reservation)
 
     def _unfinished(self) -> bool:
         """Whether leaving the block still has work: a record nobody awaited, or a reservation."""
@@ -105,11 +106,11 @@ class GuardedCall:
             if not self._pending.awaited:
                 await self._pending
         elif self.reservation is not None:
-            if not self._tracker._home():  # closed, or its loop stopped: no database to release in
+            if not self._recorder.home():  # closed, or its loop stopped: no database to release in
                 logger.warning("llm-spend: a reservation left at shutdown is released once its lease ends")
                 return
             try:
-                await self._tracker.store.release(self.reservation.id)
+                await self._reserver.release(self.reservation)
             except Exception as exc:  # the sweep releases it when its lease runs out
                 logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
 
@@ -119,16 +120,16 @@ class _Recording:
     after the commit, and applies the budgets."""
 
     def __init__(
-        self, tracker: Tracker, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
+        self, recorder: Recorder, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
     ) -> None:
-        self._tracker, self._record, self._written, self._reserved = tracker, record, written, reserved
+        self._recorder, self._record, self._written, self._reserved = recorder, record, written, reserved
         self.awaited = False
 
     def __await__(self) -> Generator[Any, None, CallRecord]:
         if self.awaited:
             raise RuntimeError("a guarded call's record is awaited once")
         self.awaited = True
-        return self._tracker._recorded(self._record, self._written, self._reserved).__await__()
+        return self._recorder.recorded(self._record, self._written, self._reserved).__await__()
 
 
 class Guarding:

@@ -45,6 +45,14 @@ class Reserver:
         self.clamp_max_tokens, self.clamp_min_output_tokens = clamp_max_tokens, clamp_min_output_tokens
         self.default_max_output_tokens = default_max_output_tokens
 
+    async def extend(self, reservation: Reservation) -> None:
+        """Renew a reservation's lease (a long call renews it so that the sweep leaves it alone)."""
+        await self.guard.store.extend(reservation.id, datetime.now(UTC) + self.lease)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Free what a call that will not be recorded reserved."""
+        await self.guard.store.release(reservation.id)
+
     async def reserve(
         self,
         provider: str,

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -23,25 +22,23 @@ from .budgets import Budget, resolve_rules
 from .capture.base import MEDIA_ALLOWANCE
 from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
-from .context import current_request_id, current_tags, merge_tags, normalize_tags
+from .context import current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded
 from .guard import Guard
 from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
-from .money import from_nanousd
-from .pricing import Cost, Pricer
+from .pricing import Pricer
+from .recorder import Callback, Recorder
 from .reports import BudgetStatus, ReportRow, budget_status, report
 from .reserving import Reserver
 from .storage.spool import Spool, default_spool_path, url_key
-from .storage.store import PendingWrite, Store
-from .storage.writer import SPOOLED, Writer
-from .usage import CallRecord, Usage, UsageSource, check_text, check_tokens, new_event_id
+from .storage.store import Store
+from .storage.writer import Writer
+from .usage import CallRecord, Usage, check_text, check_tokens
 
 __all__ = ["Tracker"]
 
 logger = logging.getLogger("llm_spend")
-
-Callback = Callable[[Any], Any]
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -55,20 +52,6 @@ def _zone(name: str) -> ZoneInfo:
 
 def _optional_text(name: str, value: object, limit: int) -> str | None:
     return None if value is None else check_text(name, value, limit)
-
-
-async def _call(callback: Callback, arg: Any, what: str) -> None:
-    """Run a user callback (sync or async); its failure is logged, never raised."""
-    try:
-        result = callback(arg)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        logger.exception("llm-spend: %s %r failed", what, callback)
-
-
-BATCH: Mapping[str, Any] = {"batch": True}
-"""A call recorded with `batch=True` is stored with service_tier "batch" and priced at batch rates."""
 
 
 class Tracker:
@@ -128,7 +111,6 @@ class Tracker:
             check_tokens("default_max_output_tokens", default_max_output_tokens)
         self.url = url
         self.timezone = _zone(timezone)
-        self.on_exceeded = on_exceeded
         self.auto_migrate = auto_migrate
         self.lease = timedelta(seconds=reservation_ttl)
         self.sweep_interval = float(sweep_interval)
@@ -156,20 +138,14 @@ class Tracker:
             clamp_min_output_tokens=clamp_min_output_tokens,
             default_max_output_tokens=default_max_output_tokens,
         )
+        self._recorder = Recorder(self.pricer, self.budget_guard, self.spool, on_exceeded)
         self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue
-        self._writer: Writer | None = None
         self._entered = 0
         self._lifecycles: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         """Held while the tracker starts or stops: tasks entering it together start it once (one
         lock per event loop, as a lock belongs to one: a tracker may be entered again under another
         `asyncio.run`)."""
-        self._closed: tuple[str | None] | None = None
-        """Once it was closed: (the database's id, if known), for calls recorded after (spooled)."""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._subscribers: list[Callback] = []
-        self._background: set[asyncio.Task[None]] = set()
-        """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
 
     @property
     def budgets(self) -> tuple[Budget, ...]:
@@ -200,7 +176,7 @@ class Tracker:
             self.spool,
             max_batch=self._max_batch,
             max_queue=self._max_queue,
-            abandoned=self._abandoned,
+            abandoned=self._recorder.abandoned,
         )
         replayed = True
         try:
@@ -218,24 +194,24 @@ class Tracker:
         if not replayed:
             writer.enter_outage()  # the probe replays the spool once the database answers
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="llm-spend-sweeper")
-        self._writer, self._loop, self._closed = writer, asyncio.get_running_loop(), None
+        self._recorder.attach(writer, asyncio.get_running_loop())
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         async with self._lifecycle():
             self._entered -= 1
-            if self._entered == 0 and self._writer is not None:
+            if self._entered == 0 and self._recorder.writer is not None:
                 if self._sweeper is not None:
                     self._sweeper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._sweeper
-                writer, self._writer = self._writer, None
-                self._closed = (writer.database_id,)  # a call recorded from now on goes to the spool
+                writer = self._recorder.detach()  # a call recorded from now on goes to the spool
+                assert writer is not None
                 try:
                     await writer.close(self.shutdown_timeout)
                 finally:
-                    self._loop = None  # from now on nothing releases or renews in the database
+                    self._recorder.loop = None  # from now on nothing releases or renews in the database
                 await self.store.close()
 
     async def _sweep_forever(self) -> None:
@@ -266,12 +242,14 @@ class Tracker:
     @property
     def outage(self) -> bool:
         """The database failed and calls go to the spool until it answers again."""
-        return self._writer is not None and self._writer.outage
+        writer = self._recorder.writer
+        return writer is not None and writer.outage
 
     @property
     def backpressure_waits(self) -> int:
         """How many track() calls found the write queue full and waited."""
-        return self._writer.waits if self._writer is not None else 0
+        writer = self._recorder.writer
+        return writer.waits if writer is not None else 0
 
     # -- recording ----------------------------------------------------------------------------------
 
@@ -279,8 +257,9 @@ class Tracker:
         """Call `callback(record)` (sync or async) after each call is committed; returns an unsubscribe."""
         if not callable(callback):
             raise ValueError(f"callback must be callable, got {callback!r}")
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        subscribers = self._recorder.subscribers
+        subscribers.append(callback)
+        return lambda: subscribers.remove(callback)
 
     async def track(
         self,
@@ -316,7 +295,7 @@ class Tracker:
             isinstance(latency_ms, bool) or not isinstance(latency_ms, int) or latency_ms < 0
         ):
             raise ValueError(f"latency_ms must be a non-negative integer or None, got {latency_ms!r}")
-        record = self._build(
+        record = self._recorder.build(
             provider=check_text("provider", provider, 64),
             model=check_text("model", model, 200),
             usage=usage,
@@ -326,7 +305,7 @@ class Tracker:
             provider_response_id=_optional_text("provider_response_id", provider_response_id, 200),
             tags=self._tags(tags),
         )
-        return await self._record(record)
+        return await self._recorder.record(record)
 
     @asynccontextmanager
     async def track_stream(
@@ -350,7 +329,7 @@ class Tracker:
             raise
         finally:
             outcome, given = stream.outcome()
-            record = self._build(
+            record = self._recorder.build(
                 provider=provider,
                 model=outcome.model or model,
                 usage=outcome.usage,
@@ -362,7 +341,7 @@ class Tracker:
                 service_tier=outcome.service_tier,
                 provider_response_id=outcome.response_id,
             )
-            recording = asyncio.ensure_future(self._record(record))
+            recording = asyncio.ensure_future(self._recorder.record(record))
             if errored:  # the block's own error wins; a budget crossing is still recorded
                 with contextlib.suppress(BudgetExceeded):
                     await asyncio.shield(recording)
@@ -372,122 +351,6 @@ class Tracker:
     def _tags(self, tags: Mapping[str, object] | None) -> Mapping[str, str]:
         """Explicit tags over the context's (with_tags over the middleware's)."""
         return current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
-
-    def _build(
-        self,
-        *,
-        provider: str,
-        model: str,
-        usage: Usage | None,
-        usage_source: UsageSource,
-        tags: Mapping[str, str],
-        occurred_at: datetime | None = None,
-        stream: bool = False,
-        latency_ms: int | None = None,
-        service_tier: str | None = None,
-        provider_response_id: str | None = None,
-    ) -> CallRecord:
-        at = occurred_at or datetime.now(UTC)
-        if usage is None:  # billed, but the provider told us nothing: unknown, never $0
-            cost = Cost(None, None, "unknown_usage", None, None)
-            usage, usage_source = Usage(), "unknown"
-        else:
-            cost = self.pricer.price(
-                provider,
-                model,
-                usage,
-                at=at,
-                **BATCH if service_tier == "batch" else {"service_tier": service_tier},
-            )
-        return CallRecord(
-            event_id=new_event_id(),
-            occurred_at=at,
-            provider=provider,
-            model=model,
-            usage=usage,
-            cost=None if cost.nanousd is None else from_nanousd(cost.nanousd),  # as stored, to the nano-USD
-            cost_nanousd=cost.nanousd,
-            pricing_status=cost.status,
-            price_source=cost.source,
-            usage_source=usage_source,
-            stream=stream,
-            latency_ms=latency_ms,
-            service_tier=service_tier,
-            provider_response_id=provider_response_id,
-            request_id=current_request_id(),
-            tags=tags,
-        )
-
-    async def _record(self, record: CallRecord, **settle: Any) -> CallRecord:
-        """Write a record, then apply the budgets: notify crossings, raise for raise/block modes."""
-        return await self._recorded(record, self._submit(record, **settle))
-
-    def _submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
-        """Queue the record's write (with its reservation's settlement); it is under way on return."""
-        writer = self._writer
-        windows = self.budget_guard.windows(record.tags, record.occurred_at)
-        if writer is None or asyncio.get_running_loop() is not self._loop:
-            return self._late(PendingWrite(record, windows, **settle))
-        return writer.submit(PendingWrite(record, windows, **settle))
-
-    def _late(self, item: PendingWrite) -> Awaitable[Any]:
-        """A call recorded after the tracker closed (a guard or stream still open at shutdown), or off
-        its loop (a sync client's thread, once the loop stopped): it was billed, so it is appended to
-        the spool at once, where nothing can cancel it (a blocking append: this happens at shutdown),
-        and written, its reservation settled, at the next start."""
-        writer, closed = self._writer, self._closed
-        if writer is not None:
-            database_id, why = writer.database_id, "off the tracker's event loop"
-        elif closed is not None:
-            database_id, why = closed[0], "after the tracker closed"
-        else:
-            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
-        written: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        kept = self.spool.append_or_drop([item], database_id)
-        if kept:
-            logger.warning(
-                "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
-                item.record.provider, item.record.model, why, self.spool.path,
-            )  # fmt: skip
-        written.set_result(SPOOLED if kept else None)
-        return written
-
-    async def _recorded(
-        self, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
-    ) -> CallRecord:
-        """Wait for a queued write, then apply the budgets: notify crossings, hand the record to
-        subscribers, raise for raise/block modes (`reserved`: what a guarded call reserved in its
-        block-mode windows). (A caller cancelled while it waits leaves that to `_abandoned`, so a
-        crossing it made is still noticed and notified.)"""
-        to_raise, to_notify = self._judge(record, await written, reserved)
-        if (to_notify and self.on_exceeded is not None) or self._subscribers:
-            await self._callbacks(record, to_notify)
-        if to_raise is not None:
-            raise to_raise
-        return record
-
-    def _judge(
-        self, record: CallRecord, spent_after: Any, reserved: int | None = None
-    ) -> tuple[BudgetExceeded | None, list[Any]]:
-        if spent_after is None or spent_after is SPOOLED:
-            return None, []  # already recorded under this event_id, or waiting in the spool for replay
-        assert isinstance(spent_after, dict)
-        guard = self.budget_guard
-        return guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after, reserved)
-
-    async def _callbacks(self, record: CallRecord, to_notify: list[BudgetExceeded]) -> None:
-        if self.on_exceeded is not None:
-            for crossing in to_notify:
-                await _call(self.on_exceeded, crossing, "on_exceeded callback")
-        for subscriber in tuple(self._subscribers):
-            await _call(subscriber, record, "subscriber")
-
-    def _abandoned(self, item: PendingWrite, spent_after: Any) -> None:
-        _, to_notify = self._judge(item.record, spent_after)
-        if (to_notify and self.on_exceeded is not None) or self._subscribers:
-            task = asyncio.ensure_future(self._callbacks(item.record, to_notify))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     # -- health -------------------------------------------------------------------------------------
 
@@ -549,22 +412,11 @@ class Tracker:
 
     def httpx_sync_transport(self, inner: Any = None) -> Any:
         """The sync variant, for sync SDK clients used in threads while the tracker runs on its loop."""
-        return capture.sync_transport(self, inner, loop=self._running_loop, options=self.capture)
+        return capture.sync_transport(self, inner, loop=self._recorder.running_loop, options=self.capture)
 
     def httpx_sync_client(self, **kwargs: Any) -> Any:
         """A sync Client using `httpx_sync_transport`; never call it on the tracker's own loop thread."""
-        return capture.sync_client(self, loop=self._running_loop, options=self.capture, **kwargs)
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
-        return self._loop if self._writer is not None else None
-
-    def _home(self) -> bool:
-        """Whether this runs on the tracker's loop while the tracker is open: only then may it use
-        the database (closed, or from a sync client's thread once the loop stopped, it may not)."""
-        try:
-            return self._loop is not None and asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+        return capture.sync_client(self, loop=self._recorder.running_loop, options=self.capture, **kwargs)
 
     # -- budgets ------------------------------------------------------------------------------------
 
@@ -611,6 +463,6 @@ class Tracker:
         reservation, granted = await self._reserver.reserve(
             provider, model, input_tokens, max_output_tokens, merged
         )
-        call = GuardedCall(self, provider, model, merged, reservation)
+        call = GuardedCall(self._recorder, self._reserver, provider, model, merged, reservation)
         call.max_output_tokens = granted
         return call

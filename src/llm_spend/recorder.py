@@ -1,0 +1,211 @@
+"""Recorder: a call priced into a CallRecord, written to the ledger, then judged by the budgets.
+
+While the tracker runs, a record goes to its writer (one transaction with its rollup increments and
+its reservation's settlement), and once it is committed the budgets see what it took each window to:
+``on_exceeded`` is called at a crossing, subscribers get the record, and a raise- or block-mode window
+taken over its limit raises `BudgetExceeded(stage="post")`. A call recorded after the tracker closed,
+or from another event loop, was billed all the same: it goes to the spool at once, for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .context import current_request_id
+from .exceptions import BudgetExceeded
+from .guard import Guard
+from .money import from_nanousd
+from .pricing import Cost, Pricer
+from .storage.spool import Spool
+from .storage.store import PendingWrite
+from .storage.writer import SPOOLED, Writer
+from .usage import CallRecord, Usage, UsageSource, new_event_id
+
+__all__ = ["Callback", "Recorder"]
+
+logger = logging.getLogger("llm_spend")
+
+Callback = Callable[[Any], Any]
+
+BATCH: Mapping[str, Any] = {"batch": True}
+"""A call recorded with service_tier "batch" is priced at batch rates."""
+
+
+async def _call(callback: Callback, arg: Any, what: str) -> None:
+    """Run a user callback (sync or async); its failure is logged, never raised."""
+    try:
+        result = callback(arg)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("llm-spend: %s %r failed", what, callback)
+
+
+class Recorder:
+    """Builds, writes and judges the records of one tracker; the tracker attaches its writer while it
+    runs (`attach`, `detach`)."""
+
+    def __init__(
+        self, pricer: Pricer, budget_guard: Guard, spool: Spool, on_exceeded: Callback | None
+    ) -> None:
+        self.pricer, self.budget_guard, self.spool = pricer, budget_guard, spool
+        self.on_exceeded = on_exceeded
+        self.subscribers: list[Callback] = []
+        self.writer: Writer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The tracker's event loop while it is open; None once nothing may use its database."""
+        self._closed: tuple[str | None] | None = None
+        """Once the tracker closed: (the database's id, if known), for calls recorded after (spooled)."""
+        self._background: set[asyncio.Task[None]] = set()
+        """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
+
+    # -- where records go ---------------------------------------------------------------------------
+
+    def attach(self, writer: Writer, loop: asyncio.AbstractEventLoop) -> None:
+        """The tracker started on `loop`: records go to `writer`."""
+        self.writer, self.loop, self._closed = writer, loop, None
+
+    def detach(self) -> Writer | None:
+        """The tracker is closing: records go to the spool from now on; returns the writer to close."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            self._closed = (writer.database_id,)
+        return writer
+
+    def running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The tracker's event loop while records go to its writer, else None."""
+        return self.loop if self.writer is not None else None
+
+    def home(self) -> bool:
+        """Whether this runs on the tracker's loop while the tracker is open: only then may it use
+        the database (closed, or from a sync client's thread once the loop stopped, it may not)."""
+        try:
+            return self.loop is not None and asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def build(
+        self,
+        *,
+        provider: str,
+        model: str,
+        usage: Usage | None,
+        usage_source: UsageSource,
+        tags: Mapping[str, str],
+        occurred_at: datetime | None = None,
+        stream: bool = False,
+        latency_ms: int | None = None,
+        service_tier: str | None = None,
+        provider_response_id: str | None = None,
+    ) -> CallRecord:
+        """The record of a call, priced (usage None: billed, but its usage is unknown, never $0)."""
+        at = occurred_at or datetime.now(UTC)
+        if usage is None:
+            cost = Cost(None, None, "unknown_usage", None, None)
+            usage, usage_source = Usage(), "unknown"
+        else:
+            cost = self.pricer.price(
+                provider,
+                model,
+                usage,
+                at=at,
+                **BATCH if service_tier == "batch" else {"service_tier": service_tier},
+            )
+        return CallRecord(
+            event_id=new_event_id(),
+            occurred_at=at,
+            provider=provider,
+            model=model,
+            usage=usage,
+            cost=None if cost.nanousd is None else from_nanousd(cost.nanousd),  # as stored, to the nano-USD
+            cost_nanousd=cost.nanousd,
+            pricing_status=cost.status,
+            price_source=cost.source,
+            usage_source=usage_source,
+            stream=stream,
+            latency_ms=latency_ms,
+            service_tier=service_tier,
+            provider_response_id=provider_response_id,
+            request_id=current_request_id(),
+            tags=tags,
+        )
+
+    async def record(self, record: CallRecord) -> CallRecord:
+        """Write a record, then apply the budgets: notify crossings, raise for raise/block modes."""
+        return await self.recorded(record, self.submit(record))
+
+    def submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
+        """Queue the record's write (with its reservation's settlement); it is under way on return."""
+        writer = self.writer
+        windows = self.budget_guard.windows(record.tags, record.occurred_at)
+        if writer is None or asyncio.get_running_loop() is not self.loop:
+            return self._late(PendingWrite(record, windows, **settle))
+        return writer.submit(PendingWrite(record, windows, **settle))
+
+    def _late(self, item: PendingWrite) -> Awaitable[Any]:
+        """A call recorded after the tracker closed (a guard or stream still open at shutdown), or off
+        its loop (a sync client's thread, once the loop stopped): it was billed, so it is appended to
+        the spool at once, where nothing can cancel it (a blocking append: this happens at shutdown),
+        and written, its reservation settled, at the next start."""
+        writer, closed = self.writer, self._closed
+        if writer is not None:
+            database_id, why = writer.database_id, "off the tracker's event loop"
+        elif closed is not None:
+            database_id, why = closed[0], "after the tracker closed"
+        else:
+            raise RuntimeError("the tracker is not running: use `async with tracker:` or its lifespan")
+        written: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        kept = self.spool.append_or_drop([item], database_id)
+        if kept:
+            logger.warning(
+                "llm-spend: a %s/%s call was recorded %s; spooled to %s for the next start",
+                item.record.provider, item.record.model, why, self.spool.path,
+            )  # fmt: skip
+        written.set_result(SPOOLED if kept else None)
+        return written
+
+    async def recorded(
+        self, record: CallRecord, written: Awaitable[Any], reserved: int | None = None
+    ) -> CallRecord:
+        """Wait for a queued write, then apply the budgets: notify crossings, hand the record to
+        subscribers, raise for raise/block modes (`reserved`: what a guarded call reserved in its
+        block-mode windows). (A caller cancelled while it waits leaves that to `abandoned`, so a
+        crossing it made is still noticed and notified.)"""
+        to_raise, to_notify = self._judge(record, await written, reserved)
+        if (to_notify and self.on_exceeded is not None) or self.subscribers:
+            await self._callbacks(record, to_notify)
+        if to_raise is not None:
+            raise to_raise
+        return record
+
+    def abandoned(self, item: PendingWrite, spent_after: Any) -> None:
+        """The writer committed a record whose caller stopped waiting: its crossings are still
+        notified, and subscribers still get it."""
+        _, to_notify = self._judge(item.record, spent_after)
+        if (to_notify and self.on_exceeded is not None) or self.subscribers:
+            task = asyncio.ensure_future(self._callbacks(item.record, to_notify))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _judge(
+        self, record: CallRecord, spent_after: Any, reserved: int | None = None
+    ) -> tuple[BudgetExceeded | None, list[Any]]:
+        if spent_after is None or spent_after is SPOOLED:
+            return None, []  # already recorded under this event_id, or waiting in the spool for replay
+        assert isinstance(spent_after, dict)
+        guard = self.budget_guard
+        return guard.after(record.tags, record.occurred_at, record.cost_nanousd, spent_after, reserved)
+
+    async def _callbacks(self, record: CallRecord, to_notify: list[BudgetExceeded]) -> None:
+        if self.on_exceeded is not None:
+            for crossing in to_notify:
+                await _call(self.on_exceeded, crossing, "on_exceeded callback")
+        for subscriber in tuple(self.subscribers):
+            await _call(subscriber, record, "subscriber")
