@@ -24,8 +24,9 @@ nor keys are ever stored or logged (a crossed request is kept as a 16-byte diges
 facts, without its traceback).
 
 The sync transport runs the guard and the record on the tracker's event loop (where its writer lives)
-with ``asyncio.run_coroutine_threadsafe`` and waits. It must not be called from that loop's thread,
-which would deadlock: it raises RuntimeError there instead (use the async client, or
+with `streams.run_on`, which waits in slices that never outlast the loop: a record the loop stopped
+before starting is recorded by the calling thread instead (spooled). It must not be called from that
+loop's thread, which would deadlock: it raises RuntimeError there instead (use the async client, or
 ``asyncio.to_thread``).
 """
 
