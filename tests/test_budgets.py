@@ -403,6 +403,23 @@ async def test_notify_once_across_two_trackers_sharing_a_database(
     assert await count_calls(db_url) == 40
 
 
+async def test_on_exceeded_replaced_after_construction(sqlite_url: str, tracker_factory: Factory) -> None:
+    """`tracker.on_exceeded` reads and replaces the callback; the crossing goes to the new one, and a
+    value that cannot be called is refused with an error naming the field."""
+    first: list[BudgetExceeded] = []
+    second: list[BudgetExceeded] = []
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.daily("0.012")], on_exceeded=first.append)
+    assert tracker.on_exceeded == first.append
+    tracker.on_exceeded = second.append
+    for _ in range(3):
+        await tracker.track(**CALL)
+    assert first == []
+    assert [e.spent for e in second] == [Decimal("0.018")]
+    with pytest.raises(ValueError, match="on_exceeded must be callable"):
+        tracker.on_exceeded = "not a function"  # type: ignore[assignment]
+    assert tracker.on_exceeded == second.append
+
+
 async def test_spent_equal_to_limit_is_not_exceeded(sqlite_url: str, tracker_factory: Factory) -> None:
     """Reaching the limit exactly does not notify; going one call over does."""
     seen: list[BudgetExceeded] = []

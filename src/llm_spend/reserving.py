@@ -26,7 +26,8 @@ logger = logging.getLogger("llm_spend")
 
 
 class Reserver:
-    """Sizes and makes the reservation of a guarded call (one per tracker; its settings are fixed)."""
+    """Sizes and makes the reservation of a guarded call, renews its lease and releases it (one per
+    tracker; its settings are fixed)."""
 
     def __init__(
         self,

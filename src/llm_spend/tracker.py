@@ -151,6 +151,17 @@ class Tracker:
     def budgets(self) -> tuple[Budget, ...]:
         return tuple(rule.budget for rule in self.budget_guard.rules)
 
+    @property
+    def on_exceeded(self) -> Callback | None:
+        """Called with each `BudgetExceeded` of a window crossing; may be replaced at any time."""
+        return self._recorder.on_exceeded
+
+    @on_exceeded.setter
+    def on_exceeded(self, callback: Callback | None) -> None:
+        if callback is not None and not callable(callback):
+            raise ValueError(f"on_exceeded must be callable, got {callback!r}")
+        self._recorder.on_exceeded = callback
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Tracker:
