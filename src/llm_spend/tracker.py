@@ -54,6 +54,12 @@ def _optional_text(name: str, value: object, limit: int) -> str | None:
     return None if value is None else check_text(name, value, limit)
 
 
+def _callable(name: str, value: Callback | None) -> Callback | None:
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be callable, got {value!r}")
+    return value
+
+
 class Tracker:
     """Records LLM calls into your database and enforces budgets. Enter it before use."""
 
@@ -84,8 +90,7 @@ class Tracker:
         prices_file: str | os.PathLike[str] | None = None,
         fallback_price: Mapping[str, object] | None = None,
     ) -> None:
-        if on_exceeded is not None and not callable(on_exceeded):
-            raise ValueError(f"on_exceeded must be callable, got {on_exceeded!r}")
+        _callable("on_exceeded", on_exceeded)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_queue, int) or max_queue < 1:
@@ -158,9 +163,7 @@ class Tracker:
 
     @on_exceeded.setter
     def on_exceeded(self, callback: Callback | None) -> None:
-        if callback is not None and not callable(callback):
-            raise ValueError(f"on_exceeded must be callable, got {callback!r}")
-        self._recorder.on_exceeded = callback
+        self._recorder.on_exceeded = _callable("on_exceeded", callback)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
