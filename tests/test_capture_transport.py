@@ -12,6 +12,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -34,6 +35,8 @@ from llm_spend.capture import (
     spend_error,
     sync_client,
 )
+from llm_spend.capture.clients import bind
+from llm_spend.capture.streams import keeps_content
 from llm_spend.storage.schema import calls, reservations, rollups
 from llm_spend.testing import FakeProviderTransport, openai_chat_usage
 
@@ -853,6 +856,134 @@ async def test_an_answer_to_a_request_for_no_stream_is_read_however_it_comes(
         (100, 20, answer == "sse")
     ]
     assert rows[0]["pricing_status"] == "priced"
+
+
+def once(module: Any, body: bytes, size: int) -> Any:
+    """A body still to read in chunks (async and sync), which fails if anything reads it twice."""
+
+    class Once(module.AsyncByteStream, module.SyncByteStream):  # type: ignore[misc]
+        reads = 0
+
+        def _parts(self) -> list[bytes]:
+            Once.reads += 1
+            assert Once.reads == 1, "the provider's stream was read twice"
+            return [body[start : start + size] for start in range(0, len(body), size)]
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for part in self._parts():
+                yield part
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield from self._parts()
+
+    return Once()
+
+
+def seen_as_plain(
+    module: Any, tracker: Tracker | None, body: bytes, headers: dict[str, str], sync: bool
+) -> Any:
+    """What a caller sees of an answer to a request for no stream, through `module`'s client, with
+    capture (`tracker`; its package told that responses do not take a body as their content when
+    `keeps` is off) or without: the response of a POST, and of the same request opened as a stream
+    and read raw, then read as a whole."""
+
+    loop = asyncio.get_running_loop()  # the tracker's: a sync client records on it
+
+    def handler(request: Any) -> Any:
+        return module.Response(200, stream=once(module, body, 7), headers=headers)
+
+    def client(keeps: bool) -> Any:
+        mock = module.MockTransport(handler)
+        if tracker is None:
+            return (module.Client if sync else module.AsyncClient)(transport=mock)
+        package = bind(module.__name__)._replace(keeps_content=keeps)
+        options = CaptureOptions()
+        if sync:
+            transport = package.sync_transport(tracker, mock, options, package, lambda: loop)
+            return module.Client(transport=transport)
+        return module.AsyncClient(transport=package.async_transport(tracker, mock, options, package))
+
+    def facts(response: Any, raw: bytes | None) -> dict[str, Any]:
+        read = {"raw": raw} if raw is not None else {"content": response.content, "json": response.json()}
+        return read | {
+            "downloaded": response.num_bytes_downloaded,
+            "elapsed": response.elapsed > timedelta(0),
+        }
+
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+
+    async def seen_async(keeps: bool) -> list[dict[str, Any]]:
+        async with client(keeps) as http:
+            posted = await http.post(CHAT_URL, json=request)
+            async with http.stream("POST", CHAT_URL, json=request) as streamed:
+                raw = b"".join([part async for part in streamed.aiter_raw()])
+            async with http.stream("POST", CHAT_URL, json=request) as whole:
+                await whole.aread()
+                chunks = [part async for part in whole.aiter_bytes()]
+            return [facts(posted, None), facts(streamed, raw), facts(whole, None), {"chunks": chunks}]
+
+    def seen_sync(keeps: bool) -> list[dict[str, Any]]:
+        with client(keeps) as http:
+            posted = http.post(CHAT_URL, json=request)
+            with http.stream("POST", CHAT_URL, json=request) as streamed:
+                raw = b"".join(streamed.iter_raw())
+            with http.stream("POST", CHAT_URL, json=request) as whole:
+                whole.read()
+                chunks = list(whole.iter_bytes())
+            return [facts(posted, None), facts(streamed, raw), facts(whole, None), {"chunks": chunks}]
+
+    return seen_sync if sync else seen_async
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+@pytest.mark.parametrize("package", ["httpx2", "httpx"])
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_an_answer_capture_read_reads_for_the_caller_as_without_capture(
+    tracker: Tracker, package: str, encoding: str, sync: bool
+) -> None:
+    """Capture reads an answer to a request for no stream before the client does, and hands it
+    back: as its content when it is JSON as it came (the client does not read it again), else as
+    the body to decode. Either way the caller sees what a client without capture shows: the
+    content, the raw bytes of a response opened as a stream, the bytes downloaded, the elapsed
+    time; the provider's stream is read once, and every call is recorded with its usage."""
+    module = __import__(package)
+    headers = {"content-type": "application/json"}
+    if encoding == "gzip":
+        headers["content-encoding"] = "gzip"
+    body = JSON_ANSWER if encoding == "identity" else gzip.compress(JSON_ANSWER)
+    assert bind(package).keeps_content  # the fast path is on for the installed releases
+    seen: dict[str, Any] = {}
+    for name, tracking, keeps in (
+        ("plain", None, True),
+        ("kept", tracker, True),
+        ("handed back", tracker, False),
+    ):
+        run = seen_as_plain(module, tracking, body, headers, sync)
+        seen[name] = await asyncio.to_thread(run, keeps) if sync else await run(keeps)
+    assert seen["plain"][0]["content"] == JSON_ANSWER and seen["plain"][1]["raw"] == body
+    assert seen["kept"] == seen["plain"] and seen["handed back"] == seen["plain"]
+    rows = await recorded(tracker, 6)
+    assert [(row["input_tokens"], row["output_tokens"]) for row in rows] == [(100, 20)] * 6
+
+
+def test_a_release_whose_responses_keep_their_content_elsewhere_is_handed_the_body_to_read() -> None:
+    """`keeps_content` tells, once per package, whether a response takes a body as its `_content`;
+    a release that keeps it under another name (or reads the stream all the same) is not given it
+    there, and capture hands it the body to read instead, as the test above shows works."""
+
+    class Elsewhere(httpx2.Response):
+        async def aread(self) -> bytes:
+            self.body = b"".join([part async for part in self.aiter_raw()])
+            return self.body
+
+        def read(self) -> bytes:
+            self.body = b"".join(self.iter_raw())
+            return self.body
+
+    release = SimpleNamespace(
+        Response=Elsewhere, SyncByteStream=httpx2.SyncByteStream, AsyncByteStream=httpx2.AsyncByteStream
+    )
+    assert keeps_content(httpx2) and not keeps_content(release)
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 1_000], ids=lambda size: f"chunks of {size}")

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import datetime
 import functools
 import logging
 import threading
@@ -26,7 +27,17 @@ from .base import Accumulator, Outcome
 from .calls import Guard, GuardedCallLike, Plan, settle
 from .sse import SSEParser
 
-__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream", "renew", "run_after", "run_on"]
+__all__ = [
+    "Finisher",
+    "ReadBody",
+    "TappedAsyncStream",
+    "TappedSyncStream",
+    "keep_read",
+    "keeps_content",
+    "renew",
+    "run_after",
+    "run_on",
+]
 
 logger = logging.getLogger("llm_spend")
 _monotonic = time.monotonic
@@ -351,6 +362,51 @@ class ReadBody:
             raise StopAsyncIteration
         self._pending = None
         return body
+
+
+def keeps_content(module: Any) -> bool:
+    """Whether `module`'s (httpx's or httpx2's) responses are read from a body set as their
+    ``_content``: `read`, `aread` and `content` give it without touching the stream, as they do
+    after a first read. A release that reads responses otherwise is handed `ReadBody` alone."""
+
+    class Untouched(module.SyncByteStream, module.AsyncByteStream):  # type: ignore[misc]
+        def __iter__(self) -> Iterator[bytes]:
+            raise AssertionError("read")
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            raise AssertionError("read")
+            yield b""  # pragma: no cover
+
+    response = module.Response(200, stream=Untouched())
+    try:
+        response._content = b"{}"
+        response._num_bytes_downloaded = 2
+        reading = response.aread()
+        try:
+            reading.send(None)
+        except StopIteration as done:
+            read = done.value
+        else:
+            reading.close()
+            return False
+        return (
+            read == response.read() == response.content == b"{}"
+            and response.num_bytes_downloaded == 2
+            and not response.is_stream_consumed
+        )
+    except Exception:
+        return False
+
+
+def keep_read(response: Any, body: bytes, started: float) -> None:
+    """Give a response whose body capture read in full (`ReadBody`) that body as its content, as the
+    client's own read would: the client's `aread` or `read` then returns it at once, instead of
+    reading it again through three async generators (10 µs, half of what capture adds to a call).
+    Only for a body that needs no decoding (JSON as it came). Its stream is left unread, so that
+    `aiter_raw` still gives the body; `elapsed` is the time from sending to the body read here."""
+    response._content = body
+    response._num_bytes_downloaded = len(body)
+    response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -8,8 +8,9 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 
 - non-2xx: leaves the guard without a record (the reservation is released) and returns the response;
 - 2xx to a request for no stream: reads the body (renewing the reservation's lease while it comes,
-  as a tap does), records its usage, and returns it. The response's headers are read only when the
-  body is not JSON (compressed, or SSE from a host that streams unasked, then read as a stream
+  as a tap does), records its usage, and returns it, read (`streams.keep_read`) when it is JSON as
+  it came, else with the body for the client to decode. The response's headers are read only when
+  the body is not JSON (compressed, or SSE from a host that streams unasked, then read as a stream
   is). A read cut short is recorded with the usage such an SSE body had shown, else unknown;
 - 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
   exactly once.
@@ -58,7 +59,7 @@ from .calls import (
     settle,
 )
 from .options import CaptureOptions
-from .streams import Finisher, renew, run_after, run_on
+from .streams import Finisher, keep_read, renew, run_after, run_on
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
@@ -197,7 +198,7 @@ class _Base:
         """Record an answer to a request for no stream whose read or close failed (on the tracker's
         loop) with what came: its usage when the body came whole (its close failed) or is an SSE
         stream sent unasked that showed it before the cut, else unknown usage."""
-        outcome = _answer(plan, response, b"".join(parts), True)
+        outcome, _ = _answer(plan, response, b"".join(parts), True)
         if outcome is not None:
             await settle(
                 guard, call, plan, outcome, source="response", stream=False,
@@ -255,9 +256,10 @@ def _content(response: Any) -> tuple[bool, str | None]:
     return sse, ", ".join(codings)  # as httpx reads it
 
 
-def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> Outcome | None:
-    """The outcome of a complete answer to a request that asked for no stream; None when it is an
-    SSE stream all the same (a host streaming unasked: the caller reads it as a stream).
+def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> tuple[Outcome | None, bool]:
+    """The outcome of a complete answer to a request that asked for no stream, None when it is an
+    SSE stream all the same (a host streaming unasked: the caller reads it as a stream); and whether
+    the body was JSON as it came (then it needs no decoding, and is its own content).
 
     Its headers are read only when the body is not JSON: identity was asked for, and compressed
     bytes (gzip, zlib) are never JSON, so a parse that succeeds needs neither the Content-Type nor
@@ -265,16 +267,17 @@ def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> Outcome | 
     body is as it came (from a network transport), not decoded by the client (a mock's content)."""
     view = plan.adapter.response_view
     parsed = read(body, view)
-    if parsed is None:
-        sse, coding = _content(response)
-        if sse:
-            return None
-        if encoded and coding:
-            decoded = decode_body(body, coding)  # None (logged) when it cannot be decoded
-            if decoded is None:
-                return Outcome()
-            parsed = read(decoded, view)
-    return outcome_of(plan, parsed)
+    if parsed is not None:
+        return outcome_of(plan, parsed), True
+    sse, coding = _content(response)
+    if sse:
+        return None, False
+    if encoded and coding:
+        decoded = decode_body(body, coding)  # None (logged) when it cannot be decoded
+        if decoded is None:
+            return Outcome(), False
+        parsed = read(decoded, view)
+    return outcome_of(plan, parsed), False
 
 
 def _digest(request: Any, raw: bytes) -> bytes:
@@ -331,8 +334,10 @@ class SpendAsyncTransport(_Base):
                     raise error
                 body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
-            outcome = _answer(plan, response, body, encoded)
+            outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
+                if as_is and encoded and self._package.keeps_content:
+                    keep_read(response, body, started)
                 record(call, plan, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started))
                 try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
                     await guard.__aexit__(None, None, None)
@@ -408,8 +413,10 @@ class SpendSyncTransport(_Base):
                     raise
                 body, encoded = b"".join(parts), True
                 response.stream = self._package.read_body(body)
-            outcome = _answer(plan, response, body, encoded)
+            outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
+                if as_is and encoded and self._package.keeps_content:
+                    keep_read(response, body, started)
                 try:
                     run_after(
                         loop,
