@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import subprocess
 import sys
+import warnings
 from contextlib import closing
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -261,6 +263,31 @@ async def store(db_url: str) -> Any:
     await store.migrate()
     yield store
     await store.close()
+
+
+async def test_writes_that_open_the_writes_connection_together_hold_one(pg_url: str) -> None:
+    """Two writes that find no connection kept for the writes (a new store, or a pool emptied after
+    a lost connection, as when the writer and the spool's replay resume after an outage) each
+    connect: one keeps its connection for the writes to come, the other's goes back to the pool
+    when its write is done, not when the garbage collector finds it."""
+    store = Store(pg_url)
+    await store.migrate()
+    try:
+        await store.engine.dispose()  # an emptied pool: each of the two makes a connection
+        a, b = _record(cost_nanousd=100), _record(cost_nanousd=250)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await asyncio.gather(
+                store.write([PendingWrite(a, _windows(a))]), store.write([PendingWrite(b, _windows(b))])
+            )
+            gc.collect()
+        assert [str(warning.message) for warning in caught] == []  # "... non-checked-in connection ..."
+        assert store.engine.pool.checkedout() == 1
+        calls, rollups = await _snapshot(pg_url)
+        assert len(calls) == 2 and {r[3] for r in rollups} == {350}
+    finally:
+        await store.close()
+    assert store.engine.pool.checkedout() == 0
 
 
 async def test_writing_the_same_event_twice_changes_nothing(db_url: str, store: Store) -> None:

@@ -3,7 +3,9 @@
 The reservations and the ledger writes are single statements sent on the driver connection (see
 pg_reserve and pg_write). Checking a connection out of SQLAlchemy's pool and back costs about as
 much as a round trip on a slow machine, so each of those two streams of statements keeps one
-connection checked out (a lane) while the store is open; anything else borrows one per use.
+connection checked out (a lane) while the store is open; anything else borrows one per use. A task
+that made a lane's connection while another task was making it too (the writer and the spool's replay
+after an outage) uses it once and gives it back.
 
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
 mid-statement, an error that is not the server's answer) is invalidated here, so the pool replaces
@@ -61,7 +63,15 @@ class Drivers:
             held = None
         if lane is not None and held is None:
             conn = await self._engine.connect()
-            held = self._lanes[lane] = _Lane(conn, (await conn.get_raw_connection()).driver_connection, loop)
+            driver = (await conn.get_raw_connection()).driver_connection
+            if lane in self._lanes:  # another task made the lane while this one connected: a loan
+                try:
+                    async with _invalidating(conn, driver):
+                        yield driver
+                finally:
+                    await conn.close()
+                return
+            held = self._lanes[lane] = _Lane(conn, driver, loop)
         if held is None or held.busy:  # no lane asked for, or its connection is in use
             async with self._engine.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
