@@ -17,11 +17,15 @@ from typing import Any
 
 import anthropic
 import genai_prices
+import httpx2
 import openai
 import pytest
 import sqlalchemy as sa
 from google import genai
 from google.genai import types as genai_types
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llm_spend import Tracker, Usage, with_tags
@@ -281,6 +285,73 @@ async def test_anthropic_sync_messages(tracker: Tracker, stream: bool) -> None:
     await asyncio.to_thread(work)
     [row] = await rows(tracker)
     assert_row(row, ANTHROPIC_USAGE, provider="anthropic", model=CLAUDE, stream=stream, cost=CLAUDE_COST)
+
+
+class Unread(httpx2.AsyncBaseTransport):
+    """The fake provider's answers as a network transport hands them back: the body still to read."""
+
+    def __init__(self, fake: FakeProviderTransport) -> None:
+        self._fake = fake
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        answer = await self._fake.handle_async_request(request)
+        return httpx2.Response(answer.status_code, headers=answer.headers, stream=_Body(answer.content))
+
+
+class _Body(httpx2.AsyncByteStream):
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._body[:50]
+        yield self._body[50:]
+
+
+def finished(exporter: InMemorySpanExporter) -> list[tuple[str, dict[str, Any]]]:
+    """The spans ended so far: status and attributes (but the response id, which the fake numbers)."""
+    return [
+        (
+            span.status.status_code.name,
+            {k: v for k, v in (span.attributes or {}).items() if k != "gen_ai.response.id"},
+        )
+        for span in exporter.get_finished_spans()
+    ]
+
+
+async def test_anthropic_tracing_spans_end_as_without_capture(tracker: Tracker) -> None:
+    """anthropic's own OpenTelemetry span of a call (on once it has a tracer provider) ends when the
+    SDK has read the answer, with status OK and the usage: through capture, which reads the answer
+    first and lets the client read it again, as without it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    fake = FakeProviderTransport(usage=ANTHROPIC_USAGE)
+    ended: dict[str, list[list[tuple[str, dict[str, Any]]]]] = {}
+    for name, http in (
+        ("plain", httpx2.AsyncClient(transport=Unread(fake))),
+        ("capture", async_client(tracker, transport=Unread(fake))),
+    ):
+        client = anthropic.AsyncAnthropic(
+            api_key="test", http_client=http, max_retries=0, open_telemetry={"tracer_provider": provider}
+        )
+        seen = ended[name] = []
+        await client.messages.create(model=CLAUDE, max_tokens=1000, messages=MESSAGES)  # type: ignore[arg-type]
+        seen.append(finished(exporter))
+        exporter.clear()
+        async with client.messages.with_streaming_response.create(
+            model=CLAUDE,
+            max_tokens=1000,
+            messages=MESSAGES,  # type: ignore[arg-type]
+        ) as response:
+            await response.parse()
+            seen.append(finished(exporter))
+        exporter.clear()
+        await client.close()
+    [[(status, attributes)], [(streamed_status, _)]] = ended["plain"]
+    assert status == streamed_status == "OK"
+    assert attributes["gen_ai.usage.output_tokens"] == ANTHROPIC_USAGE.output_tokens
+    assert ended["capture"] == ended["plain"]
+    assert len(await rows(tracker)) == 2
 
 
 # -- Gemini ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from llm_spend.capture import (
     sync_client,
 )
 from llm_spend.capture.clients import bind
-from llm_spend.capture.streams import keeps_content
+from llm_spend.capture.streams import identity_response
 from llm_spend.storage.schema import calls, reservations, rollups
 from llm_spend.testing import FakeProviderTransport, openai_chat_usage
 
@@ -879,111 +879,203 @@ def once(module: Any, body: bytes, size: int) -> Any:
     return Once()
 
 
-def seen_as_plain(
-    module: Any, tracker: Tracker | None, body: bytes, headers: dict[str, str], sync: bool
+def watched(module: Any, stream: Any, seen: list[str]) -> Any:
+    """`stream` wrapped as an SDK's tracing wraps a response's body: it notes whether the body was
+    read to its end and whether it was closed."""
+
+    class Watched(module.AsyncByteStream, module.SyncByteStream):  # type: ignore[misc]
+        @property
+        def elapsed(self) -> Any:  # httpx2 reads a response's elapsed time from its body
+            return getattr(stream, "elapsed", None)
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for chunk in stream:
+                yield chunk
+            seen.append("read")
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield from stream
+            seen.append("read")
+
+        async def aclose(self) -> None:
+            seen.append("closed")
+            await stream.aclose()
+
+        def close(self) -> None:
+            seen.append("closed")
+            stream.close()
+
+    return Watched()
+
+
+def what_a_caller_sees(
+    module: Any, tracker: Tracker | None, direct: bool, body: bytes, headers: dict[str, str], sync: bool
 ) -> Any:
     """What a caller sees of an answer to a request for no stream, through `module`'s client, with
-    capture (`tracker`; its package told that responses do not take a body as their content when
-    `keeps` is off) or without: the response of a POST, and of the same request opened as a stream
-    and read raw, then read as a whole."""
-
+    capture (`tracker`; `direct`: its package reads such a body with `identity_response`, else the
+    package's own read) or without: a POST, the same request opened as a stream and read raw, read
+    whole, and read whole through a wrapper around its body. A function of `sync` to call (async:
+    to await)."""
     loop = asyncio.get_running_loop()  # the tracker's: a sync client records on it
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
 
     def handler(request: Any) -> Any:
         return module.Response(200, stream=once(module, body, 7), headers=headers)
 
-    def client(keeps: bool) -> Any:
+    def client() -> Any:
         mock = module.MockTransport(handler)
         if tracker is None:
             return (module.Client if sync else module.AsyncClient)(transport=mock)
-        package = bind(module.__name__)._replace(keeps_content=keeps)
-        options = CaptureOptions()
+        package = bind(module.__name__)
+        if not direct:
+            package = package._replace(identity_response=None)
         if sync:
-            transport = package.sync_transport(tracker, mock, options, package, lambda: loop)
+            transport = package.sync_transport(tracker, mock, CaptureOptions(), package, lambda: loop)
             return module.Client(transport=transport)
-        return module.AsyncClient(transport=package.async_transport(tracker, mock, options, package))
+        return module.AsyncClient(transport=package.async_transport(tracker, mock, CaptureOptions(), package))
 
-    def facts(response: Any, raw: bytes | None) -> dict[str, Any]:
-        read = {"raw": raw} if raw is not None else {"content": response.content, "json": response.json()}
-        return read | {
+    def failed(error: Exception) -> str:
+        return type(error).__name__
+
+    def state(response: Any) -> dict[str, Any]:
+        try:
+            elapsed: bool | str = response.elapsed > timedelta(0)
+        except RuntimeError as error:  # not closed (httpx leaves a body it failed to decode open)
+            elapsed = failed(error)
+        return {
+            "closed": response.is_closed,
+            "consumed": response.is_stream_consumed,
             "downloaded": response.num_bytes_downloaded,
-            "elapsed": response.elapsed > timedelta(0),
+            "elapsed": elapsed,
         }
 
-    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async def seen_async() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with client() as http:
+            try:
+                posted = await http.post(CHAT_URL, json=request)
+                seen["direct read"] = type(posted) is not module.Response
+                seen["post"] = state(posted) | {"content": posted.content}
+                seen["post"]["raw again"] = [part async for part in posted.aiter_raw()]
+            except Exception as error:
+                seen.setdefault("post", {})["error"] = failed(error)
+            async with http.stream("POST", CHAT_URL, json=request) as raw:
+                try:
+                    seen["raw"] = {"content before": raw.content}
+                except Exception as error:
+                    seen["raw"] = {"content before": failed(error)}
+                seen["raw"]["raw"] = b"".join([part async for part in raw.aiter_raw()])
+            seen["raw"] |= state(raw)
+            for name, wrap in (("read", False), ("read, watched", True)):
+                notes: list[str] = []
+                async with http.stream("POST", CHAT_URL, json=request) as whole:
+                    if wrap:
+                        whole.stream = watched(module, whole.stream, notes)
+                    try:
+                        seen[name] = {"content": await whole.aread(), "again": await whole.aread()}
+                        seen[name]["bytes"] = [part async for part in whole.aiter_bytes()]
+                    except Exception as error:
+                        seen[name] = {"error": failed(error)}
+                    seen[name] |= state(whole) | {"notes": notes}
+        return seen
 
-    async def seen_async(keeps: bool) -> list[dict[str, Any]]:
-        async with client(keeps) as http:
-            posted = await http.post(CHAT_URL, json=request)
-            async with http.stream("POST", CHAT_URL, json=request) as streamed:
-                raw = b"".join([part async for part in streamed.aiter_raw()])
-            async with http.stream("POST", CHAT_URL, json=request) as whole:
-                await whole.aread()
-                chunks = [part async for part in whole.aiter_bytes()]
-            return [facts(posted, None), facts(streamed, raw), facts(whole, None), {"chunks": chunks}]
-
-    def seen_sync(keeps: bool) -> list[dict[str, Any]]:
-        with client(keeps) as http:
-            posted = http.post(CHAT_URL, json=request)
-            with http.stream("POST", CHAT_URL, json=request) as streamed:
-                raw = b"".join(streamed.iter_raw())
-            with http.stream("POST", CHAT_URL, json=request) as whole:
-                whole.read()
-                chunks = list(whole.iter_bytes())
-            return [facts(posted, None), facts(streamed, raw), facts(whole, None), {"chunks": chunks}]
+    def seen_sync() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with client() as http:
+            try:
+                posted = http.post(CHAT_URL, json=request)
+                seen["direct read"] = type(posted) is not module.Response
+                seen["post"] = state(posted) | {"content": posted.content}
+                seen["post"]["raw again"] = list(posted.iter_raw())
+            except Exception as error:
+                seen.setdefault("post", {})["error"] = failed(error)
+            with http.stream("POST", CHAT_URL, json=request) as raw:
+                try:
+                    seen["raw"] = {"content before": raw.content}
+                except Exception as error:
+                    seen["raw"] = {"content before": failed(error)}
+                seen["raw"]["raw"] = b"".join(raw.iter_raw())
+            seen["raw"] |= state(raw)
+            for name, wrap in (("read", False), ("read, watched", True)):
+                notes: list[str] = []
+                with http.stream("POST", CHAT_URL, json=request) as whole:
+                    if wrap:
+                        whole.stream = watched(module, whole.stream, notes)
+                    try:
+                        seen[name] = {"content": whole.read(), "again": whole.read()}
+                        seen[name]["bytes"] = list(whole.iter_bytes())
+                    except Exception as error:
+                        seen[name] = {"error": failed(error)}
+                    seen[name] |= state(whole) | {"notes": notes}
+        return seen
 
     return seen_sync if sync else seen_async
 
 
-@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+ANSWERS = {
+    "identity": ({}, JSON_ANSWER),
+    "gzip": ({"content-encoding": "gzip"}, gzip.compress(JSON_ANSWER)),
+    "identity, named": ({"content-encoding": "identity"}, JSON_ANSWER),
+    "JSON labelled gzip": ({"content-encoding": "gzip"}, JSON_ANSWER),
+}
+
+
+@pytest.mark.parametrize("answer", list(ANSWERS))
 @pytest.mark.parametrize("package", ["httpx2", "httpx"])
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 async def test_an_answer_capture_read_reads_for_the_caller_as_without_capture(
-    tracker: Tracker, package: str, encoding: str, sync: bool
+    tracker: Tracker, package: str, answer: str, sync: bool
 ) -> None:
-    """Capture reads an answer to a request for no stream before the client does, and hands it
-    back: as its content when it is JSON as it came (the client does not read it again), else as
-    the body to decode. Either way the caller sees what a client without capture shows: the
-    content, the raw bytes of a response opened as a stream, the bytes downloaded, the elapsed
-    time; the provider's stream is read once, and every call is recorded with its usage."""
+    """Capture reads an answer to a request for no stream before the client does, and hands the
+    client the body to read; one that is JSON with no Content-Encoding is read without the client's
+    decoding layer. Either way the caller sees what a client without capture shows: the content or
+    the error, the raw bytes, the state after the read (closed, consumed, bytes downloaded, the
+    elapsed time), a wrapper around the body seeing it read then closed. The provider's stream is
+    read once, and every call is recorded with its usage."""
     module = __import__(package)
-    headers = {"content-type": "application/json"}
-    if encoding == "gzip":
-        headers["content-encoding"] = "gzip"
-    body = JSON_ANSWER if encoding == "identity" else gzip.compress(JSON_ANSWER)
-    assert bind(package).keeps_content  # the fast path is on for the installed releases
+    extra, body = ANSWERS[answer]
+    headers = {"content-type": "application/json"} | extra
+    assert bind(package).identity_response is not None  # the direct read is on for these releases
     seen: dict[str, Any] = {}
-    for name, tracking, keeps in (
-        ("plain", None, True),
-        ("kept", tracker, True),
-        ("handed back", tracker, False),
+    for name, tracking, direct in (
+        ("plain", None, False),
+        ("direct", tracker, True),
+        ("package's", tracker, False),
     ):
-        run = seen_as_plain(module, tracking, body, headers, sync)
-        seen[name] = await asyncio.to_thread(run, keeps) if sync else await run(keeps)
-    assert seen["plain"][0]["content"] == JSON_ANSWER and seen["plain"][1]["raw"] == body
-    assert seen["kept"] == seen["plain"] and seen["handed back"] == seen["plain"]
-    rows = await recorded(tracker, 6)
-    assert [(row["input_tokens"], row["output_tokens"]) for row in rows] == [(100, 20)] * 6
+        run = what_a_caller_sees(module, tracking, direct, body, headers, sync)
+        seen[name] = await asyncio.to_thread(run) if sync else await run()
+    plain = seen["plain"]
+    if answer == "JSON labelled gzip":
+        assert plain["post"]["error"] == plain["read"]["error"] == "DecodingError"
+    else:
+        assert plain["post"]["content"] == plain["read"]["content"] == JSON_ANSWER
+        assert plain["read, watched"]["notes"] == ["read", "closed"]
+    assert plain["raw"]["raw"] == body and plain["raw"]["content before"] == "ResponseNotRead"
+    direct = {name: case.pop("direct read", False) for name, case in seen.items()}
+    assert direct == {"plain": False, "direct": answer.startswith("identity"), "package's": False}
+    for case in seen.values():  # a read that failed counted the bytes up to the chunk it failed
+        for observed in case.values():  # on: capture hands the body back in one chunk
+            if "error" in observed:
+                observed.pop("downloaded", None)
+    assert seen["direct"] == plain and seen["package's"] == plain
+    rows = await recorded(tracker, 8)
+    assert [(row["input_tokens"], row["output_tokens"]) for row in rows] == [(100, 20)] * 8
 
 
-def test_a_release_whose_responses_keep_their_content_elsewhere_is_handed_the_body_to_read() -> None:
-    """`keeps_content` tells, once per package, whether a response takes a body as its `_content`;
-    a release that keeps it under another name (or reads the stream all the same) is not given it
-    there, and capture hands it the body to read instead, as the test above shows works."""
+def test_a_release_whose_responses_keep_their_content_elsewhere_reads_as_it_does() -> None:
+    """`identity_response` checks, once per package, that a response's own accessors give what its
+    direct read sets; a release that keeps its content under another name is left to read a body
+    its own way."""
 
     class Elsewhere(httpx2.Response):
-        async def aread(self) -> bytes:
-            self.body = b"".join([part async for part in self.aiter_raw()])
-            return self.body
-
-        def read(self) -> bytes:
-            self.body = b"".join(self.iter_raw())
-            return self.body
+        @property
+        def content(self) -> bytes:
+            return self.__dict__["body"]  # type: ignore[no-any-return]
 
     release = SimpleNamespace(
         Response=Elsewhere, SyncByteStream=httpx2.SyncByteStream, AsyncByteStream=httpx2.AsyncByteStream
     )
-    assert keeps_content(httpx2) and not keeps_content(release)
+    assert identity_response(httpx2) is not None and identity_response(release) is None
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 1_000], ids=lambda size: f"chunks of {size}")

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from .calls import TrackerLike
 from .options import CaptureOptions
-from .streams import ReadBody, TappedAsyncStream, TappedSyncStream, keeps_content
+from .streams import ReadBody, TappedAsyncStream, TappedSyncStream, identity_response
 from .transport import LoopGetter, SpendAsyncTransport, SpendSyncTransport
 
 __all__ = ["async_client", "async_transport", "bind", "package_of", "sync_client", "sync_transport"]
@@ -29,8 +29,8 @@ class _Package(NamedTuple):
     async_stream: type[Any]
     sync_stream: type[Any]
     read_body: type[Any]
-    keeps_content: bool
-    """Its responses take a body read by capture as their content (`streams.keep_read`)."""
+    identity_response: type[Any] | None
+    """Its Response that reads a body with no Content-Encoding directly (`streams.read_directly`)."""
 
 
 def package_of(transport: object) -> str:
@@ -62,7 +62,7 @@ def bind(name: str) -> _Package:
         type("TappedAsyncStream", (TappedAsyncStream, module.AsyncByteStream), {}),
         type("TappedSyncStream", (TappedSyncStream, module.SyncByteStream), {}),
         type("ReadBody", (ReadBody, module.AsyncByteStream, module.SyncByteStream), {}),
-        keeps_content(module),
+        identity_response(module),
     )
 
 

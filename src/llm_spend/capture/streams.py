@@ -14,13 +14,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import datetime
 import functools
 import logging
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from .base import Accumulator, Outcome
@@ -32,8 +31,8 @@ __all__ = [
     "ReadBody",
     "TappedAsyncStream",
     "TappedSyncStream",
-    "keep_read",
-    "keeps_content",
+    "identity_response",
+    "read_directly",
     "renew",
     "run_after",
     "run_on",
@@ -364,49 +363,99 @@ class ReadBody:
         return body
 
 
-def keeps_content(module: Any) -> bool:
-    """Whether `module`'s (httpx's or httpx2's) responses are read from a body set as their
-    ``_content``: `read`, `aread` and `content` give it without touching the stream, as they do
-    after a first read. A release that reads responses otherwise is handed `ReadBody` alone."""
+def identity_response(module: Any) -> type[Any] | None:
+    """`module`'s (httpx's or httpx2's) Response, whose read of a body that has no Content-Encoding
+    iterates its stream itself, without the package's decoding layer: an async generator with a
+    decoder and a chunker that pass each chunk through unchanged (39,000 instructions, 6 µs, of the
+    82,000 capture added to a call). Capture gives it to an answer to a request for no stream that it
+    read in full and found to be JSON with no Content-Encoding (`ReadBody`). Or None for a release
+    whose responses it cannot be sure to leave as the package's own read does.
 
-    class Untouched(module.SyncByteStream, module.AsyncByteStream):  # type: ignore[misc]
+    The read is the package's own but for that layer: the stream is iterated to its end (a wrapper
+    that an SDK put around it sees it read), then closed (which gives `elapsed`); the content is set
+    and the stream marked consumed."""
+
+    class IdentityResponse(module.Response):  # type: ignore[misc]
+        async def aread(self) -> bytes:
+            response: Any = self  # the package's Response, untyped
+            if response.is_stream_consumed or response.is_closed or hasattr(self, "_content"):
+                return await super().aread()  # type: ignore[no-any-return]
+            response.is_stream_consumed = True
+            chunks = response.stream.__aiter__()
+            try:
+                parts = [chunk async for chunk in chunks]
+            finally:
+                if isinstance(chunks, AsyncGenerator):
+                    await chunks.aclose()
+                await response.aclose()
+            return _content_of(response, parts)
+
+        def read(self) -> bytes:
+            response: Any = self
+            if response.is_stream_consumed or response.is_closed or hasattr(self, "_content"):
+                return super().read()  # type: ignore[no-any-return]
+            response.is_stream_consumed = True
+            try:
+                parts = list(response.stream)
+            finally:
+                response.close()
+            return _content_of(response, parts)
+
+    class Probe(module.SyncByteStream, module.AsyncByteStream):  # type: ignore[misc]
+        closed = 0
+
         def __iter__(self) -> Iterator[bytes]:
-            raise AssertionError("read")
+            return iter((b"{", b"}"))
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
-            raise AssertionError("read")
-            yield b""  # pragma: no cover
+            yield b"{"
+            yield b"}"
 
-    response = module.Response(200, stream=Untouched())
-    try:
-        response._content = b"{}"
-        response._num_bytes_downloaded = 2
-        reading = response.aread()
-        try:
-            reading.send(None)
-        except StopIteration as done:
-            read = done.value
-        else:
-            reading.close()
-            return False
-        return (
-            read == response.read() == response.content == b"{}"
-            and response.num_bytes_downloaded == 2
-            and not response.is_stream_consumed
-        )
+        def close(self) -> None:
+            self.closed += 1
+
+        async def aclose(self) -> None:
+            self.closed += 1
+
+    try:  # both reads end as the package's own end, and its accessors give what they set
+        for sync in (False, True):
+            stream = Probe()
+            response = module.Response(200, stream=stream)
+            read_directly(response, IdentityResponse)
+            if sync:
+                read = response.read()
+            else:
+                reading = response.aread()
+                try:
+                    reading.send(None)  # nothing in it waits: it ends at once
+                except StopIteration as done:
+                    read = done.value
+                else:
+                    reading.close()
+                    return None
+            if not (
+                read == response.content == response.read() == b"{}"
+                and response.is_closed
+                and response.is_stream_consumed
+                and response.num_bytes_downloaded == 2
+                and stream.closed == 1
+            ):
+                return None
     except Exception:
-        return False
+        return None
+    return IdentityResponse
 
 
-def keep_read(response: Any, body: bytes, started: float) -> None:
-    """Give a response whose body capture read in full (`ReadBody`) that body as its content, as the
-    client's own read would: the client's `aread` or `read` then returns it at once, instead of
-    reading it again through three async generators (10 µs, half of what capture adds to a call).
-    Only for a body that needs no decoding (JSON as it came). Its stream is left unread, so that
-    `aiter_raw` still gives the body; `elapsed` is the time from sending to the body read here."""
+def _content_of(response: Any, parts: list[bytes]) -> bytes:
+    body: bytes = b"".join(parts)
     response._content = body
     response._num_bytes_downloaded = len(body)
-    response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
+    return body
+
+
+def read_directly(response: Any, identity: type[Any]) -> None:
+    """Make `response` an `identity_response` of its package: its body has no Content-Encoding."""
+    response.__class__ = identity
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -8,10 +8,11 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 
 - non-2xx: leaves the guard without a record (the reservation is released) and returns the response;
 - 2xx to a request for no stream: reads the body (renewing the reservation's lease while it comes,
-  as a tap does), records its usage, and returns it, read (`streams.keep_read`) when it is JSON as
-  it came, else with the body for the client to decode. The response's headers are read only when
-  the body is not JSON (compressed, or SSE from a host that streams unasked, then read as a stream
-  is). A read cut short is recorded with the usage such an SSE body had shown, else unknown;
+  as a tap does), records its usage, and returns it with the body for the client to read (read
+  without the client's decoding layer when it is JSON with no Content-Encoding:
+  `streams.read_directly`). The other headers are read only when the body is not JSON (compressed,
+  or SSE from a host that streams unasked, then read as a stream is). A read cut short is recorded
+  with the usage such an SSE body had shown, else unknown;
 - 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
   exactly once.
 
@@ -59,7 +60,7 @@ from .calls import (
     settle,
 )
 from .options import CaptureOptions
-from .streams import Finisher, keep_read, renew, run_after, run_on
+from .streams import Finisher, read_directly, renew, run_after, run_on
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
@@ -256,6 +257,15 @@ def _content(response: Any) -> tuple[bool, str | None]:
     return sse, ", ".join(codings)  # as httpx reads it
 
 
+def _unencoded(response: Any) -> bool:
+    """Whether a response has no Content-Encoding (or identity): a body that is JSON as it came is
+    then its content. One that names another encoding is the client's to decode, or to refuse."""
+    entries = _entries(response.headers)
+    if entries is not None and b"content-encoding" not in map(_KEY, entries):
+        return True
+    return _content(response)[1] in (None, "identity")
+
+
 def _answer(plan: Plan, response: Any, body: bytes, encoded: bool) -> tuple[Outcome | None, bool]:
     """The outcome of a complete answer to a request that asked for no stream, None when it is an
     SSE stream all the same (a host streaming unasked: the caller reads it as a stream); and whether
@@ -336,8 +346,8 @@ class SpendAsyncTransport(_Base):
                 response.stream = self._package.read_body(body)
             outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
-                if as_is and encoded and self._package.keeps_content:
-                    keep_read(response, body, started)
+                if as_is and encoded and self._package.identity_response is not None and _unencoded(response):
+                    read_directly(response, self._package.identity_response)
                 record(call, plan, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started))
                 try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
                     await guard.__aexit__(None, None, None)
@@ -415,8 +425,8 @@ class SpendSyncTransport(_Base):
                 response.stream = self._package.read_body(body)
             outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
-                if as_is and encoded and self._package.keeps_content:
-                    keep_read(response, body, started)
+                if as_is and encoded and self._package.identity_response is not None and _unencoded(response):
+                    read_directly(response, self._package.identity_response)
                 try:
                     run_after(
                         loop,
