@@ -7,8 +7,10 @@ record do nothing, so it measures parsing, routing and tapping, as for a tracker
 budget; "capture, reserving" the same stub saying that it reserves (capture then reads every request
 before it is sent, as for a block-mode budget); "+ SQLite ledger" uses a real Tracker
 writing every call to a SQLite file (group-committed by its writer), timed against plain runs of
-its own so that its writer's work does not land in the other rows. Medians over several runs.
-Figures only, no assertions: they depend on the machine.
+its own so that its writer's work does not land in the other rows. Medians over several rounds; what
+a setup adds is the median of its differences with plain in the same round.
+Figures only, no assertions: they depend on the machine. `bench/capture.py direct` measures only
+what the direct read of an answer handed back to the client saves (see `direct_read`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +27,11 @@ from typing import Any
 import httpx2
 
 from llm_spend import Tracker, Usage
-from llm_spend.capture import async_transport
+from llm_spend.capture import CaptureOptions, async_transport
+from llm_spend.capture.clients import bind
 from llm_spend.testing import FakeProviderTransport
 
-CALLS, CALL_RUNS = 2_000, 7
+CALLS, CALL_RUNS = 1_000, 15
 LEDGER = "+ SQLite ledger"
 LARGE_CALLS = 100
 CHUNKS, STREAM_RUNS = 2_000, 7
@@ -118,46 +122,63 @@ class StubTracker:
         return _StubGuard()
 
 
+def paired(runs: dict[str, list[float]], base: str = "plain") -> dict[str, tuple[float, float]]:
+    """(median, added) of each setup's runs: added is the median of its differences with the `base`
+    run of the same round, which a slow moment of the machine shifts alike (the difference of two
+    medians would take each from another round)."""
+    plain = runs[base]
+    return {
+        name: (
+            statistics.median(values),
+            statistics.median(a - b for a, b in zip(values, plain, strict=True)),
+        )
+        for name, values in runs.items()
+    }
+
+
 async def per_call(
     clients: dict[str, httpx2.AsyncClient], messages: Any = MESSAGES, calls: int = CALLS
-) -> dict[str, float]:
-    """Median µs per non-streaming chat call of each client, over CALL_RUNS runs of `calls` calls,
-    the clients' runs interleaved so that a slow moment of the machine hits them alike."""
+) -> dict[str, list[float]]:
+    """µs per call of each non-streaming chat client in each of CALL_RUNS rounds of `calls` calls,
+    the clients taking turns within a round, in an order that rotates."""
     body = {"model": "gpt-4o-mini", "messages": messages, "max_tokens": 500}
     runs: dict[str, list[float]] = {name: [] for name in clients}
+    names = list(clients)
     for client in clients.values():
         for _ in range(calls // 10):
             await client.post(CHAT, json=body)
-    for _ in range(CALL_RUNS):
-        for name, client in clients.items():
+    for round_ in range(CALL_RUNS):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            client = clients[name]
             started = time.perf_counter()
             for _ in range(calls):
                 await client.post(CHAT, json=body)
             runs[name].append((time.perf_counter() - started) / calls * 1e6)
-    return {name: statistics.median(values) for name, values in runs.items()}
+    return runs
 
 
 async def apart(
     setups: dict[str, Any], make: Any, messages: Any = MESSAGES, calls: int = CALLS
 ) -> dict[str, tuple[float, float]]:
-    """(µs per call, µs added over plain) of each setup: the clients that do no I/O in interleaved
-    runs, then the ledger's client interleaved with a plain client of its own. The ledger's writer
-    leaves work behind it (commits on its thread, objects for the garbage collector) that lands in
-    whichever runs follow, and would scatter the capture rows."""
-    quiet = await per_call(
-        {name: make(guard) for name, guard in setups.items() if name != LEDGER}, messages, calls
+    """(µs per call, µs added over plain) of each setup: the clients that do no I/O in one set of
+    rounds, then the ledger's client with a plain client of its own. The ledger's writer leaves work
+    behind it (commits on its thread, objects for the garbage collector) that lands in whichever
+    runs follow, and would scatter the capture rows."""
+    found = paired(
+        await per_call(
+            {name: make(guard) for name, guard in setups.items() if name != LEDGER}, messages, calls
+        )
     )
-    found = {name: (micros, micros - quiet["plain"]) for name, micros in quiet.items()}
-    pair = await per_call({"plain": make(None), LEDGER: make(setups[LEDGER])}, messages, calls)
-    found[LEDGER] = (pair[LEDGER], pair[LEDGER] - pair["plain"])
+    ledger = await per_call({"plain": make(None), LEDGER: make(setups[LEDGER])}, messages, calls)
+    found[LEDGER] = paired(ledger)[LEDGER]
     return found
 
 
 async def per_chunk(
     clients: dict[str, httpx2.AsyncClient], url: str, body: dict[str, Any]
-) -> tuple[dict[str, float], int]:
-    """Median µs per streamed chunk (one SSE event each), reading the raw stream as an SDK does,
-    the clients' streams interleaved."""
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """(median µs per streamed chunk, µs added over plain) of each client (one SSE event a chunk),
+    reading the raw stream as an SDK does, the clients' streams taking turns."""
     runs: dict[str, list[float]] = {name: [] for name in clients}
     chunks = 0
     for _ in range(STREAM_RUNS):
@@ -168,7 +189,7 @@ async def per_chunk(
                 async for _ in response.aiter_raw():
                     chunks += 1
             runs[name].append((time.perf_counter() - started) / chunks * 1e6)
-    return {name: statistics.median(values) for name, values in runs.items()}, chunks
+    return paired(runs), chunks
 
 
 class _SocketBody(httpx2.AsyncByteStream):
@@ -205,6 +226,23 @@ def _fake(wrap: type[Unread] | None) -> Any:
     return fake if wrap is None else wrap(fake)
 
 
+async def direct_read() -> None:
+    """What reading the body handed back without the package's decoding layer saves (`python
+    bench/capture.py direct`): capture with and without `identity_response`, a body to read."""
+    package = bind("httpx2")
+    clients = {"plain": httpx2.AsyncClient(transport=_fake(Unread))}
+    for name, identity in (("direct read", package.identity_response), ("package's read", None)):
+        chosen = package._replace(identity_response=identity)
+        transport = chosen.async_transport(StubTracker(), _fake(Unread), CaptureOptions(), chosen)
+        clients[name] = httpx2.AsyncClient(transport=transport)
+    runs = await per_call(clients)
+    print(f"capture only, body read from a stream, µs per call (median of {CALL_RUNS} x {CALLS})")
+    for name, (micros, added) in paired(runs).items():
+        print(f"  {name:16} {micros:8.1f}   added {added:7.1f}")
+    saved = paired(runs, base="package's read")["direct read"][1]
+    print(f"  direct read against the package's read, paired: {saved:+.1f}")
+
+
 async def main() -> None:
     print(f"python {platform.python_version()} on {platform.machine()}, httpx2 {httpx2.__version__}")
     text = " ".join(f"w{i}" for i in range(CHUNKS))
@@ -233,10 +271,9 @@ async def main() -> None:
                     for name, guard in list(setups.items())[:2]
                 }
                 chunk_us, chunks = await per_chunk(streaming, url, body)
-                for name, micros in chunk_us.items():
-                    added = micros - chunk_us["plain"]
+                for name, (micros, added) in chunk_us.items():
                     print(f"  {stream:17} {name:13} {micros:7.2f}   added {added:5.2f}   ({chunks} chunks)")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(direct_read() if sys.argv[1:] == ["direct"] else main())
