@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import gzip
 import json
+import pickle
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -937,6 +939,13 @@ def what_a_caller_sees(
     def failed(error: Exception) -> str:
         return type(error).__name__
 
+    def kept(response: Any) -> dict[str, Any]:  # as a cache keeps it: pickled, or copied
+        pickled, copied = pickle.loads(pickle.dumps(response)), copy.copy(response)
+        return {
+            "pickled": (type(pickled), pickled.content, pickled.is_closed),
+            "copied": (type(copied), copied.content, copied.is_closed),
+        }
+
     def state(response: Any) -> dict[str, Any]:
         try:
             elapsed: bool | str = response.elapsed > timedelta(0)
@@ -955,7 +964,7 @@ def what_a_caller_sees(
             try:
                 posted = await http.post(CHAT_URL, json=request)
                 seen["direct read"] = type(posted) is not module.Response
-                seen["post"] = state(posted) | {"content": posted.content}
+                seen["post"] = state(posted) | {"content": posted.content} | kept(posted)
                 seen["post"]["raw again"] = [part async for part in posted.aiter_raw()]
             except Exception as error:
                 seen.setdefault("post", {})["error"] = failed(error)
@@ -985,7 +994,7 @@ def what_a_caller_sees(
             try:
                 posted = http.post(CHAT_URL, json=request)
                 seen["direct read"] = type(posted) is not module.Response
-                seen["post"] = state(posted) | {"content": posted.content}
+                seen["post"] = state(posted) | {"content": posted.content} | kept(posted)
                 seen["post"]["raw again"] = list(posted.iter_raw())
             except Exception as error:
                 seen.setdefault("post", {})["error"] = failed(error)

@@ -14,13 +14,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import copyreg
 import functools
 import logging
 import threading
 import time
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, SupportsIndex
 
 from .base import Accumulator, Outcome
 from .calls import Guard, GuardedCallLike, Plan, settle
@@ -376,6 +377,11 @@ def identity_response(module: Any) -> type[Any] | None:
     and the stream marked consumed."""
 
     class IdentityResponse(module.Response):  # type: ignore[misc]
+        def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+            """Pickled, and copied, as the package's own Response: this class is made at run time."""
+            rebuild = copyreg._reconstructor  # type: ignore[attr-defined]  # what protocols 0 and 1 use
+            return rebuild, (module.Response, object, None), self.__getstate__()
+
         async def aread(self) -> bytes:
             response: Any = self  # the package's Response, untyped
             if response.is_stream_consumed or response.is_closed or hasattr(self, "_content"):
