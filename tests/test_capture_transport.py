@@ -910,6 +910,20 @@ def watched(module: Any, stream: Any, seen: list[str]) -> Any:
     return Watched()
 
 
+def dropped(module: Any) -> Any:
+    """A body whose connection drops before its first byte, as `module`'s network transport says it."""
+
+    class Dropped(module.AsyncByteStream, module.SyncByteStream):  # type: ignore[misc]
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            raise module.ReadError("connection dropped")
+            yield b""  # pragma: no cover
+
+        def __iter__(self) -> Iterator[bytes]:
+            raise module.ReadError("connection dropped")
+
+    return Dropped()
+
+
 def what_a_caller_sees(
     module: Any, tracker: Tracker | None, direct: bool, body: bytes, headers: dict[str, str], sync: bool
 ) -> Any:
@@ -938,6 +952,13 @@ def what_a_caller_sees(
 
     def failed(error: Exception) -> str:
         return type(error).__name__
+
+    def caught(action: Any) -> str:
+        try:
+            action()
+        except Exception as error:
+            return failed(error)
+        return "nothing raised"
 
     def kept(response: Any) -> dict[str, Any]:  # as a cache keeps it: pickled, or copied
         pickled, copied = pickle.loads(pickle.dumps(response)), copy.copy(response)
@@ -986,6 +1007,17 @@ def what_a_caller_sees(
                     except Exception as error:
                         seen[name] = {"error": failed(error)}
                     seen[name] |= state(whole) | {"notes": notes}
+            async with http.stream("POST", CHAT_URL, json=request) as whole:  # read the sync way
+                seen["wrong read"] = {"error": caught(whole.read)}
+                try:
+                    seen["wrong read"]["then"] = await whole.aread()
+                except Exception as error:
+                    seen["wrong read"]["then"] = failed(error)
+            async with http.stream("POST", CHAT_URL, json=request) as whole:
+                whole.stream = dropped(module)
+                with pytest.raises(module.ReadError) as cut:
+                    await whole.aread()
+                seen["dropped"] = {"request": str(cut.value.request.url)} | state(whole)
         return seen
 
     def seen_sync() -> dict[str, Any]:
@@ -1016,6 +1048,18 @@ def what_a_caller_sees(
                     except Exception as error:
                         seen[name] = {"error": failed(error)}
                     seen[name] |= state(whole) | {"notes": notes}
+            with http.stream("POST", CHAT_URL, json=request) as whole:  # read the async way
+                wrong = caught(lambda: asyncio.run(whole.aread()))
+                seen["wrong read"] = {"error": wrong}
+                try:
+                    seen["wrong read"]["then"] = whole.read()
+                except Exception as error:
+                    seen["wrong read"]["then"] = failed(error)
+            with http.stream("POST", CHAT_URL, json=request) as whole:
+                whole.stream = dropped(module)
+                with pytest.raises(module.ReadError) as cut:
+                    whole.read()
+                seen["dropped"] = {"request": str(cut.value.request.url)} | state(whole)
         return seen
 
     return seen_sync if sync else seen_async
@@ -1039,7 +1083,9 @@ async def test_an_answer_capture_read_reads_for_the_caller_as_without_capture(
     client the body to read; one that is JSON with no Content-Encoding is read without the client's
     decoding layer. Either way the caller sees what a client without capture shows: the content or
     the error, the raw bytes, the state after the read (closed, consumed, bytes downloaded, the
-    elapsed time), a wrapper around the body seeing it read then closed. The provider's stream is
+    elapsed time), a wrapper around the body seeing it read then closed, the response pickled and
+    copied, a read of the wrong kind (sync on an async client) refused and the right one then
+    working, a connection dropped mid-read raising an error that names the request. The provider's stream is
     read once, and every call is recorded with its usage."""
     module = __import__(package)
     extra, body = ANSWERS[answer]
@@ -1067,8 +1113,8 @@ async def test_an_answer_capture_read_reads_for_the_caller_as_without_capture(
             if "error" in observed:
                 observed.pop("downloaded", None)
     assert seen["direct"] == plain and seen["package's"] == plain
-    rows = await recorded(tracker, 8)
-    assert [(row["input_tokens"], row["output_tokens"]) for row in rows] == [(100, 20)] * 8
+    rows = await recorded(tracker, 12)  # six calls by each of the two capturing clients
+    assert [(row["input_tokens"], row["output_tokens"]) for row in rows] == [(100, 20)] * 12
 
 
 def test_a_release_whose_responses_keep_their_content_elsewhere_reads_as_it_does() -> None:
