@@ -38,7 +38,7 @@ from llm_spend.capture import (
     sync_client,
 )
 from llm_spend.capture.clients import bind
-from llm_spend.capture.streams import identity_response
+from llm_spend.capture.handback import identity_response
 from llm_spend.storage.schema import calls, reservations, rollups
 from llm_spend.testing import FakeProviderTransport, openai_chat_usage
 

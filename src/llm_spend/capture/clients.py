@@ -13,8 +13,9 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from .calls import TrackerLike
+from .handback import ReadBody, identity_response
 from .options import CaptureOptions
-from .streams import ReadBody, TappedAsyncStream, TappedSyncStream, identity_response
+from .streams import TappedAsyncStream, TappedSyncStream
 from .transport import LoopGetter, SpendAsyncTransport, SpendSyncTransport
 
 __all__ = ["async_client", "async_transport", "bind", "package_of", "sync_client", "sync_transport"]
@@ -30,7 +31,7 @@ class _Package(NamedTuple):
     sync_stream: type[Any]
     read_body: type[Any]
     identity_response: type[Any] | None
-    """Its Response that reads a body with no Content-Encoding directly (`streams.read_directly`)."""
+    """Its Response that reads a body with no Content-Encoding directly (`handback.read_directly`)."""
 
 
 def package_of(transport: object) -> str:

@@ -10,7 +10,7 @@ call raises `BudgetExceeded` before any byte leaves), sends, and then:
 - 2xx to a request for no stream: reads the body (renewing the reservation's lease while it comes,
   as a tap does), records its usage, and returns it with the body for the client to read (read
   without the client's decoding layer when it is JSON with no Content-Encoding:
-  `streams.read_directly`). The other headers are read only when the body is not JSON (compressed,
+  `handback.read_directly`). The other headers are read only when the body is not JSON (compressed,
   or SSE from a host that streams unasked, then read as a stream is). A read cut short is recorded
   with the usage such an SSE body had shown, else unknown;
 - 2xx to a request for a stream: returns the response with its stream tapped (`streams`), recorded
@@ -59,8 +59,9 @@ from .calls import (
     record,
     settle,
 )
+from .handback import read_directly
 from .options import CaptureOptions
-from .streams import Finisher, read_directly, renew, run_after, run_on
+from .streams import Finisher, renew, run_after, run_on
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
@@ -169,6 +170,13 @@ class _Base:
             for key in stale or list(self._crossed)[: _CROSSED_MAX // 10]:
                 self._crossed.pop(key, None)
         self._crossed[_digest(request, raw)] = (now, copy.copy(exceeded))  # the facts, not the frames
+
+    def _read_directly(self, response: Any) -> None:
+        """Let the client read an answer that came as JSON without the package's decoding layer
+        (`handback`), unless it names a Content-Encoding (which the client decodes, or refuses)."""
+        identity = self._package.identity_response
+        if identity is not None and _unencoded(response):
+            read_directly(response, identity)
 
     def _guard(self, plan: Plan) -> Any:
         return self._tracker.guard(
@@ -346,8 +354,8 @@ class SpendAsyncTransport(_Base):
                 response.stream = self._package.read_body(body)
             outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
-                if as_is and encoded and self._package.identity_response is not None and _unencoded(response):
-                    read_directly(response, self._package.identity_response)
+                if as_is and encoded:
+                    self._read_directly(response)
                 record(call, plan, outcome, source="response", stream=False, latency_ms=_elapsed_ms(started))
                 try:  # `leave` inline (one coroutine fewer): no cost unless something is raised
                     await guard.__aexit__(None, None, None)
@@ -425,8 +433,8 @@ class SpendSyncTransport(_Base):
                 response.stream = self._package.read_body(body)
             outcome, as_is = _answer(plan, response, body, encoded)
             if outcome is not None:
-                if as_is and encoded and self._package.identity_response is not None and _unencoded(response):
-                    read_directly(response, self._package.identity_response)
+                if as_is and encoded:
+                    self._read_directly(response)
                 try:
                     run_after(
                         loop,
