@@ -151,18 +151,18 @@ def identity_response(module: Any) -> type[Any] | None:
 
     try:  # each read leaves a response as the package's own leaves another, its accessors agreeing
         for sync in (False, True):
-            cut = module.Response(200, stream=Probe(cut=True))
-            if read(cut, sync) != "ReadError":
-                return None
-            closes_cut[sync] = cut.is_closed
-            for failing in (True, False):
+            for failing in (True, False):  # the cut body first: it says whether the package closes
                 theirs, ours = (
                     module.Response(200, stream=Probe(failing)),
                     module.Response(200, stream=Probe(failing)),
                 )
                 read_directly(ours, IdentityResponse)
+                raised = read(theirs, sync)
+                if failing:
+                    closes_cut[sync] = theirs.is_closed
                 if (
-                    read(theirs, sync) != read(ours, sync)
+                    raised != ("ReadError" if failing else "")
+                    or read(ours, sync) != raised
                     or state(ours) != state(theirs)
                     or ours.stream.closed != theirs.stream.closed
                 ):
