@@ -7,6 +7,10 @@ connection checked out (a lane) while the store is open; anything else borrows o
 that made a lane's connection while another task was making it too (the writer and the spool's replay
 after an outage) uses it once and gives it back.
 
+A lane belongs to the event loop it was made on. Used from another loop that is running (a thread's),
+it stays its loop's and that use borrows a connection; used after its loop stopped or closed (a store
+kept from one loop to the next), it is ended (`_end_stranded`) and the new loop makes its own.
+
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
 mid-statement, an error that is not the server's answer) is invalidated here, so the pool replaces
 it instead of lending it again, and a lane holding it takes a new one next time.
@@ -23,6 +27,7 @@ again under the same id, which the database refuses: the call then fails instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -58,7 +63,9 @@ class Drivers:
     async def lend(self, lane: str | None = None) -> AsyncIterator[Any]:
         held = self._lanes.get(lane) if lane is not None else None
         loop = asyncio.get_running_loop()
-        if held is not None and (held.loop is not loop or held.driver.is_closed()):
+        if held is not None and held.loop is not loop and held.loop.is_running():
+            lane = held = None  # a loop running in another thread keeps its lane: this use borrows
+        elif held is not None and (held.loop is not loop or held.driver.is_closed()):
             await self._drop(lane, held)
             held = None
         if lane is not None and held is None:
@@ -112,11 +119,27 @@ class Drivers:
             if held.driver.is_closed() and not held.conn.invalidated:  # else the pool lends it again
                 await held.conn.invalidate()
             await held.conn.close()
+        elif held.loop.is_running():  # another thread's loop: closed there, which this does not await
+            asyncio.run_coroutine_threadsafe(held.conn.close(), held.loop)
+        else:
+            await _end_stranded(held)
 
     async def close(self) -> None:
         """Give the lanes' connections back to the pool (before the engine is disposed)."""
         for lane, held in list(self._lanes.items()):
             await self._drop(lane, held)
+
+
+async def _end_stranded(held: _Lane) -> None:
+    """End a lane's connection whose event loop has stopped or closed (a store kept from one loop
+    to the next, as a test suite whose loops end with each test does). That loop can no longer
+    close its socket: the connection is marked aborted and invalidated here, so the pool forgets it
+    now instead of warning when the garbage collector finds it checked out, and the socket is closed
+    as soon as nothing refers to it any more (with Python's ResourceWarning for a transport never
+    closed, which only the loop that ended could have avoided)."""
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed": it is marked aborted all the same
+        held.driver.terminate()
+    await held.conn.invalidate()
 
 
 def _lost(exc: Exception, driver: Any) -> bool:
