@@ -30,6 +30,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/guard.py
+	$(BIN)/python bench/pg_cycles.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/pg_throughput.py
 	$(BIN)/python bench/pricing.py
