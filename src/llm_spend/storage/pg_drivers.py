@@ -119,10 +119,9 @@ class Drivers:
             if held.driver.is_closed() and not held.conn.invalidated:  # else the pool lends it again
                 await held.conn.invalidate()
             await held.conn.close()
-        elif held.loop.is_running():  # another thread's loop: closed there, which this does not await
-            asyncio.run_coroutine_threadsafe(held.conn.close(), held.loop)
-        else:
+        elif not held.loop.is_running():
             await _end_stranded(held)
+        # else a loop running in another thread, the only one that can close it: close the store there
 
     async def close(self) -> None:
         """Give the lanes' connections back to the pool (before the engine is disposed)."""
@@ -140,6 +139,7 @@ async def _end_stranded(held: _Lane) -> None:
     with contextlib.suppress(RuntimeError):  # "Event loop is closed": it is marked aborted all the same
         held.driver.terminate()
     await held.conn.invalidate()
+    await held.conn.close()  # gives its place in the pool back (an invalidated connection: no I/O)
 
 
 def _lost(exc: Exception, driver: Any) -> bool:
