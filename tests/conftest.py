@@ -60,6 +60,13 @@ def pg_problem() -> str | None:
     return _PG_PROBLEM[0]
 
 
+@pytest.fixture(autouse=True)
+def _in_own_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in a directory of its own, so that a tracker's default spool
+    (`./.llm_spend_spool/`, for a database that is not a SQLite file) is not left in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
