@@ -322,13 +322,14 @@ def test_a_store_kept_past_its_event_loop_ends_the_connections_it_kept_there(
         async def second() -> None:
             await store.write([PendingWrite(b, _windows(b))])
             assert await store.reserve("r-2", [(day, 500, 1_000)], now=now, expires_at=now) is not None
-            assert store.engine.pool.checkedout() == 2  # the new loop's lanes
+            assert pool.checkedout() == 2  # the new loop's lanes: the ended loop's were given back
             await store.close()
 
+        pool = store.engine.pool
         asyncio.run(second())
         assert _sessions(pg_url) == 0  # ended now, not when the garbage collector finds them
         gc.collect()
-    assert store.engine.pool.checkedout() == 0
+    assert pool.checkedout() == 0
     assert [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     calls, rollups = asyncio.run(_snapshot(pg_url))
@@ -359,14 +360,16 @@ def test_a_store_used_from_a_second_running_loop_leaves_the_first_its_connection
         await asyncio.to_thread(asyncio.run, other())
         assert store.engine.pool.checkedout() == kept == 2  # the app's lanes, still its own
         await store.write([PendingWrite(c, _windows(c))])
+        pools.append(store.engine.pool)
         await store.close()
 
+    pools: list[Any] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         asyncio.run(app())
         gc.collect()
     assert [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)] == []
-    assert store.engine.pool.checkedout() == 0
+    assert pools[0].checkedout() == 0
     calls, rollups = asyncio.run(_snapshot(pg_url))
     assert len(calls) == 3
     assert {(r[0], r[3], r[4]) for r in rollups} == {("day", 1_350, 900), ("month", 1_350, 0)}
