@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -151,6 +152,26 @@ SELECT count(*) FROM rollups
 """
 
 
+FLOOR_USERS = 50
+
+
+async def floor_tables(conn: Any) -> None:
+    """(Re)make the raw floors' tables: windows (one a period, global and per user), reservations and
+    the ledger."""
+    await conn.execute(
+        "DROP TABLE IF EXISTS floor_windows, floor_reservations, floor_ledger;"
+        " CREATE TABLE floor_windows (k text PRIMARY KEY, spent bigint NOT NULL DEFAULT 0,"
+        " reserved bigint NOT NULL DEFAULT 0, lim bigint NOT NULL);"
+        " CREATE TABLE floor_reservations (id text PRIMARY KEY, amount bigint NOT NULL);"
+        " CREATE TABLE floor_ledger (id bigserial PRIMARY KEY, event_id text UNIQUE, cost bigint)"
+    )
+    users = ["", *(f"u{u}" for u in range(FLOOR_USERS))]
+    await conn.execute(
+        "INSERT INTO floor_windows (k, lim) SELECT k, 1000000000000000000 FROM unnest($1::text[]) AS k",
+        [f"{period}:{user}" for period in ("day", "month") for user in users],
+    )
+
+
 async def pg_raw_floor(url: str, provider: tuple[float, float]) -> list[float]:
     """Seconds the two commits of a guarded call take by raw asyncpg, with no tracker: the same load,
     the same rows locked in the same order (see the module docstring)."""
@@ -160,18 +181,14 @@ async def pg_raw_floor(url: str, provider: tuple[float, float]) -> list[float]:
         min_size=CONCURRENCY, max_size=CONCURRENCY,
     )  # fmt: skip
     try:
-        await pool.execute(
-            "CREATE TABLE floor_windows (k text PRIMARY KEY, spent bigint NOT NULL DEFAULT 0,"
-            " reserved bigint NOT NULL DEFAULT 0, lim bigint NOT NULL);"
-            " CREATE TABLE floor_reservations (id text PRIMARY KEY, amount bigint NOT NULL);"
-            " CREATE TABLE floor_ledger (id bigserial PRIMARY KEY, event_id text UNIQUE, cost bigint)"
-        )
+        async with pool.acquire() as conn:
+            await floor_tables(conn)
         added: list[float] = []
         rng = random.Random(7)
 
         async def worker(n: int) -> None:
             for i in range(CALLS // CONCURRENCY):
-                wait, user = rng.uniform(*provider), f"u{(n * 7 + i) % 50}"
+                wait, user = rng.uniform(*provider), f"u{(n * 7 + i) % FLOOR_USERS}"
                 day, month = sorted(["day:", f"day:{user}"]), sorted(["month:", f"month:{user}"])
                 event = uuid.uuid4().hex
                 started = time.perf_counter()
@@ -183,12 +200,6 @@ async def pg_raw_floor(url: str, provider: tuple[float, float]) -> list[float]:
                 async with pool.acquire() as conn:
                     await conn.fetchval(_RAW_SETTLE, event, 900_000, sorted(day + month))
                 added.append((reserved - started) + (time.perf_counter() - answered))
-
-        users = ["", *(f"u{u}" for u in range(50))]
-        await pool.execute(
-            "INSERT INTO floor_windows (k, lim) SELECT k, 1000000000000000000 FROM unnest($1::text[]) AS k",
-            [f"{period}:{user}" for period in ("day", "month") for user in users],
-        )
 
         async def warm(n: int) -> None:  # each connection parses and plans both statements before the
             # load, as the tracker's lanes do (`warm`), on a window of its own that no call counts in

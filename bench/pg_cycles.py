@@ -41,27 +41,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-from guard import CALLS, CONCURRENCY, drop, percentile, pg_database
+from guard import CALLS, CONCURRENCY, FLOOR_USERS, drop, floor_tables, percentile, pg_database
 from sqlalchemy.engine import make_url
 
-USERS = 50
 DAY_AMOUNT, COST = 1_000_000, 900_000  # a reservation, and what the call turned out to cost
-
-_TABLES = """
-CREATE TABLE cycle_windows (k text PRIMARY KEY, spent bigint NOT NULL DEFAULT 0,
-    reserved bigint NOT NULL DEFAULT 0, lim bigint NOT NULL);
-CREATE TABLE cycle_reservations (id text PRIMARY KEY, amount bigint NOT NULL);
-CREATE TABLE cycle_ledger (id bigserial PRIMARY KEY, event_id text UNIQUE, cost bigint);
-"""
 
 # $1-$3: the reservations' (window, its position in the batch, amount); $4-$5: their rows
 _WANT = "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) AS x(k, j, amount)"
-_KEEP = "INSERT INTO cycle_reservations (id, amount) SELECT * FROM unnest($4::text[], $5::bigint[])"
+_KEEP = "INSERT INTO floor_reservations (id, amount) SELECT * FROM unnest($4::text[], $5::bigint[])"
 
 RESERVE = f"""
 WITH want AS ({_WANT}),
 locked AS (
-    SELECT w.k, w.spent + w.reserved AS used, w.lim FROM cycle_windows w
+    SELECT w.k, w.spent + w.reserved AS used, w.lim FROM floor_windows w
     WHERE w.k IN (SELECT k FROM want) ORDER BY w.k COLLATE "C" FOR UPDATE
 ),
 checked AS (
@@ -70,7 +62,7 @@ checked AS (
 ),
 verdict AS (SELECT coalesce(bool_and(ok), false) AS ok FROM checked),
 granted AS (
-    UPDATE cycle_windows w SET reserved = w.reserved + t.amount
+    UPDATE floor_windows w SET reserved = w.reserved + t.amount
     FROM (SELECT k, sum(amount)::bigint AS amount FROM want GROUP BY k) t
     WHERE w.k = t.k AND (SELECT ok FROM verdict) RETURNING 1
 ),
@@ -84,10 +76,10 @@ def _settled(p: int) -> str:
     window (window, event id, whether the window held the call's reservation)."""
     return f"""
 ledger AS (
-    INSERT INTO cycle_ledger (event_id, cost) SELECT * FROM unnest(${p}::text[], ${p + 1}::bigint[])
+    INSERT INTO floor_ledger (event_id, cost) SELECT * FROM unnest(${p}::text[], ${p + 1}::bigint[])
     ON CONFLICT (event_id) DO NOTHING RETURNING event_id, cost
 ),
-released AS (DELETE FROM cycle_reservations WHERE id = ANY(${p}::text[]) RETURNING id, amount),
+released AS (DELETE FROM floor_reservations WHERE id = ANY(${p}::text[]) RETURNING id, amount),
 d AS (
     SELECT x.k, coalesce(sum(n.cost), 0)::bigint AS spent,
            -coalesce(sum(r.amount) FILTER (WHERE x.held), 0)::bigint AS reserved
@@ -99,7 +91,7 @@ d AS (
 
 SETTLE = f"""
 WITH {_settled(1)}
-INSERT INTO cycle_windows AS w (k, spent, reserved, lim)
+INSERT INTO floor_windows AS w (k, spent, reserved, lim)
 SELECT k, spent, reserved, 0 FROM d ORDER BY k COLLATE "C"
 ON CONFLICT (k) DO UPDATE SET spent = w.spent + excluded.spent, reserved = w.reserved + excluded.reserved
 """
@@ -108,7 +100,7 @@ BOTH = f"""
 WITH want AS ({_WANT}),
 {_settled(6)},
 locked AS (
-    SELECT w.k, w.spent + w.reserved AS used, w.lim FROM cycle_windows w
+    SELECT w.k, w.spent + w.reserved AS used, w.lim FROM floor_windows w
     WHERE w.k IN (SELECT k FROM want UNION SELECT k FROM d) ORDER BY w.k COLLATE "C" FOR UPDATE
 ),
 checked AS (
@@ -125,7 +117,7 @@ net AS (
         LEFT JOIN (SELECT k, sum(amount)::bigint AS amount FROM want GROUP BY k) t USING (k)
 ),
 bumped AS (
-    UPDATE cycle_windows w SET spent = w.spent + net.spent, reserved = w.reserved + net.reserved
+    UPDATE floor_windows w SET spent = w.spent + net.spent, reserved = w.reserved + net.reserved
     FROM net WHERE w.k = net.k RETURNING 1
 ),
 kept AS ({_KEEP} WHERE (SELECT ok FROM verdict) RETURNING 1)
@@ -217,12 +209,7 @@ async def cycle_times(url: str, shape: str) -> list[float]:
     setup = await asyncpg.connect(**connect)
     lanes: list[asyncpg.Connection] = []
     try:
-        await setup.execute("DROP TABLE IF EXISTS cycle_windows, cycle_reservations, cycle_ledger;" + _TABLES)
-        users = ["", *(f"u{u}" for u in range(USERS))]
-        await setup.execute(
-            "INSERT INTO cycle_windows (k, lim) SELECT k, 1000000000000000000 FROM unnest($1::text[]) AS k",
-            [f"{period}:{user}" for period in ("day", "month") for user in users],
-        )
+        await floor_tables(setup)
         combined = shape == "1 statement"
         lanes = [await asyncpg.connect(**connect) for _ in range(1 if combined else 2)]
         if shape == "async reserve":
@@ -238,7 +225,7 @@ async def cycle_times(url: str, shape: str) -> list[float]:
         async def worker(n: int) -> None:
             loop = asyncio.get_running_loop()
             for i in range(CALLS // CONCURRENCY):
-                wait, user = rng.uniform(0.010, 0.030), f"u{(n * 7 + i) % USERS}"
+                wait, user = rng.uniform(0.010, 0.030), f"u{(n * 7 + i) % FLOOR_USERS}"
                 day = sorted(["day:", f"day:{user}"])
                 event = uuid.uuid4().hex
                 started = time.perf_counter()
@@ -251,7 +238,7 @@ async def cycle_times(url: str, shape: str) -> list[float]:
                 added.append((reserved - started) + (time.perf_counter() - answered))
 
         await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
-        spent, reserved = await setup.fetchrow("SELECT spent, reserved FROM cycle_windows WHERE k = 'day:'")
+        spent, reserved = await setup.fetchrow("SELECT spent, reserved FROM floor_windows WHERE k = 'day:'")
         assert (spent, reserved) == (CALLS * COST, 0), (spent, reserved)  # every call settled, once
         return added
     finally:
