@@ -7,9 +7,10 @@ connection checked out (a lane) while the store is open; anything else borrows o
 that made a lane's connection while another task was making it too (the writer and the spool's replay
 after an outage) uses it once and gives it back.
 
-A lane belongs to the event loop it was made on. Used from another loop that is running (a thread's),
-it stays its loop's and that use borrows a connection; used after its loop stopped or closed (a store
-kept from one loop to the next), it is ended (`_end_stranded`) and the new loop makes its own.
+A lane belongs to the event loop it was made on. Used after its loop stopped or closed (a store kept
+from one loop to the next), it is ended (`_end_stranded`) and the new loop makes its own. (Used from
+another loop while its own runs, in another thread, it is forgotten and the other loop makes its own:
+SQLAlchemy's pool does not tell loops apart, so a store serves one running loop at a time.)
 
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
 mid-statement, an error that is not the server's answer) is invalidated here, so the pool replaces
@@ -63,9 +64,7 @@ class Drivers:
     async def lend(self, lane: str | None = None) -> AsyncIterator[Any]:
         held = self._lanes.get(lane) if lane is not None else None
         loop = asyncio.get_running_loop()
-        if held is not None and held.loop is not loop and held.loop.is_running():
-            lane = held = None  # a loop running in another thread keeps its lane: this use borrows
-        elif held is not None and (held.loop is not loop or held.driver.is_closed()):
+        if held is not None and (held.loop is not loop or held.driver.is_closed()):
             await self._drop(lane, held)
             held = None
         if lane is not None and held is None:
@@ -121,25 +120,33 @@ class Drivers:
             await held.conn.close()
         elif not held.loop.is_running():
             await _end_stranded(held)
-        # else a loop running in another thread, the only one that can close it: close the store there
+        # else a loop running in another thread, the only one that could close it: it is forgotten
 
     async def close(self) -> None:
-        """Give the lanes' connections back to the pool (before the engine is disposed)."""
+        """Give the lanes' connections back to the pool (before the engine is disposed). A lane of a
+        loop that runs in another thread is left to that loop, which alone can close it."""
+        loop = asyncio.get_running_loop()
         for lane, held in list(self._lanes.items()):
+            if held.loop is not loop and held.loop.is_running():
+                logger.warning(
+                    "llm-spend: a PostgreSQL store closed on another event loop than the one its "
+                    "connections belong to; close it on that loop"
+                )
+                continue
             await self._drop(lane, held)
 
 
 async def _end_stranded(held: _Lane) -> None:
     """End a lane's connection whose event loop has stopped or closed (a store kept from one loop
-    to the next, as a test suite whose loops end with each test does). That loop can no longer
-    close its socket: the connection is marked aborted and invalidated here, so the pool forgets it
-    now instead of warning when the garbage collector finds it checked out, and the socket is closed
-    as soon as nothing refers to it any more (with Python's ResourceWarning for a transport never
-    closed, which only the loop that ended could have avoided)."""
+    to the next, as a test suite whose loops end with each test does). Only that loop could close it
+    cleanly: the connection is aborted here (asyncpg tells the server, which ends the session) and
+    invalidated, so the pool forgets it now instead of warning when the garbage collector finds it
+    checked out. Its socket is closed by its own loop if that runs again, else when nothing refers
+    to it any more (with Python's ResourceWarning for a transport never closed)."""
     with contextlib.suppress(RuntimeError):  # "Event loop is closed": it is marked aborted all the same
         held.driver.terminate()
     await held.conn.invalidate()
-    await held.conn.close()  # gives its place in the pool back (an invalidated connection: no I/O)
+    await held.conn.close()  # the Connection itself: invalidated, it does no I/O
 
 
 def _lost(exc: Exception, driver: Any) -> bool:
