@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from contextlib import closing
@@ -352,8 +353,6 @@ def test_closing_a_stores_connections_on_another_loop_leaves_them_to_their_own(
     """The connections a store keeps for a loop that runs in another thread cannot be closed from a
     second loop: closing there says so and leaves them to their loop, whose own close then gives
     them back, instead of forgetting them until the garbage collector warns."""
-    import threading
-
     store = Store(pg_url)
     home = asyncio.new_event_loop()
     thread = threading.Thread(target=home.run_forever, daemon=True)
@@ -369,7 +368,9 @@ def test_closing_a_stores_connections_on_another_loop_leaves_them_to_their_own(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with caplog.at_level(logging.WARNING, logger="llm_spend"):
-                asyncio.run(store._drivers.close())  # a second loop, while the first runs
+                # a second loop, while the first runs; the drivers' close alone, since the engine's
+                # dispose would close the pool's idle connection on the wrong loop (SQLAlchemy's)
+                asyncio.run(store._drivers.close())
             assert "close it on that loop" in caplog.text
             assert store.engine.pool.checkedout() == 1  # the writes' lane, still its loop's
             asyncio.run_coroutine_threadsafe(store.close(), home).result(timeout=30)
