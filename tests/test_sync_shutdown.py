@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llm_spend import Budget, Tracker, current_tags, with_tags
-from llm_spend.capture.streams import run_on
+from llm_spend.loops import run_on
 from llm_spend.money import from_nanousd
 from llm_spend.reports import BudgetStatus
 from llm_spend.storage.schema import calls

@@ -11,10 +11,7 @@ A stream that ended without its final usage event is recorded with unknown usage
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import contextvars
-import functools
 import logging
 import threading
 import time
@@ -22,18 +19,15 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
+from ..loops import run_after, running_loop
 from .base import Accumulator, Outcome
 from .calls import Guard, GuardedCallLike, Plan, settle
 from .sse import SSEParser
 
-__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream", "renew", "run_after", "run_on"]
+__all__ = ["Finisher", "TappedAsyncStream", "TappedSyncStream", "renew"]
 
 logger = logging.getLogger("llm_spend")
 _monotonic = time.monotonic
-_SLICE = 0.2
-"""How often a thread waiting on the tracker's loop looks whether the loop still runs (seconds)."""
-_PATIENCE = 10.0
-"""How long it waits for a loop that stopped in the middle of its work to run again (seconds)."""
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -293,7 +287,7 @@ class TappedSyncStream:
         except Exception:
             finisher.broken()
         if _monotonic() >= finisher.renew_at:
-            if _running_loop() is finisher.loop:  # never block the loop's own thread
+            if running_loop() is finisher.loop:  # never block the loop's own thread
                 finisher.extend_soon()
             else:
                 run_after(finisher.loop, finisher.extend())
@@ -309,7 +303,7 @@ class TappedSyncStream:
         finisher = self._finisher
         if finisher.done:
             return
-        if _running_loop() is finisher.loop:  # never block the loop's own thread
+        if running_loop() is finisher.loop:  # never block the loop's own thread
             finisher.finish_later()
             return
         run_after(finisher.loop, finisher.finish(raise_budget=raise_budget))
@@ -324,79 +318,3 @@ class TappedSyncStream:
             threading.Thread(
                 target=run_after, args=(finisher.loop, finisher.finish()), name="llm-spend-late-stream"
             ).start()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any], *, here: bool = True) -> Any:
-    """Run a coroutine on the tracker's loop from another thread and wait for its result.
-
-    The wait never outlasts the loop. If the loop is closed, or stops (or cancels it, as an ending
-    `asyncio.run` does) before it has started the coroutine, the coroutine runs in this thread on a
-    loop of its own (`here`; the tracker, closed or cut off from its loop, then spools what is
-    recorded and leaves the database alone), or is dropped with a RuntimeError (not `here`: a
-    reservation needs the tracker's loop). Exactly one of the two loops runs it: each claims it
-    first, the tracker's loop in the coroutine's first step. If the loop started it and then
-    stopped, this waits `_PATIENCE` seconds for it to run again, then gives up with a RuntimeError.
-    """
-    claim = threading.Lock()
-    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    async def claimed() -> Any:  # on the loop: the tracker's work, unless this thread took it first
-        if claim.acquire(blocking=False):
-            return await coroutine
-        return None
-
-    def start() -> None:
-        loop.create_task(claimed()).add_done_callback(functools.partial(_copy, done))
-
-    with contextlib.suppress(RuntimeError):  # a closed loop refuses it
-        loop.call_soon_threadsafe(start)  # with this thread's context (its tags)
-    stopped_at = None
-    while True:
-        try:
-            return done.result(0 if loop.is_closed() else _SLICE)
-        except TimeoutError:
-            if done.done():  # done since: its result, or the coroutine's own error
-                return done.result()
-        except concurrent.futures.CancelledError:
-            if claim.acquire(blocking=False):
-                break  # cancelled before its first step: this thread's now
-            raise
-        if loop.is_running():
-            stopped_at = None
-            continue
-        if claim.acquire(blocking=False):
-            break  # the loop stopped before it started the coroutine: this thread's now
-        if loop.is_closed() or (stopped_at is not None and _monotonic() - stopped_at > _PATIENCE):
-            raise RuntimeError("llm-spend: the tracker's event loop stopped in the middle of a call's work")
-        if stopped_at is None:
-            stopped_at = _monotonic()
-    if not here or _running_loop() is not None:  # (a thread running a loop of its own cannot run another)
-        coroutine.close()
-        raise RuntimeError("llm-spend: the tracker's event loop is gone")
-    return asyncio.run(coroutine)
-
-
-def run_after(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
-    """`run_on` for what follows a call that went out (renewing its lease, recording, releasing):
-    if that cannot run anywhere, or is cancelled midway, it is logged, never raised, as the call
-    itself went through. (A `BudgetExceeded` the record raises is raised.)"""
-    try:
-        run_on(loop, coroutine)
-    except (RuntimeError, concurrent.futures.CancelledError) as exc:
-        logger.error("llm-spend: a captured call may not be recorded: %r", exc)
-
-
-def _copy(done: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
-    if task.cancelled():
-        done.cancel()
-    elif (error := task.exception()) is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(task.result())

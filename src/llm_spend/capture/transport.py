@@ -26,7 +26,7 @@ nor keys are ever stored or logged (a crossed request is kept as a 16-byte diges
 facts, without its traceback).
 
 The sync transport runs the guard and the record on the tracker's event loop (where its writer lives)
-with `streams.run_on`, which waits in slices that never outlast the loop: a record the loop stopped
+with `loops.run_on`, which waits in slices that never outlast the loop: a record the loop stopped
 before starting is recorded by the calling thread instead (spooled). It must not be called from that
 loop's thread, which would deadlock: it raises RuntimeError there instead (use the async client, or
 ``asyncio.to_thread``).
@@ -46,6 +46,7 @@ from typing import Any
 
 from ..context import current_tags
 from ..exceptions import BudgetExceeded
+from ..loops import run_after, run_on
 from .base import Outcome, read
 from .calls import (
     GuardedCallLike,
@@ -61,7 +62,7 @@ from .calls import (
 )
 from .handback import read_directly
 from .options import CaptureOptions
-from .streams import Finisher, renew, run_after, run_on
+from .streams import Finisher, renew
 
 __all__ = ["LoopGetter", "SpendAsyncTransport", "SpendSyncTransport"]
 
