@@ -489,23 +489,6 @@ async def test_a_call_recorded_after_close_whose_spool_cannot_be_written_is_lost
     assert await count(sqlite_url, "llm_calls") == 0
 
 
-async def test_a_call_recorded_on_another_event_loop_is_spooled_for_the_next_start(
-    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A call recorded on an event loop other than the one that entered the tracker (a thread's
-    `asyncio.run`, or a test's loop when the tracker belongs to another) is not lost: it is spooled,
-    with a warning, and written when the tracker next starts (as the README says)."""
-    tracker = Tracker(db_url, spool_path=tmp_path / "spool")
-    async with tracker:
-        await tracker.track(**VALID)
-        with caplog.at_level(logging.WARNING, logger="llm_spend"):
-            await asyncio.to_thread(asyncio.run, tracker.track(**VALID))
-        assert "recorded off the tracker's event loop" in caplog.text
-        assert await count(db_url, "llm_calls") == 1
-    async with tracker:
-        assert await count(db_url, "llm_calls") == 2
-
-
 def test_a_tracker_entered_together_under_one_asyncio_run_then_another_starts_in_each(
     sqlite_url: str,
 ) -> None:

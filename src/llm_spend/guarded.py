@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .guard import Reservation
+from .loops import hop
 from .money import from_nanousd
 from .usage import CallRecord, Usage, UsageSource, check_text
 
@@ -92,8 +93,19 @@ class GuardedCall:
 
     async def extend(self) -> None:
         """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
-        if self.reservation is not None and self._recorder.home():  # else the next start settles it
-            await self._reserver.extend(self.reservation)
+        if self.reservation is not None:
+            await self._at_home(self._extend)
+
+    async def _extend(self, reservation: Reservation) -> None:
+        if self._recorder.home():  # else closed, or cut off from its loop: the next start settles it
+            await self._reserver.extend(reservation)
+
+    async def _at_home(self, step: Callable[[Reservation], Coroutine[Any, Any, None]]) -> None:
+        """Run a step of the reservation on the tracker's loop: here, or handed to it from another
+        running loop (`loops.hop`); each step skips the database where it finds itself cut off."""
+        assert self.reservation is not None
+        loop = self._recorder.abroad()
+        await (step(self.reservation) if loop is None else hop(loop, step(self.reservation)))
 
     def _unfinished(self) -> bool:
         """Whether leaving the block still has work: a record nobody awaited, or a reservation."""
@@ -106,13 +118,16 @@ class GuardedCall:
             if not self._pending.awaited:
                 await self._pending
         elif self.reservation is not None:
-            if not self._recorder.home():  # closed, or its loop stopped: no database to release in
-                logger.warning("llm-spend: a reservation left at shutdown is released once its lease ends")
-                return
-            try:
-                await self._reserver.release(self.reservation)
-            except Exception as exc:  # the sweep releases it when its lease runs out
-                logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
+            await self._at_home(self._release)
+
+    async def _release(self, reservation: Reservation) -> None:
+        if not self._recorder.home():  # closed, or its loop stopped: no database to release in
+            logger.warning("llm-spend: a reservation left at shutdown is released once its lease ends")
+            return
+        try:
+            await self._reserver.release(reservation)
+        except Exception as exc:  # the sweep releases it when its lease runs out
+            logger.warning("llm-spend: releasing a reservation failed (%s); the sweep will", exc)
 
 
 class _Recording:

@@ -3,8 +3,9 @@
 While the tracker runs, a record goes to its writer (one transaction with its rollup increments and
 its reservation's settlement), and once it is committed the budgets see what it took each window to:
 ``on_exceeded`` is called at a crossing, subscribers get the record, and a raise- or block-mode window
-taken over its limit raises `BudgetExceeded(stage="post")`. A call recorded after the tracker closed,
-or from another event loop, was billed all the same: it goes to the spool at once, for the next start.
+taken over its limit raises `BudgetExceeded(stage="post")`. A call recorded on another running event
+loop is written and judged on the tracker's (`loops.hop`). A call recorded after the tracker closed,
+or once its loop stopped, was billed all the same: it goes to the spool at once, for the next start.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from .context import current_request_id
 from .exceptions import BudgetExceeded
 from .guard import Guard
+from .loops import hop
 from .money import from_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool
@@ -81,6 +83,17 @@ class Recorder:
         """The tracker's event loop while records go to its writer, else None."""
         return self.loop if self.writer is not None else None
 
+    def abroad(self) -> asyncio.AbstractEventLoop | None:
+        """The tracker's event loop when this runs on another one while the tracker is open and its
+        loop runs: what needs the database is then handed to it (`loops.hop`). Else None."""
+        loop = self.loop
+        try:
+            if asyncio.get_running_loop() is loop:  # first: what the tracker's own calls find
+                return None
+        except RuntimeError:
+            return None
+        return None if loop is None or self.writer is None or not loop.is_running() else loop
+
     def home(self) -> bool:
         """Whether this runs on the tracker's loop while the tracker is open: only then may it use
         the database (closed, or from a sync client's thread once the loop stopped, it may not)."""
@@ -142,12 +155,18 @@ class Recorder:
         return await self.recorded(record, self.submit(record))
 
     def submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
-        """Queue the record's write (with its reservation's settlement); it is under way on return."""
+        """Queue the record's write (with its reservation's settlement); it is under way on return,
+        except on another running loop, where it goes to the tracker's once `recorded` awaits it."""
         writer = self.writer
-        windows = self.budget_guard.windows(record.tags, record.occurred_at)
         if writer is None or asyncio.get_running_loop() is not self.loop:
-            return self._late(PendingWrite(record, windows, **settle))
+            if (loop := self.abroad()) is not None:
+                return _Abroad(loop, settle)
+            return self._late(self._item(record, settle))
+        windows = self.budget_guard.windows(record.tags, record.occurred_at)
         return writer.submit(PendingWrite(record, windows, **settle))
+
+    def _item(self, record: CallRecord, settle: Mapping[str, Any]) -> PendingWrite:
+        return PendingWrite(record, self.budget_guard.windows(record.tags, record.occurred_at), **settle)
 
     def _late(self, item: PendingWrite) -> Awaitable[Any]:
         """A call recorded after the tracker closed (a guard or stream still open at shutdown), or off
@@ -177,13 +196,26 @@ class Recorder:
         """Wait for a queued write, then apply the budgets: notify crossings, hand the record to
         subscribers, raise for raise/block modes (`reserved`: what a guarded call reserved in its
         block-mode windows). (A caller cancelled while it waits leaves that to `abandoned`, so a
-        crossing it made is still noticed and notified.)"""
+        crossing it made is still noticed and notified.) A record made on another running loop is
+        written, judged and handed to the callbacks on the tracker's loop."""
+        if type(written) is _Abroad:
+            made: CallRecord = await hop(written.loop, self._recorded_home(record, written.settle, reserved))
+            return made
         to_raise, to_notify = self._judge(record, await written, reserved)
         if (to_notify and self.on_exceeded is not None) or self.subscribers:
             await self._callbacks(record, to_notify)
         if to_raise is not None:
             raise to_raise
         return record
+
+    async def _recorded_home(
+        self, record: CallRecord, settle: Mapping[str, Any], reserved: int | None
+    ) -> CallRecord:
+        """`recorded` for a record made on another loop, on the tracker's; or, where `loops.hop` runs
+        it on the other loop (the tracker's stopped, or did not take it in time), spooled there."""
+        if self.home():
+            return await self.recorded(record, self.submit(record, **settle), reserved)
+        return await self.recorded(record, self._late(self._item(record, settle)), reserved)
 
     def abandoned(self, item: PendingWrite, spent_after: Any) -> None:
         """The writer committed a record whose caller stopped waiting: its crossings are still
@@ -209,3 +241,15 @@ class Recorder:
                 await _call(self.on_exceeded, crossing, "on_exceeded callback")
         for subscriber in tuple(self.subscribers):
             await _call(subscriber, record, "subscriber")
+
+
+class _Abroad:
+    """The write of a record made on another running loop, to be made on the tracker's `loop`."""
+
+    __slots__ = ("loop", "settle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settle: Mapping[str, Any]) -> None:
+        self.loop, self.settle = loop, settle
+
+    def __await__(self) -> Any:  # never awaited: `recorded` hands it to the tracker's loop
+        raise RuntimeError("a record made on another event loop is awaited through Recorder.recorded")

@@ -10,11 +10,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import capture
@@ -24,9 +24,10 @@ from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
 from .context import current_tags, merge_tags, normalize_tags
 from .exceptions import BudgetExceeded
-from .guard import Guard
+from .guard import Guard, Reservation
 from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
+from .loops import hop
 from .pricing import Pricer
 from .recorder import Callback, Recorder
 from .reports import BudgetStatus, ReportRow, budget_status, report
@@ -39,6 +40,8 @@ from .usage import CallRecord, Usage, check_text, check_tokens
 __all__ = ["Tracker"]
 
 logger = logging.getLogger("llm_spend")
+
+_T = TypeVar("_T")
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -366,13 +369,22 @@ class Tracker:
         """Explicit tags over the context's (with_tags over the middleware's)."""
         return current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
 
+    async def _at_home(self, reading: Coroutine[Any, Any, _T]) -> _T:
+        """A read of the database made on another running loop is made on the tracker's, which holds
+        the connections (a PostgreSQL connection serves the loop that made it)."""
+        loop = self._recorder.abroad()
+        if loop is None:
+            return await reading
+        read: _T = await hop(loop, reading)
+        return read
+
     # -- health -------------------------------------------------------------------------------------
 
     async def health(self, *, database_timeout: float = 5.0) -> Health:
         """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
         models in the last day, and whether each budget is enforced now. Never raises for a down
         database: that is what it reports; the database checks give up after `database_timeout` s."""
-        return await check_health(self, database_timeout=database_timeout)
+        return await self._at_home(check_health(self, database_timeout=database_timeout))
 
     # -- reports ------------------------------------------------------------------------------------
 
@@ -387,13 +399,9 @@ class Tracker:
         """Cost, calls and tokens of the calls in [start, end) (end: now), grouped by any of "day",
         "month" (in the tracker's time zone), "model", "provider" or a tag key, filtered by `where`
         ({"model": ..., "provider": ..., tag: value}). Groups are sorted by their key."""
-        return await report(
-            self.store,
-            self.timezone,
-            start=start,
-            end=end or datetime.now(UTC),
-            group_by=group_by,
-            where=where,
+        end = end or datetime.now(UTC)
+        return await self._at_home(
+            report(self.store, self.timezone, start=start, end=end, group_by=group_by, where=where)
         )
 
     async def total(
@@ -408,7 +416,9 @@ class Tracker:
         window end and a linear projection to it; per-tag budgets list their `top` windows by spend."""
         now = datetime.now(UTC)
         rules = self.budget_guard.rules
-        return await budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top)
+        return await self._at_home(
+            budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top)
+        )
 
     # -- capture ------------------------------------------------------------------------------------
 
@@ -474,9 +484,18 @@ class Tracker:
         provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
-        reservation, granted = await self._reserver.reserve(
-            provider, model, input_tokens, max_output_tokens, merged
-        )
+        reserving = self._reserver.reserve(provider, model, input_tokens, max_output_tokens, merged)
+        if (loop := self._recorder.abroad()) is not None and self.budget_guard.blocking(merged):
+            # on another running loop: reserved on the tracker's, whose database lanes it uses
+            reservation, granted = await hop(loop, reserving, here=False, undo=self._unreserve)
+        else:
+            reservation, granted = await reserving
         call = GuardedCall(self._recorder, self._reserver, provider, model, merged, reservation)
         call.max_output_tokens = granted
         return call
+
+    async def _unreserve(self, reserved: tuple[Reservation | None, int | None]) -> None:
+        """Free a reservation made for a caller on another loop that was cancelled meanwhile."""
+        if reserved[0] is not None:
+            with contextlib.suppress(Exception):  # else the sweep does, when its lease ends
+                await self._reserver.release(reserved[0])
