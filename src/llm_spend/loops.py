@@ -59,6 +59,8 @@ class _Handoff:
             loop.call_soon_threadsafe(self._start)  # with the sender's context (its tags)
 
     def _start(self) -> None:  # on the home loop
+        if self.claim.locked():  # the waiter took it while the loop was stopped: nothing to start
+            return
         self.task = self.loop.create_task(self._claimed())
         self.task.add_done_callback(functools.partial(_copy, self.done))
 
