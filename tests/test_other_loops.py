@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import warnings
 from collections.abc import Awaitable, Callable
@@ -216,19 +217,28 @@ def test_a_call_on_another_loop_once_the_trackers_stopped_is_spooled_for_the_nex
     db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The tracker's loop is stopped (not closed, the tracker left open) when another loop records a
-    call: nothing waits for it, the call is spooled with a warning, and the next start writes it."""
+    call: nothing waits for it, the call is spooled with a warning, and the next start writes it. A
+    guarded call there cannot reserve: it raises, and nothing is held in the database."""
     spool = tmp_path / "spool"
     loop = asyncio.new_event_loop()
-    tracker = Tracker(db_url, spool_path=spool)
+    tracker = Tracker(db_url, spool_path=spool, budgets=[Budget.daily(1, per="user", mode="block")])
     loop.run_until_complete(tracker.__aenter__())  # then the loop stops, the tracker open
 
     async def track() -> CallRecord:
         return await tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=500)
 
+    async def guarded() -> None:
+        with with_tags(user="u1"):
+            async with tracker.guard(provider="openai", model=MODEL, input_tokens=10, max_output_tokens=10):
+                raise AssertionError("no call goes out unreserved")
+
     try:
         with caplog.at_level(logging.WARNING, logger="llm_spend"):
             record = asyncio.run(track())
         assert record.cost == Decimal("0.00045") and "spooled to" in caplog.text
+        with pytest.raises(RuntimeError, match="cannot reserve on this event loop"):
+            asyncio.run(guarded())
+        assert asyncio.run(held(db_url)) == 0
     finally:
         loop.run_until_complete(tracker.__aexit__(None, None, None))
         loop.close()
@@ -352,3 +362,134 @@ def test_a_hop_cancelled_while_its_work_runs_cancels_it_or_undoes_what_it_made(h
             break
         threading.Event().wait(0.05)
     assert undone == [("reservation", thread.ident)]
+
+
+def test_a_call_on_another_loop_while_the_trackers_is_blocked_is_spooled_once(
+    db_url: str, tmp_path: Path, home: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tracker's loop runs but is blocked (on the very thread that calls, say): `track()` on
+    another loop gives up waiting once, spools the call, and hands nothing on again; a read there
+    raises rather than using the tracker's connections from the wrong loop. Once the loop runs again
+    it writes nothing twice: the next start writes the call, once."""
+    import llm_spend.loops
+
+    monkeypatch.setattr(llm_spend.loops, "_PATIENCE", 0.5)
+    loop, _ = home
+    spool = tmp_path / "spool"
+    tracker = Tracker(db_url, spool_path=spool)
+    asyncio.run_coroutine_threadsafe(tracker.__aenter__(), loop).result(WAIT)
+    release = threading.Event()
+    loop.call_soon_threadsafe(release.wait, WAIT)
+
+    async def track() -> CallRecord:
+        return await tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=500)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="llm_spend"):
+            assert asyncio.run(track()).cost == Decimal("0.00045")
+            with pytest.raises(RuntimeError, match="did not take the call's work"):
+                asyncio.run(tracker.report(start=START))
+        assert caplog.text.count("did not take a call's work") == 2  # once each, never twice over
+        assert caplog.text.count("spooled to") == 1
+    finally:
+        release.set()
+        asyncio.run_coroutine_threadsafe(tracker.__aexit__(None, None, None), loop).result(WAIT)
+    assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 0
+
+    async def next_start() -> None:
+        async with Tracker(db_url, spool_path=spool):
+            pass
+
+    asyncio.run(next_start())
+    assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 1
+
+
+@pytest.mark.parametrize("then", ["runs again", "stops"])
+def test_a_record_whose_caller_and_loop_end_before_the_tracker_takes_it_is_kept(
+    sqlite_url: str, tmp_path: Path, home: Any, then: str
+) -> None:
+    """A call recorded on another loop whose caller is cancelled, and whose loop then ends (its
+    `asyncio.run` returns), while the tracker's loop is busy and has not taken the record yet: the
+    tracker's loop writes it once it runs again; if it stops instead, the record is spooled as the
+    other loop ends, not left to a loop that may never take it."""
+    loop, thread = home
+    spool = tmp_path / "spool"
+    tracker = Tracker(sqlite_url, spool_path=spool)
+    asyncio.run_coroutine_threadsafe(tracker.__aenter__(), loop).result(WAIT)
+    release = threading.Event()
+
+    def busy() -> None:  # takes nothing until the test says; then runs on, or stops
+        assert release.wait(WAIT)
+        if then == "stops":
+            loop.stop()
+
+    loop.call_soon_threadsafe(busy)
+
+    async def endpoint() -> None:
+        task = asyncio.ensure_future(
+            tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=500)
+        )
+        await asyncio.sleep(0.05)  # handed over, waiting
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        if then == "stops":
+            release.set()
+            await asyncio.to_thread(thread.join, WAIT)
+
+    asyncio.run(endpoint())
+    release.set()
+    if then == "stops":  # run it again, to close the tracker
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+    else:
+        for _ in range(WAIT * 10):  # until the tracker's loop has written it
+            if asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls")):
+                break
+            threading.Event().wait(0.1)
+    asyncio.run_coroutine_threadsafe(tracker.__aexit__(None, None, None), loop).result(WAIT)
+    written = asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls"))
+    assert written == (1 if then == "runs again" else 0)
+
+    async def next_start() -> None:
+        async with Tracker(sqlite_url, spool_path=spool):
+            pass
+
+    asyncio.run(next_start())
+    assert asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls")) == 1
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(WAIT)
+
+
+async def test_guarded_calls_on_another_loop_cancelled_anywhere_leave_nothing_reserved(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Guarded calls on another loop, each cancelled at a random moment (before, during or after its
+    reservation is made at home, or inside the block): once all have ended, no reservation is held
+    and the budget's window holds nothing reserved; none was released twice (reserved never < 0)."""
+    rng = random.Random(8)
+    tracker = Tracker(db_url, spool_path=tmp_path / "spool", budgets=[Budget.daily(1000, mode="block")])
+
+    async def burst() -> int:
+        async def one() -> None:
+            async with tracker.guard(provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100):
+                await asyncio.sleep(0.001)
+
+        running = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(one()) for _ in range(200)]
+        for task in tasks:
+            running.call_later(rng.random() * 0.3, task.cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(result is None or isinstance(result, asyncio.CancelledError) for result in results)
+        return sum(isinstance(result, asyncio.CancelledError) for result in results)
+
+    async with tracker:
+        for _ in range(4):  # each burst its own `asyncio.run`, as a sync endpoint's calls are
+            assert await elsewhere(burst) > 0
+        for _ in range(WAIT * 10):  # undos still under way at home end within moments
+            if await held(db_url) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await held(db_url) == 0
+        [status] = await tracker.budget_status()
+        assert status.reserved == 0 and status.spent == 0

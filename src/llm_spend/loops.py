@@ -12,11 +12,11 @@ so a wait never outlasts it. The work is claimed (a lock taken without blocking)
 runs it first: the home loop, in the coroutine's first step, or the waiter, once the home loop has
 stopped, closed or cancelled the work before that, or has not started it within `_PATIENCE` seconds
 (a loop blocked waiting for this very thread would otherwise never answer). Exactly one of the two
-runs it. The waiter runs what it claimed itself (`here`), where the tracker, cut off from its loop,
-touches no database: a record goes to the spool, a renewal or a release is left to the sweep. A
-reservation is not run there (not `here`): it raises RuntimeError and the call is not made. Work
-the home loop started and then stopped under gets `_PATIENCE` seconds for the loop to run again, and
-a RuntimeError once the loop is closed.
+runs it. The waiter runs what it claimed itself (`here`), marked `cut_off()`, so the tracker touches
+no database there and hands nothing on again: a record goes to the spool, a renewal or a release is
+left to the sweep. A reservation or a read is not run there (not `here`): it raises RuntimeError, and
+a call is not made. Work the home loop started and then stopped under gets `_PATIENCE` seconds for
+the loop to run again, and a RuntimeError once the loop is closed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["hop", "run_after", "run_on", "running_loop"]
+__all__ = ["cut_off", "hop", "run_after", "run_on", "running_loop"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -41,12 +42,19 @@ _SLICE = 0.2
 _PATIENCE = 10.0
 """How long a waiter waits for the loop to start the work, or to run again once it stopped in the
 middle of it (seconds)."""
+_CUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("llm_spend_cut_off", default=False)
+
+
+def cut_off() -> bool:
+    """Whether this runs work a waiter claimed from the tracker's loop: it must not reach the
+    database, nor hand anything to that loop again (which would wait for it a second time)."""
+    return _CUT_OFF.get()
 
 
 class _Handoff:
     """One coroutine sent to the home loop: the claim, the result, and the waiter's reading of the loop."""
 
-    __slots__ = ("claim", "coroutine", "done", "loop", "sent_at", "stopped_at", "task")
+    __slots__ = ("claim", "coroutine", "done", "loop", "sent_at", "stopped_at", "task", "why")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
         self.loop, self.coroutine = loop, coroutine
@@ -55,6 +63,7 @@ class _Handoff:
         self.task: asyncio.Task[Any] | None = None
         self.sent_at = _monotonic()
         self.stopped_at: float | None = None
+        self.why = "is gone"
         with contextlib.suppress(RuntimeError):  # a closed loop refuses it
             loop.call_soon_threadsafe(self._start)  # with the sender's context (its tags)
 
@@ -77,6 +86,7 @@ class _Handoff:
         if loop.is_running():
             self.stopped_at = None
             if _monotonic() - self.sent_at > _PATIENCE and self.claim.acquire(blocking=False):
+                self.why = f"did not take the call's work in {_PATIENCE:.0f} s"
                 logger.error(
                     "llm-spend: the tracker's event loop did not take a call's work for %.0f s (is it "
                     "blocked waiting for this thread?); it is done here, cut off from the database",
@@ -105,11 +115,19 @@ class _Handoff:
             task.cancel()
 
     def here(self, here: bool) -> Coroutine[Any, Any, Any]:
-        """The coroutine the waiter claimed, to run itself; RuntimeError if it may not (not `here`)."""
+        """The coroutine the waiter claimed, to run itself, cut off; RuntimeError if it may not (not
+        `here`)."""
         if not here:
             self.coroutine.close()
-            raise RuntimeError("llm-spend: the tracker's event loop is gone")
-        return self.coroutine
+            raise RuntimeError(f"llm-spend: the tracker's event loop {self.why}")
+        return self._cut_off()
+
+    async def _cut_off(self) -> Any:
+        token = _CUT_OFF.set(True)
+        try:
+            return await self.coroutine
+        finally:
+            _CUT_OFF.reset(token)
 
 
 def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any], *, here: bool = True) -> Any:
@@ -146,31 +164,59 @@ async def hop(
     result (see the module's text). What this side claims runs here (`here`), or is dropped with a
     RuntimeError (not `here`).
 
-    Cancelled while it waits, the work goes on at home (a record is written all the same), unless
-    there is `undo`: then the work is cancelled, and `undo(result)` runs at home on what it still
-    made (a reservation that came back as the cancellation went out)."""
+    Cancelled while it waits, the caller leaves, and the wait goes on in a task of its own, so that
+    the work is done, at home or here (a record is written, or spooled, all the same); unless there
+    is `undo`: then the work is cancelled, and `undo(result)` runs at home on what it still made (a
+    reservation that came back as the cancellation went out)."""
     handoff = _Handoff(loop, coroutine)
-    waiting = asyncio.wrap_future(handoff.done)
+    if undo is not None:  # the wait in this task: a cancellation reaches it, which cancels the work
+        return await _wait(handoff, here, undo)
+    waiting = asyncio.ensure_future(_wait(handoff, here, undo))
+    _waits.add(waiting)
+    waiting.add_done_callback(_waited)
+    return await asyncio.shield(waiting)
+
+
+async def _wait(handoff: _Handoff, here: bool, undo: Callable[[Any], Coroutine[Any, Any, Any]] | None) -> Any:
+    loop = handoff.loop
+    done = asyncio.wrap_future(handoff.done)
     try:
         while True:
-            await asyncio.wait((waiting,), timeout=0 if loop.is_closed() else _SLICE)
-            if waiting.done():
-                if not waiting.cancelled():
-                    return waiting.result()  # its result, or the coroutine's own error
+            await asyncio.wait((done,), timeout=0 if loop.is_closed() else _SLICE)
+            if done.done():
+                if not done.cancelled():
+                    return done.result()  # its result, or the coroutine's own error
                 if handoff.claim.acquire(blocking=False):
                     break  # cancelled before its first step (an ending `asyncio.run`): this side's now
                 raise RuntimeError("llm-spend: the tracker's event loop cancelled a call's work")
             if handoff.mine():
                 break
     except asyncio.CancelledError:
+        done.cancel()  # nobody here hears the result any more (this loop may be closing)
         if undo is not None:
             if handoff.claim.acquire(blocking=False):
-                coroutine.close()  # never started: nothing to undo
+                handoff.coroutine.close()  # never started: nothing to undo
             else:
                 with contextlib.suppress(RuntimeError):  # a closed loop: the sweep frees what it held
                     loop.call_soon_threadsafe(handoff.cancel, undo)
+        elif not loop.is_running() and handoff.claim.acquire(blocking=False):
+            # this loop is ending (its caller left already) and the tracker's is not running: done
+            # here now (a record spooled), rather than left to a loop that may never take it
+            if here:
+                return await handoff.here(here)
+            handoff.coroutine.close()
         raise
     return await handoff.here(here)
+
+
+_waits: set[asyncio.Future[Any]] = set()
+"""Waits whose caller was cancelled, going on (kept from the garbage collector until they end)."""
+
+
+def _waited(wait: asyncio.Future[Any]) -> None:
+    _waits.discard(wait)
+    if not wait.cancelled() and (error := wait.exception()) is not None:
+        logger.debug("llm-spend: work handed to the tracker's loop raised %r", error)
 
 
 def run_after(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> None:
@@ -193,10 +239,12 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
 def _copy(done: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
     if task.cancelled():
         done.cancel()
-    elif (error := task.exception()) is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(task.result())
+        return
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # its waiter cancelled it
+        if (error := task.exception()) is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(task.result())
 
 
 def _undo(undo: Callable[[Any], Coroutine[Any, Any, Any]], task: asyncio.Task[Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from .context import current_request_id
 from .exceptions import BudgetExceeded
 from .guard import Guard
-from .loops import hop
+from .loops import cut_off, hop
 from .money import from_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool
@@ -92,7 +92,14 @@ class Recorder:
                 return None
         except RuntimeError:
             return None
-        return None if loop is None or self.writer is None or not loop.is_running() else loop
+        if loop is None or self.writer is None or not loop.is_running() or cut_off():
+            return None
+        return loop
+
+    def stranded(self) -> bool:
+        """Whether the tracker is open but this runs where its database cannot be reached: on
+        another loop while the tracker's is not running, or cut off from it (`loops.cut_off`)."""
+        return self.writer is not None and not self.home() and self.abroad() is None
 
     def home(self) -> bool:
         """Whether this runs on the tracker's loop while the tracker is open: only then may it use
@@ -211,11 +218,9 @@ class Recorder:
     async def _recorded_home(
         self, record: CallRecord, settle: Mapping[str, Any], reserved: int | None
     ) -> CallRecord:
-        """`recorded` for a record made on another loop, on the tracker's; or, where `loops.hop` runs
-        it on the other loop (the tracker's stopped, or did not take it in time), spooled there."""
-        if self.home():
-            return await self.recorded(record, self.submit(record, **settle), reserved)
-        return await self.recorded(record, self._late(self._item(record, settle)), reserved)
+        """`recorded` for a record made on another loop, on the tracker's; or spooled, where
+        `loops.hop` runs it on the other loop, cut off (the tracker's stopped, or did not take it)."""
+        return await self.recorded(record, self.submit(record, **settle), reserved)
 
     def abandoned(self, item: PendingWrite, spent_after: Any) -> None:
         """The writer committed a record whose caller stopped waiting: its crossings are still

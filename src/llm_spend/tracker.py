@@ -371,11 +371,12 @@ class Tracker:
 
     async def _at_home(self, reading: Coroutine[Any, Any, _T]) -> _T:
         """A read of the database made on another running loop is made on the tracker's, which holds
-        the connections (a PostgreSQL connection serves the loop that made it)."""
+        the connections (a PostgreSQL connection serves the loop that made it); if that loop stops
+        before it, or does not take it in time, RuntimeError."""
         loop = self._recorder.abroad()
         if loop is None:
             return await reading
-        read: _T = await hop(loop, reading)
+        read: _T = await hop(loop, reading, here=False)
         return read
 
     # -- health -------------------------------------------------------------------------------------
@@ -488,6 +489,12 @@ class Tracker:
         if (loop := self._recorder.abroad()) is not None and self.budget_guard.blocking(merged):
             # on another running loop: reserved on the tracker's, whose database lanes it uses
             reservation, granted = await hop(loop, reserving, here=False, undo=self._unreserve)
+        elif self._recorder.stranded() and self.budget_guard.blocking(merged):
+            reserving.close()
+            raise RuntimeError(
+                "llm-spend: a guarded call cannot reserve on this event loop while the tracker's own "
+                "is not running; enter the tracker on the loop that makes the calls"
+            )
         else:
             reservation, granted = await reserving
         call = GuardedCall(self._recorder, self._reserver, provider, model, merged, reservation)
