@@ -486,16 +486,19 @@ class Tracker:
         check_tokens("input_tokens", input_tokens)
         merged = self._tags(tags)
         reserving = self._reserver.reserve(provider, model, input_tokens, max_output_tokens, merged)
-        if (loop := self._recorder.abroad()) is not None and self.budget_guard.blocking(merged):
+        recorder = self._recorder
+        if recorder.home() or not self.budget_guard.blocking(merged):
+            reservation, granted = await reserving
+        elif (loop := recorder.abroad()) is not None:
             # on another running loop: reserved on the tracker's, whose database lanes it uses
             reservation, granted = await hop(loop, reserving, here=False, undo=self._unreserve)
-        elif self._recorder.stranded() and self.budget_guard.blocking(merged):
+        elif recorder.stranded():
             reserving.close()
             raise RuntimeError(
                 "llm-spend: a guarded call cannot reserve on this event loop while the tracker's own "
                 "is not running; enter the tracker on the loop that makes the calls"
             )
-        else:
+        else:  # the tracker not open
             reservation, granted = await reserving
         call = GuardedCall(self._recorder, self._reserver, provider, model, merged, reservation)
         call.max_output_tokens = granted
