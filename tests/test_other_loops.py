@@ -493,3 +493,124 @@ async def test_guarded_calls_on_another_loop_cancelled_anywhere_leave_nothing_re
         assert await held(db_url) == 0
         [status] = await tracker.budget_status()
         assert status.reserved == 0 and status.spent == 0
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["released", "recorded"])
+async def test_a_guard_cancelled_as_its_loop_ends_is_still_settled_on_the_trackers(
+    db_url: str, tmp_path: Path, recorded: bool
+) -> None:
+    """A guarded call on another loop, inside its block when its request is cancelled and its
+    `asyncio.run` ends at once (cancelling what has not started, the guard's exit among it): the
+    release, or the record made (not awaited, as the capture transport leaves it to the exit), was
+    handed to the tracker's loop already, so nothing stays reserved and the call is in the ledger."""
+    tracker = Tracker(db_url, spool_path=tmp_path / "spool", budgets=[Budget.daily(1, mode="block")])
+
+    async def guarded(entered: asyncio.Event) -> None:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500
+        ) as call:
+            if recorded:
+                call.record(USAGE)  # awaited by leaving the block
+            entered.set()
+            await asyncio.sleep(WAIT)
+
+    async def endpoint() -> None:
+        entered = asyncio.Event()
+        task = asyncio.ensure_future(guarded(entered))
+        await entered.wait()
+        task.cancel()  # and return at once: `asyncio.run` cancels what is left
+
+    async with tracker:
+        await elsewhere(endpoint)
+        for _ in range(WAIT * 10):  # until the tracker's loop has done what it was handed
+            if await held(db_url) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await held(db_url) == 0
+        [status] = await tracker.budget_status()
+        assert status.reserved == 0
+        assert status.spent == (Decimal("0.00045") if recorded else 0)
+    assert await scalar(db_url, "SELECT count(*) FROM llm_calls") == (1 if recorded else 0)
+
+
+async def test_a_guarded_call_on_another_loop_paid_for_raises_in_no_block_window(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A guarded call on another loop is judged on the tracker's with what it reserved: calls
+    recorded after the fact took the window over its limit meanwhile, but this one cost less than it
+    had reserved, so it raises nothing (its reservation paid for it); a call tracked after it raises."""
+    tracker = Tracker(db_url, spool_path=tmp_path / "spool", budgets=[Budget.daily("0.001", mode="block")])
+
+    async def guarded() -> CallRecord:
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=1000, max_output_tokens=500
+        ) as call:
+            # reserved 0.00075; meanwhile a call made without a guard spends 0.0009 of the 0.001
+            await tracker.track(provider="openai", model=MODEL, input_tokens=2000, output_tokens=1000)
+            return await call.record(USAGE)
+
+    async with tracker:
+        record = await elsewhere(guarded)
+        assert record.cost == Decimal("0.00045")
+        [status] = await tracker.budget_status()
+        assert (status.spent, status.reserved) == (Decimal("0.00135"), 0)
+
+
+def test_reads_on_another_loop_while_the_trackers_is_stopped_are_refused(db_url: str, tmp_path: Path) -> None:
+    """The tracker open, its loop stopped: a read on another loop raises RuntimeError rather than use
+    the tracker's connections there (on PostgreSQL, they belong to the stopped loop), and the
+    tracker's own reads work when its loop runs again."""
+    loop = asyncio.new_event_loop()
+    tracker = Tracker(db_url, spool_path=tmp_path / "spool")
+    loop.run_until_complete(tracker.__aenter__())
+    try:
+        loop.run_until_complete(
+            tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=500)
+        )
+        for read in (tracker.report(start=START), tracker.budget_status(), tracker.health()):
+            with pytest.raises(RuntimeError, match="cannot be read on this event loop"):
+                asyncio.run(read)
+        [row] = loop.run_until_complete(tracker.report(start=START))
+        assert row.calls == 1
+    finally:
+        loop.run_until_complete(tracker.__aexit__(None, None, None))
+        loop.close()
+
+
+def test_what_a_callback_cut_off_from_the_tracker_spawns_is_not_cut_off(
+    sqlite_url: str, tmp_path: Path, home: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record a waiter spools itself (the tracker's loop did not take it) runs its subscribers cut
+    off; a task such a subscriber spawns is not: once the tracker's loop runs again, a call it
+    tracks is written there, not spooled."""
+    import llm_spend.loops
+
+    monkeypatch.setattr(llm_spend.loops, "_PATIENCE", 0.3)
+    loop, _ = home
+    tracker = Tracker(sqlite_url, spool_path=tmp_path / "spool")
+    asyncio.run_coroutine_threadsafe(tracker.__aenter__(), loop).result(WAIT)
+    release = threading.Event()
+    loop.call_soon_threadsafe(release.wait, WAIT)
+    spawned: list[asyncio.Task[CallRecord]] = []
+
+    async def later() -> CallRecord:
+        await asyncio.to_thread(release.wait, WAIT)  # the tracker's loop runs again
+        return await tracker.track(provider="openai", model=MODEL, input_tokens=10, output_tokens=10)
+
+    def subscriber(record: CallRecord) -> None:
+        if record.usage.input_tokens == 1000:
+            spawned.append(asyncio.ensure_future(later()))
+
+    async def endpoint() -> None:
+        await tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=500)
+        release.set()
+        await spawned[0]
+
+    unsubscribe = tracker.subscribe(subscriber)
+    try:
+        asyncio.run(endpoint())
+        assert asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls")) == 1  # the later one
+    finally:
+        unsubscribe()
+        release.set()
+        asyncio.run_coroutine_threadsafe(tracker.__aexit__(None, None, None), loop).result(WAIT)

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .guard import Reservation
-from .loops import hop
+from .loops import receive, send
 from .money import from_nanousd
 from .usage import CallRecord, Usage, UsageSource, check_text
 
@@ -87,7 +87,9 @@ class GuardedCall:
                 "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
-        written = recorder.submit(record, reservation_id=reservation.id, release=reservation.windows)
+        written = recorder.submit(
+            record, reservation.estimate, reservation_id=reservation.id, release=reservation.windows
+        )
         self._pending = _Recording(recorder, record, written, reservation.estimate)
         return self._pending
 
@@ -100,12 +102,15 @@ class GuardedCall:
         if self._recorder.home():  # else closed, or cut off from its loop: the next start settles it
             await self._reserver.extend(reservation)
 
-    async def _at_home(self, step: Callable[[Reservation], Coroutine[Any, Any, None]]) -> None:
-        """Run a step of the reservation on the tracker's loop: here, or handed to it from another
-        running loop (`loops.hop`); each step skips the database where it finds itself cut off."""
+    def _at_home(self, step: Callable[[Reservation], Coroutine[Any, Any, None]]) -> Awaitable[None]:
+        """A step of the reservation on the tracker's loop: here, or handed to it now from another
+        running loop (`loops.send`), awaited by what this returns; each step skips the database
+        where it finds itself cut off."""
         assert self.reservation is not None
         loop = self._recorder.abroad()
-        await (step(self.reservation) if loop is None else hop(loop, step(self.reservation)))
+        if loop is None:
+            return step(self.reservation)
+        return receive(send(loop, step(self.reservation)))
 
     def _unfinished(self) -> bool:
         """Whether leaving the block still has work: a record nobody awaited, or a reservation."""
@@ -113,12 +118,13 @@ class GuardedCall:
             return not self._pending.awaited
         return self.reservation is not None
 
-    async def _finish(self) -> None:
-        if self._pending is not None:
-            if not self._pending.awaited:
-                await self._pending
-        elif self.reservation is not None:
-            await self._at_home(self._release)
+    def _finishing(self) -> Awaitable[Any]:
+        """What leaving the block awaits: the record nobody awaited, or the release (handed to the
+        tracker's loop now when this runs on another, so that it is made even if the task awaiting
+        it never starts)."""
+        if self._pending is not None and not self._pending.awaited:
+            return self._pending
+        return self._at_home(self._release)
 
     async def _release(self, reservation: Reservation) -> None:
         if not self._recorder.home():  # closed, or its loop stopped: no database to release in
@@ -168,4 +174,4 @@ class Guarding:
     ) -> None:
         call = self._call
         if call is not None and call._unfinished():
-            await asyncio.shield(call._finish())
+            await asyncio.shield(call._finishing())

@@ -5,7 +5,9 @@ that entered it (its home loop). Whatever a call made elsewhere needs of them is
 
 - `run_on`, from a thread that runs no loop (a sync client's worker thread): it blocks;
 - `hop`, from a coroutine on another running loop (``asyncio.run`` in a worker thread, as a sync
-  FastAPI endpoint may do): it awaits, and that loop goes on meanwhile.
+  FastAPI endpoint may do): it awaits, and that loop goes on meanwhile. It is `send`, which hands
+  the coroutine over at once, then `receive`, which awaits it: what must be done even if the task
+  that would await it never starts (a record, a release) is sent first.
 
 Both wait in slices of `_SLICE` seconds, looking between slices whether the home loop still runs,
 so a wait never outlasts it. The work is claimed (a lock taken without blocking) by whichever side
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["cut_off", "hop", "run_after", "run_on", "running_loop"]
+__all__ = ["Handoff", "cut_off", "hop", "receive", "run_after", "run_on", "running_loop", "send"]
 
 logger = logging.getLogger("llm_spend")
 
@@ -42,16 +44,20 @@ _SLICE = 0.2
 _PATIENCE = 10.0
 """How long a waiter waits for the loop to start the work, or to run again once it stopped in the
 middle of it (seconds)."""
-_CUT_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("llm_spend_cut_off", default=False)
+_CUT_OFF: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "llm_spend_cut_off", default=None
+)
+"""The task running work a waiter claimed (a task it spawns copies the context, not the mark)."""
 
 
 def cut_off() -> bool:
     """Whether this runs work a waiter claimed from the tracker's loop: it must not reach the
     database, nor hand anything to that loop again (which would wait for it a second time)."""
-    return _CUT_OFF.get()
+    task = _CUT_OFF.get()
+    return task is not None and task is asyncio.current_task()
 
 
-class _Handoff:
+class Handoff:
     """One coroutine sent to the home loop: the claim, the result, and the waiter's reading of the loop."""
 
     __slots__ = ("claim", "coroutine", "done", "loop", "sent_at", "stopped_at", "task", "why")
@@ -123,7 +129,7 @@ class _Handoff:
         return self._cut_off()
 
     async def _cut_off(self) -> Any:
-        token = _CUT_OFF.set(True)
+        token = _CUT_OFF.set(asyncio.current_task())
         try:
             return await self.coroutine
         finally:
@@ -134,7 +140,7 @@ def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
     """Run a coroutine on the tracker's loop from a thread that runs no loop, and wait for its result
     (see the module's text). What this thread claims runs here on a loop of its own (`here`), or is
     dropped with a RuntimeError (not `here`: a reservation needs the tracker's loop)."""
-    handoff = _Handoff(loop, coroutine)
+    handoff = Handoff(loop, coroutine)
     done = handoff.done
     while True:
         try:
@@ -153,6 +159,13 @@ def run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any],
     return asyncio.run(handoff.here(here))
 
 
+def send(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> Handoff:
+    """Hand a coroutine to the tracker's loop now, from another running loop; `receive` awaits it.
+    Sent before any task of this loop is made, it is done even if no such task ever runs (an ending
+    `asyncio.run` cancels the tasks it has not started)."""
+    return Handoff(loop, coroutine)
+
+
 async def hop(
     loop: asyncio.AbstractEventLoop,
     coroutine: Coroutine[Any, Any, Any],
@@ -161,14 +174,20 @@ async def hop(
     undo: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
 ) -> Any:
     """Run a coroutine on the tracker's loop from a coroutine on another running loop, and await its
-    result (see the module's text). What this side claims runs here (`here`), or is dropped with a
-    RuntimeError (not `here`).
+    result (see the module's text): `send`, then `receive`."""
+    return await receive(send(loop, coroutine), here=here, undo=undo)
+
+
+async def receive(
+    handoff: Handoff, *, here: bool = True, undo: Callable[[Any], Coroutine[Any, Any, Any]] | None = None
+) -> Any:
+    """Await the result of what `send` handed to the tracker's loop. What this side claims runs here
+    (`here`), or is dropped with a RuntimeError (not `here`).
 
     Cancelled while it waits, the caller leaves, and the wait goes on in a task of its own, so that
     the work is done, at home or here (a record is written, or spooled, all the same); unless there
     is `undo`: then the work is cancelled, and `undo(result)` runs at home on what it still made (a
     reservation that came back as the cancellation went out)."""
-    handoff = _Handoff(loop, coroutine)
     if undo is not None:  # the wait in this task: a cancellation reaches it, which cancels the work
         return await _wait(handoff, here, undo)
     waiting = asyncio.ensure_future(_wait(handoff, here, undo))
@@ -177,7 +196,7 @@ async def hop(
     return await asyncio.shield(waiting)
 
 
-async def _wait(handoff: _Handoff, here: bool, undo: Callable[[Any], Coroutine[Any, Any, Any]] | None) -> Any:
+async def _wait(handoff: Handoff, here: bool, undo: Callable[[Any], Coroutine[Any, Any, Any]] | None) -> Any:
     loop = handoff.loop
     done = asyncio.wrap_future(handoff.done)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 from .context import current_request_id
 from .exceptions import BudgetExceeded
 from .guard import Guard
-from .loops import cut_off, hop
+from .loops import Handoff, cut_off, receive, send
 from .money import from_nanousd
 from .pricing import Cost, Pricer
 from .storage.spool import Spool
@@ -161,13 +161,14 @@ class Recorder:
         """Write a record, then apply the budgets: notify crossings, raise for raise/block modes."""
         return await self.recorded(record, self.submit(record))
 
-    def submit(self, record: CallRecord, **settle: Any) -> Awaitable[Any]:
-        """Queue the record's write (with its reservation's settlement); it is under way on return,
-        except on another running loop, where it goes to the tracker's once `recorded` awaits it."""
+    def submit(self, record: CallRecord, reserved: int | None = None, **settle: Any) -> Awaitable[Any]:
+        """Queue the record's write (with its reservation's settlement); it is under way on return.
+        On another running loop, the record is handed to the tracker's at once, to be written and
+        judged there (`reserved`: as `recorded` takes it), and `recorded` awaits that."""
         writer = self.writer
         if writer is None or asyncio.get_running_loop() is not self.loop:
             if (loop := self.abroad()) is not None:
-                return _Abroad(loop, settle)
+                return _Abroad(send(loop, self._recorded_home(record, settle, reserved)))
             return self._late(self._item(record, settle))
         windows = self.budget_guard.windows(record.tags, record.occurred_at)
         return writer.submit(PendingWrite(record, windows, **settle))
@@ -206,7 +207,7 @@ class Recorder:
         crossing it made is still noticed and notified.) A record made on another running loop is
         written, judged and handed to the callbacks on the tracker's loop."""
         if type(written) is _Abroad:
-            made: CallRecord = await hop(written.loop, self._recorded_home(record, written.settle, reserved))
+            made: CallRecord = await receive(written.handoff)
             return made
         to_raise, to_notify = self._judge(record, await written, reserved)
         if (to_notify and self.on_exceeded is not None) or self.subscribers:
@@ -249,12 +250,12 @@ class Recorder:
 
 
 class _Abroad:
-    """The write of a record made on another running loop, to be made on the tracker's `loop`."""
+    """The write of a record made on another running loop, handed to the tracker's."""
 
-    __slots__ = ("loop", "settle")
+    __slots__ = ("handoff",)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, settle: Mapping[str, Any]) -> None:
-        self.loop, self.settle = loop, settle
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
 
     def __await__(self) -> Any:  # never awaited: `recorded` hands it to the tracker's loop
         raise RuntimeError("a record made on another event loop is awaited through Recorder.recorded")

@@ -371,13 +371,19 @@ class Tracker:
 
     async def _at_home(self, reading: Coroutine[Any, Any, _T]) -> _T:
         """A read of the database made on another running loop is made on the tracker's, which holds
-        the connections (a PostgreSQL connection serves the loop that made it); if that loop stops
-        before it, or does not take it in time, RuntimeError."""
+        the connections (a PostgreSQL connection serves the loop that made it); RuntimeError if
+        that loop is not running, stops before the read, or does not take it in time."""
         loop = self._recorder.abroad()
-        if loop is None:
-            return await reading
-        read: _T = await hop(loop, reading, here=False)
-        return read
+        if loop is not None:
+            read: _T = await hop(loop, reading, here=False)
+            return read
+        if self._recorder.stranded():
+            reading.close()
+            raise RuntimeError(
+                "llm-spend: the tracker's database cannot be read on this event loop while the "
+                "tracker's own is not running"
+            )
+        return await reading
 
     # -- health -------------------------------------------------------------------------------------
 
