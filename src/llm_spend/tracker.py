@@ -369,7 +369,7 @@ class Tracker:
         """Explicit tags over the context's (with_tags over the middleware's)."""
         return current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
 
-    async def _at_home(self, reading: Coroutine[Any, Any, _T]) -> _T:
+    async def _read(self, reading: Coroutine[Any, Any, _T]) -> _T:
         """A read of the database made on another running loop is made on the tracker's, which holds
         the connections (a PostgreSQL connection serves the loop that made it); RuntimeError if
         that loop is not running, stops before the read, or does not take it in time."""
@@ -391,7 +391,7 @@ class Tracker:
         """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
         models in the last day, and whether each budget is enforced now. Never raises for a down
         database: that is what it reports; the database checks give up after `database_timeout` s."""
-        return await self._at_home(check_health(self, database_timeout=database_timeout))
+        return await self._read(check_health(self, database_timeout=database_timeout))
 
     # -- reports ------------------------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ class Tracker:
         "month" (in the tracker's time zone), "model", "provider" or a tag key, filtered by `where`
         ({"model": ..., "provider": ..., tag: value}). Groups are sorted by their key."""
         end = end or datetime.now(UTC)
-        return await self._at_home(
+        return await self._read(
             report(self.store, self.timezone, start=start, end=end, group_by=group_by, where=where)
         )
 
@@ -423,9 +423,7 @@ class Tracker:
         window end and a linear projection to it; per-tag budgets list their `top` windows by spend."""
         now = datetime.now(UTC)
         rules = self.budget_guard.rules
-        return await self._at_home(
-            budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top)
-        )
+        return await self._read(budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top))
 
     # -- capture ------------------------------------------------------------------------------------
 
