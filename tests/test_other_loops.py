@@ -58,6 +58,18 @@ async def held(url: str) -> int:
     return int(await scalar(url, "SELECT count(*) FROM llm_spend_reservations"))
 
 
+def calls_after_next_start(url: str, spool: Path) -> int:
+    """Start a tracker on the same database and spool, as the app's next run does (it writes what
+    was spooled), and count the ledger's calls."""
+
+    async def start() -> int:
+        async with Tracker(url, spool_path=spool):
+            pass
+        return int(await scalar(url, "SELECT count(*) FROM llm_calls"))
+
+    return asyncio.run(start())
+
+
 async def test_a_call_tracked_on_another_loop_is_in_the_ledger_at_once(
     db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -244,12 +256,7 @@ def test_a_call_on_another_loop_once_the_trackers_stopped_is_spooled_for_the_nex
         loop.close()
     assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 0
 
-    async def next_start() -> None:
-        async with Tracker(db_url, spool_path=spool):
-            pass
-
-    asyncio.run(next_start())
-    assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 1
+    assert calls_after_next_start(db_url, spool) == 1
 
 
 # -- hop itself: a loop running in a thread of its own, as a server's ---------------------------------
@@ -396,12 +403,7 @@ def test_a_call_on_another_loop_while_the_trackers_is_blocked_is_spooled_once(
         asyncio.run_coroutine_threadsafe(tracker.__aexit__(None, None, None), loop).result(WAIT)
     assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 0
 
-    async def next_start() -> None:
-        async with Tracker(db_url, spool_path=spool):
-            pass
-
-    asyncio.run(next_start())
-    assert asyncio.run(scalar(db_url, "SELECT count(*) FROM llm_calls")) == 1
+    assert calls_after_next_start(db_url, spool) == 1
 
 
 @pytest.mark.parametrize("then", ["runs again", "stops"])
@@ -451,12 +453,7 @@ def test_a_record_whose_caller_and_loop_end_before_the_tracker_takes_it_is_kept(
     written = asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls"))
     assert written == (1 if then == "runs again" else 0)
 
-    async def next_start() -> None:
-        async with Tracker(sqlite_url, spool_path=spool):
-            pass
-
-    asyncio.run(next_start())
-    assert asyncio.run(scalar(sqlite_url, "SELECT count(*) FROM llm_calls")) == 1
+    assert calls_after_next_start(sqlite_url, spool) == 1
     loop.call_soon_threadsafe(loop.stop)
     thread.join(WAIT)
 
