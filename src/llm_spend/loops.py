@@ -229,7 +229,8 @@ async def _wait(handoff: Handoff, here: bool, undo: Callable[[Any], Coroutine[An
 
 
 _waits: set[asyncio.Future[Any]] = set()
-"""Waits whose caller was cancelled, going on (kept from the garbage collector until they end)."""
+"""Waits behind a shield, which go on if their caller is cancelled (kept from the garbage collector
+until they end)."""
 
 
 def _waited(wait: asyncio.Future[Any]) -> None:
