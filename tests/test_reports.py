@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -114,14 +114,19 @@ async def test_where_filters_and_one_tracked_object(db_url: str) -> None:
 
 
 async def test_bad_report_arguments_name_the_field(sqlite_url: str) -> None:
-    """Unknown group_by or where keys, naive or reversed ranges are ValueErrors naming the problem."""
+    """Unknown group_by or where keys, bounds that are not aware datetimes, reversed ranges: each is
+    a ValueError naming the problem."""
     async with Tracker(sqlite_url) as tracker:
         with pytest.raises(ValueError, match="group_by 'bad key'"):
             await tracker.report(start=START, end=END, group_by=["bad key"])
         with pytest.raises(ValueError, match="where key"):
             await tracker.report(start=START, end=END, where={"no way": "x"})
-        with pytest.raises(ValueError, match="aware"):
+        with pytest.raises(ValueError, match="start must be an aware datetime"):
             await tracker.report(start=datetime(2026, 1, 1), end=END)
+        with pytest.raises(ValueError, match=r"start must be an aware datetime, got datetime.date\(2026"):
+            await tracker.total(start=date(2026, 1, 1))
+        with pytest.raises(ValueError, match="end must be an aware datetime"):
+            await tracker.report(start=START, end="2026-12-01")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="before end"):
             await tracker.report(start=END, end=START)
         with pytest.raises(ValueError, match="too long"):

@@ -121,8 +121,9 @@ def _order(row: ReportRow) -> tuple[tuple[bool, str], ...]:
 def _check(
     start: datetime, end: datetime, group_by: Sequence[str], where: Mapping[str, str] | None
 ) -> tuple[str, ...]:
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be aware datetimes")
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(f"{name} must be an aware datetime, got {value!r}")
     if not start < end:
         raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
     names = (group_by,) if isinstance(group_by, str) else tuple(group_by)
