@@ -88,6 +88,32 @@ def pg_url() -> Iterator[str]:
         asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def pg_sessions(url: str) -> int:
+    """The server sessions open on the test's database, other than the one asking, once none is
+    left or after 5 s: a session whose client went away ends in its server process, a moment later."""
+    name = make_url(url).database
+    sql = (
+        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'"
+    )
+
+    async def count() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(make_url(url).set(drivername="postgresql").render_as_string(False))
+        try:
+            return int(await conn.fetchval(sql))
+        finally:
+            await conn.close()
+
+    for _ in range(50):
+        found = asyncio.run(count())
+        if not found:
+            break
+        time.sleep(0.1)
+    return found
+
+
 @pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str:
     """The same test against a SQLite file and a PostgreSQL database."""

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from contextlib import closing
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import llm_spend
+from conftest import pg_sessions
 from llm_spend import CallRecord, Tracker, Usage
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd
@@ -293,22 +293,6 @@ async def test_writes_that_open_the_writes_connection_together_hold_one(pg_url: 
     assert store.engine.pool.checkedout() == 0
 
 
-def _sessions(url: str) -> int:
-    """The server sessions open on the test's database, other than the one asking, once none is
-    left or after 5 s: a session whose client went away ends in its server process, a moment later."""
-    name = make_url(url).database
-    sql = (
-        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
-        " AND backend_type = 'client backend'"
-    )
-    for _ in range(50):
-        found = int(asyncio.run(scalar_rows(url, sql))[0][0])
-        if not found:
-            break
-        time.sleep(0.1)
-    return found
-
-
 def test_a_store_kept_past_its_event_loop_ends_the_connections_it_kept_there(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -338,7 +322,7 @@ def test_a_store_kept_past_its_event_loop_ends_the_connections_it_kept_there(
 
         pool = store.engine.pool
         asyncio.run(second())
-        assert _sessions(pg_url) == 0  # no session of either loop is left on the server
+        assert pg_sessions(pg_url) == 0  # no session of either loop is left on the server
         gc.collect()
     assert pool.checkedout() == 0
     assert [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)] == []
@@ -380,7 +364,7 @@ def test_closing_a_stores_connections_on_another_loop_leaves_them_to_their_own(
         home.call_soon_threadsafe(home.stop)
         thread.join(timeout=10)
         home.close()
-    assert _sessions(pg_url) == 0
+    assert pg_sessions(pg_url) == 0
 
 
 async def test_writing_the_same_event_twice_changes_nothing(db_url: str, store: Store) -> None:

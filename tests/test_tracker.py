@@ -8,7 +8,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from conftest import pg_sessions
 from llm_spend import Budget, CallRecord, SpendMiddleware, Tracker, Usage, current_tags, with_tags
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd, to_nanousd
@@ -638,6 +639,42 @@ async def test_migrate_twice_is_fine(db_url: str) -> None:
         await tracker.migrate()
         await tracker.track(**VALID)
     assert await count(db_url, "llm_calls") == 2
+
+
+async def test_a_guarded_call_under_a_block_budget_needs_the_tracker_open(db_url: str) -> None:
+    """Before the tracker is entered and after it exits, a guarded call under a block-mode budget
+    raises RuntimeError before its body runs, reserving nothing: no one would release what it
+    reserved, which would hold the budget until its lease ended. A guarded call that no block-mode
+    budget applies to needs no reservation and goes on."""
+    tracker = Tracker(db_url, budgets=[Budget.daily("1.00", per="user_id", mode="block")])
+    await tracker.migrate()  # the table a reservation would be held in exists from the start
+    call = {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 10, "max_output_tokens": 10}
+    for moment in ("before the tracker is entered", "after it exits"):
+        if moment == "after it exits":
+            async with tracker:
+                pass
+        with pytest.raises(RuntimeError, match=r"block-mode budget needs the tracker open"):
+            async with tracker.guard(**call, tags={"user_id": "u1"}):
+                pytest.fail(f"a guarded call ran {moment}")
+        async with tracker.guard(**call) as unguarded:  # no user_id: no window applies
+            assert unguarded.estimate is None
+        assert await count(db_url, "llm_spend_reservations") == 0, moment
+
+
+async def test_reads_outside_the_trackers_lifetime_leave_no_connection_open(pg_url: str) -> None:
+    """A migration before the tracker is entered and reads after it exits answer, and close what
+    they opened: a PostgreSQL connection left in the pool would outlive its event loop."""
+    tracker = Tracker(pg_url, auto_migrate=False)
+    await tracker.migrate()
+    assert await asyncio.to_thread(pg_sessions, pg_url) == 0
+    async with tracker:
+        await tracker.track(**VALID)
+    total, statuses = await asyncio.gather(
+        tracker.total(start=datetime(2000, 1, 1, tzinfo=UTC)), tracker.budget_status()
+    )
+    health = await tracker.health()
+    assert (total.calls, statuses, health.schema_current) == (1, [], True)
+    assert await asyncio.to_thread(pg_sessions, pg_url) == 0
 
 
 @pytest.mark.parametrize("timezone", ["Not/AZone", "", "UTC+5"])

@@ -150,6 +150,7 @@ class Tracker:
         self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue
         self._entered = 0
+        self._unopened_work = 0  # database work under way while the tracker is not open
         self._lifecycles: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         """Held while the tracker starts or stops: tasks entering it together start it once (one
         lock per event loop, as a lock belongs to one: a tracker may be entered again under another
@@ -254,7 +255,10 @@ class Tracker:
 
     async def migrate(self) -> None:
         """Bring the database schema to the newest migration (idempotent)."""
-        await self.store.migrate()
+        if self._recorder.writer is None:
+            await self._unopened(self.store.migrate())
+        else:
+            await self.store.migrate()
 
     @property
     def outage(self) -> bool:
@@ -383,7 +387,22 @@ class Tracker:
                 "llm-spend: the tracker's database cannot be read on this event loop while the "
                 "tracker's own is not running"
             )
+        if self._recorder.writer is None:
+            return await self._unopened(reading)
         return await reading
+
+    async def _unopened(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Database work while the tracker is not open (a read, a migration): the store's connections
+        are closed after it, as nothing else would close them (a PostgreSQL connection left in the
+        pool outlives its event loop)."""
+        self._unopened_work += 1
+        try:
+            return await work
+        finally:
+            self._unopened_work -= 1
+            async with self._lifecycle():  # not while the tracker starts or stops
+                if self._entered == 0 and self._unopened_work == 0:
+                    await self.store.close()
 
     # -- health -------------------------------------------------------------------------------------
 
@@ -502,8 +521,12 @@ class Tracker:
                 "llm-spend: a guarded call cannot reserve on this event loop while the tracker's own "
                 "is not running; enter the tracker on the loop that makes the calls"
             )
-        else:  # the tracker not open
-            reservation, granted = await reserving
+        else:  # nothing would release the reservation, which would hold its windows until it expired
+            reserving.close()
+            raise RuntimeError(
+                "llm-spend: a guarded call under a block-mode budget needs the tracker open "
+                "(`async with tracker`, or `lifespan=tracker.lifespan`); it is not"
+            )
         call = GuardedCall(self._recorder, self._reserver, provider, model, merged, reservation)
         call.max_output_tokens = granted
         return call
