@@ -143,6 +143,25 @@ def test_bad_per_keys_raise_value_error_naming_per(make: Callable[..., Budget], 
         make(1, per=per)
 
 
+@pytest.mark.parametrize(
+    "make", [Budget.per_call, Budget.daily, Budget.monthly], ids=["call", "day", "month"]
+)
+def test_a_limit_beyond_what_the_ledger_sums_raises_naming_limit(make: Callable[..., Budget]) -> None:
+    """A limit above 1e9 USD (a limit's nano-USD plus a window's spend must stay inside 64 bits;
+    "1e30" as "unlimited" used to fail every guarded call with a StorageError) is refused."""
+    assert make(10**9).limit == 10**9
+    for limit in (10**9 + 1, "1e30", 10**12):
+        with pytest.raises(ValueError, match=r"limit must be at most 1,000,000,000 USD"):
+            make(limit)
+
+
+@pytest.mark.parametrize("per", ["api_key", "session_token", "X-API-Key", "password"])
+def test_a_budget_per_a_secret_looking_tag_is_refused(per: str) -> None:
+    """Values of such keys are stored as [REDACTED]: every user would share one window."""
+    with pytest.raises(ValueError, match=rf"per must not be a tag key that looks like a secret \('{per}'\)"):
+        Budget.daily(1, per=per)
+
+
 def test_bad_mode_raises_value_error_naming_mode() -> None:
     """A budget mode outside notify/raise/block raises ValueError naming the field."""
     with pytest.raises(ValueError, match="mode"):
@@ -150,9 +169,12 @@ def test_bad_mode_raises_value_error_naming_mode() -> None:
 
 
 def test_tracker_rejects_non_budget_objects(sqlite_url: str) -> None:
-    """budgets= must hold Budget objects."""
+    """budgets= must hold Budget objects, in a list (one Budget alone, or None, named as such)."""
     with pytest.raises(ValueError, match=r"(?i)budget"):
         Tracker(sqlite_url, budgets=[5])  # type: ignore[list-item]
+    for budgets in (Budget.daily(5), None, "daily"):
+        with pytest.raises(ValueError, match=r"budgets must be a list of Budget objects"):
+            Tracker(sqlite_url, budgets=budgets)  # type: ignore[arg-type]
 
 
 # -- windows ----------------------------------------------------------------------------------------------

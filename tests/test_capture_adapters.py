@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -222,6 +223,59 @@ def test_gemini_usage_without_a_prompt_count_is_unknown_never_zero(metadata: dic
     """As for the other providers: usage without its input count is unknown (NULL cost), not $0."""
     body = {"modelVersion": "gemini-2.5-pro", "responseId": "r", "usageMetadata": metadata}
     assert GEMINI.outcome("generate", body) == Outcome(None, "gemini-2.5-pro", "r")
+
+
+_NOT_COUNTS = {
+    "openai-output": (OPENAI, "chat", {"prompt_tokens": 10, "completion_tokens": "BAD"}),
+    "openai-cached": (OPENAI, "chat", {
+        "prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": "BAD"}}),
+    "responses-reasoning": (OPENAI, "responses", {
+        "input_tokens": 10, "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": "BAD"}}),
+    "anthropic-output": (ANTHROPIC, "messages", {"input_tokens": 10, "output_tokens": "BAD"}),
+    "anthropic-1h": (ANTHROPIC, "messages", {
+        "input_tokens": 10, "output_tokens": 2, "cache_creation": {"ephemeral_1h_input_tokens": "BAD"}}),
+    "gemini-thoughts": (GEMINI, "generate", {
+        "promptTokenCount": 10, "candidatesTokenCount": 2, "thoughtsTokenCount": "BAD"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad", [5.0, -5, "5", [5], True], ids=["float", "negative", "string", "list", "bool"]
+)
+@pytest.mark.parametrize(("adapter", "kind", "usage"), _NOT_COUNTS.values(), ids=_NOT_COUNTS)
+def test_a_count_that_is_not_a_count_makes_the_usage_unknown_never_cheaper(
+    adapter: Any, kind: str, usage: dict[str, Any], bad: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token count that is a float, a string, a negative number (or anything but an int, or null
+    for an absent one) makes the call's usage unknown (NULL cost), as a missing input count does:
+    read as 0 it would record a cheaper call than the one billed. The model and id are kept."""
+    if adapter is GEMINI:
+        body = {"modelVersion": "m", "responseId": "r", "usageMetadata": usage}
+    else:
+        body = {"model": "m", "id": "r", "usage": usage}
+    payload = json.loads(json.dumps(body).replace('"BAD"', json.dumps(bad)))
+    assert adapter.outcome(kind, payload) == Outcome(None, "m", "r")
+    assert "reported a token count that is not one; usage unknown" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["gpt\x00-4o", "\ud800", "", "   ", "m" * 201, 5],
+    ids=["nul", "surrogate", "empty", "blank", "long", "int"],
+)
+def test_a_model_or_id_the_database_cannot_store_is_left_out(text: object) -> None:
+    """NUL and lone surrogates (which no database stores: the write was set aside, the call lost
+    from the ledger), empty, blank, too long or not text: left out, so the request's model and no
+    response id are recorded."""
+    body = {"model": text, "id": text, "usage": {"prompt_tokens": 10, "completion_tokens": 2}}
+    assert OPENAI.outcome("chat", body) == Outcome(Usage(input_tokens=10, output_tokens=2))
+    body = {
+        "model": "ok",
+        "id": "ré",
+        "service_tier": text,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+    }
+    assert OPENAI.outcome("chat", body) == Outcome(Usage(input_tokens=10, output_tokens=2), "ok", "ré")
 
 
 def test_gemini_stream_takes_the_last_chunk_never_a_sum() -> None:

@@ -331,6 +331,19 @@ def test_non_string_values_are_stored_as_strings(value: object, expected: str) -
         assert current_tags()["v"] == expected
 
 
+@pytest.mark.parametrize("value", [b"abc", bytearray(b"abc"), object()], ids=["bytes", "bytearray", "object"])
+def test_values_whose_string_is_no_value_are_refused_naming_the_key(value: object) -> None:
+    """Bytes ("b'abc'") and objects without a string of their own ("<object at 0x...>", a new
+    value, and per-tag budget window, for every object) raise instead of being stored so."""
+    with (
+        pytest.raises(ValueError, match="tag 'user_id' must be a string or a number"),
+        with_tags(user_id=value),
+    ):
+        pass
+    with with_tags(api_key=b"secret"):  # a secret's value is never stored: nothing to refuse
+        assert current_tags()["api_key"] == "[REDACTED]"
+
+
 @pytest.mark.parametrize(
     "key",
     [

@@ -257,7 +257,8 @@ async def test_failing_async_tags_callable_is_a_500(sqlite_url: str, tracker_fac
 
 
 def test_constructor_validates_options(sqlite_url: str) -> None:
-    """A non-callable tags or a non-error status_code is refused when the middleware is built."""
+    """A non-callable tags, a non-error status_code, no Tracker, a preflight that is not a bool or a
+    request_id_header that is not a header name is refused when the middleware is built."""
     tracker = Tracker(sqlite_url)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -267,6 +268,14 @@ def test_constructor_validates_options(sqlite_url: str) -> None:
         SpendMiddleware(app, tracker=tracker, tags={"user_id": "1"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="status_code"):
         SpendMiddleware(app, tracker=tracker, status_code=200)
+    for bad in (None, "tracker"):
+        with pytest.raises(ValueError, match=r"tracker must be a llm_spend\.Tracker"):
+            SpendMiddleware(app, tracker=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="preflight must be True or False"):
+        SpendMiddleware(app, tracker=tracker, preflight="no")  # type: ignore[arg-type]
+    for header in (None, b"x-id", "", "x id", "x-ид"):
+        with pytest.raises(ValueError, match="request_id_header must be an HTTP header name"):
+            SpendMiddleware(app, tracker=tracker, request_id_header=header)  # type: ignore[arg-type]
 
 
 # -- budget refusals ---------------------------------------------------------------------------------

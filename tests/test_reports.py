@@ -127,6 +127,10 @@ async def test_bad_report_arguments_name_the_field(sqlite_url: str) -> None:
             await tracker.total(start=date(2026, 1, 1))
         with pytest.raises(ValueError, match="end must be an aware datetime"):
             await tracker.report(start=START, end="2026-12-01")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="end must be an aware datetime, got 0"):
+            await tracker.report(start=START, end=0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="group_by must be a key or a sequence of keys, got None"):
+            await tracker.report(start=START, end=END, group_by=None)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="before end"):
             await tracker.report(start=END, end=START)
         with pytest.raises(ValueError, match="too long"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -206,6 +208,11 @@ INVALID = [
     pytest.param({"input_tokens": 10**9 + 1}, "input_tokens", id="input-over-1e9"),
     pytest.param({"output_tokens": 10**12}, "output_tokens", id="output-over-1e9"),
     pytest.param({"latency_ms": -3}, "latency_ms", id="negative-latency"),
+    pytest.param({"latency_ms": 3_000_000_000}, "latency_ms", id="latency-over-int32"),
+    pytest.param({"latency_ms": 1.5}, "latency_ms", id="float-latency"),
+    pytest.param({"batch": "no"}, "batch", id="batch-not-bool"),
+    pytest.param({"batch": True, "service_tier": "priority"}, "batch", id="batch-and-another-tier"),
+    pytest.param({"service_tier": "t" * 65}, "service_tier", id="long-service-tier"),
     pytest.param({"tags": {"bad key": "x"}}, "bad key", id="bad-tag-key"),
     pytest.param({"tags": ["user_id", "1"]}, "tags", id="tags-not-a-mapping"),
     pytest.param({"tags": {f"k{i}": "v" for i in range(51)}}, "50", id="too-many-tags"),
@@ -675,6 +682,134 @@ async def test_reads_outside_the_trackers_lifetime_leave_no_connection_open(pg_u
     health = await tracker.health()
     assert (total.calls, statuses, health.schema_current) == (1, [], True)
     assert await asyncio.to_thread(pg_sessions, pg_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        pytest.param(
+            {"spool_path": "."}, "spool_path must be the path of a file, not of a directory", id="spool-dir"
+        ),
+        pytest.param({"spool_path": ""}, "spool_path must be the path of a file", id="spool-empty"),
+        pytest.param({"spool_path": 123}, "spool_path must be the path of a file", id="spool-int"),
+        pytest.param({"auto_migrate": "false"}, "auto_migrate must be True or False", id="auto-migrate-str"),
+        pytest.param({"clamp_max_tokens": "no"}, "clamp_max_tokens must be True or False", id="clamp-str"),
+        pytest.param({"max_batch": True}, "max_batch must be a positive integer", id="max-batch-bool"),
+        pytest.param({"max_queue": 0}, "max_queue must be a positive integer", id="max-queue-0"),
+        pytest.param({"reservation_ttl": math.inf}, "reservation_ttl must be", id="ttl-inf"),
+        pytest.param({"reservation_ttl": math.nan}, "reservation_ttl must be", id="ttl-nan"),
+        pytest.param(
+            {"reservation_ttl": 3e11}, "reservation_ttl must be .* at most 2,592,000", id="ttl-huge"
+        ),
+        pytest.param({"sweep_interval": math.inf}, "sweep_interval must be", id="sweep-inf"),
+        pytest.param(
+            {"default_max_output_tokens": 0}, "default_max_output_tokens must be at least 1", id="dmot-0"
+        ),
+        pytest.param({"clamp_min_output_tokens": 10**15}, "clamp_min_output_tokens of", id="cmot-huge"),
+        pytest.param({"prices_file": 123}, "prices_file must be a path", id="prices-file-int"),
+    ],
+)
+def test_constructor_options_are_checked_naming_the_option(
+    sqlite_url: str, options: dict[str, Any], named: str
+) -> None:
+    """Each option of the wrong type or out of range raises ValueError naming it when the tracker
+    is built (a bool option does not take a string's truth; a spool never names a directory)."""
+    with pytest.raises(ValueError, match=named):
+        Tracker(sqlite_url, **options)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://127.0.0.1/test",
+        "sqlite:///ledger.db",
+        "mysql+aiomysql://u@h/db",
+        "",
+        "not a url",
+        None,
+        Path("ledger.db"),
+        "sqlite+aiosqlite:///no/such/folder/ledger.db",
+    ],
+)
+def test_a_url_the_tracker_cannot_use_raises_naming_url(url: Any) -> None:
+    """A sync driver (which would fail at its first connection, or import a missing module), another
+    database, something not a URL string, or a SQLite file in a folder that does not exist."""
+    with pytest.raises(ValueError, match=r"^url"):
+        Tracker(url)
+
+
+async def test_replay_never_moves_a_directory_found_where_the_spool_file_goes(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A directory made at the spool's path after the tracker was built is left where it is."""
+    folder = tmp_path / "spool"
+    tracker = Tracker(sqlite_url, spool_path=folder)
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    async with tracker:
+        await tracker.track(**VALID)
+    assert (folder / "keep.txt").read_text() == "mine"
+    assert [name for name in os.listdir(tmp_path) if name.startswith("spool")] == ["spool"]
+
+
+async def test_a_stream_event_with_bad_counts_or_text_is_recorded_unknown_not_cheaper_or_lost(
+    db_url: str, tracker_factory: Factory
+) -> None:
+    """A stream whose last event reports a count that is not one (5.0) and a model with NUL (which
+    no database stores: PostgreSQL refused the write, and the call went to the spool's rejects) is
+    recorded under the requested model, with unknown usage and NULL cost, never at $0."""
+    tracker = await tracker_factory(db_url)
+    async with tracker.track_stream(provider="openai", model="gpt-4o-mini") as s:
+        s.event({"id": "c1", "model": "gpt\x00-4o", "choices": [],
+                 "usage": {"prompt_tokens": 100, "completion_tokens": 5.0}})  # fmt: skip
+    rows = await query(
+        db_url, "SELECT model, pricing_status, cost_nanousd FROM llm_calls WHERE provider_response_id = 'c1'"
+    )
+    assert rows == [{"model": "gpt-4o-mini", "pricing_status": "unknown_usage", "cost_nanousd": None}]
+
+
+RECORD_FIELDS = [
+    pytest.param({"latency_ms": "fast"}, "latency_ms", id="latency-str"),
+    pytest.param({"latency_ms": -5}, "latency_ms", id="latency-negative"),
+    pytest.param({"latency_ms": 2**31}, "latency_ms", id="latency-over-int32"),
+    pytest.param({"service_tier": 123}, "service_tier", id="tier-int"),
+    pytest.param({"service_tier": "t" * 65}, "service_tier", id="tier-long"),
+    pytest.param({"provider_response_id": object()}, "provider_response_id", id="id-object"),
+    pytest.param({"provider_response_id": "a\x00b"}, "provider_response_id", id="id-nul"),
+    pytest.param({"usage_source": "bogus"}, "usage_source", id="source-bogus"),
+    pytest.param({"stream": "yes"}, "stream", id="stream-str"),
+    pytest.param({"model": ""}, "model", id="model-empty"),
+]
+
+
+@pytest.mark.parametrize(("field", "named"), RECORD_FIELDS)
+async def test_a_guarded_calls_record_checks_its_fields_naming_them(
+    db_url: str, tracker_factory: Factory, field: dict[str, Any], named: str
+) -> None:
+    """`call.record(usage, ...)` raises ValueError naming a bad field before anything is written, and
+    the call can then be recorded as it should; its reservation is settled once. Before, such a
+    record was written as given (text in an integer column), or failed its write and was set aside
+    with its reservation held until the lease ended."""
+    tracker = await tracker_factory(db_url, budgets=[Budget.daily(5, mode="block")])
+    usage = Usage(input_tokens=100, output_tokens=20)
+    async with tracker.guard(
+        provider="openai", model="gpt-4o-mini", input_tokens=100, max_output_tokens=50
+    ) as call:
+        with pytest.raises(ValueError, match=named):
+            call.record(usage, **field)
+        record = await call.record(usage, latency_ms=12, service_tier="default", provider_response_id="r1")
+    rows = await query(
+        db_url, "SELECT latency_ms, service_tier, provider_response_id, cost_nanousd FROM llm_calls"
+    )
+    assert rows == [
+        {
+            "latency_ms": 12,
+            "service_tier": "default",
+            "provider_response_id": "r1",
+            "cost_nanousd": record.cost_nanousd,
+        }
+    ]
+    assert await count(db_url, "llm_spend_reservations") == 0
 
 
 @pytest.mark.parametrize("timezone", ["Not/AZone", "", "UTC+5"])

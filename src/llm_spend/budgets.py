@@ -9,13 +9,14 @@ window and scope value; the Guard decides what a window's totals mean for each b
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Final, Literal
 from zoneinfo import ZoneInfo
 
+from .context import is_secret_key
 from .exceptions import BudgetExceeded
 from .money import format_usd, from_nanousd, to_nanousd, usd
 from .storage.store import WindowKey
@@ -35,6 +36,8 @@ Period = Literal["call", "day", "month"]
 Mode = Literal["notify", "raise", "block"]
 MODES: tuple[Mode, ...] = ("notify", "raise", "block")
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_LIMIT: Final = 10**9
+"""USD: a limit's nano-USD, plus what a window spends and reserves, stay far inside 64 bits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,8 @@ class Budget:
         if self.period not in ("call", "day", "month"):
             raise ValueError(f"period must be 'call', 'day' or 'month', got {self.period!r}")
         object.__setattr__(self, "limit", usd(self.limit, field="limit"))
+        if self.limit > MAX_LIMIT:
+            raise ValueError(f"limit must be at most {MAX_LIMIT:,} USD, got {self.limit}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.per is not None:
@@ -61,6 +66,11 @@ class Budget:
                 raise ValueError("per must be None for a per-call budget (it has no window to split)")
             if not isinstance(self.per, str) or not _TAG_KEY.fullmatch(self.per):
                 raise ValueError(f"per must be a tag key matching [A-Za-z0-9_.-]{{1,64}}, got {self.per!r}")
+            if is_secret_key(self.per):
+                raise ValueError(
+                    f"per must not be a tag key that looks like a secret ({self.per!r}): its values are "
+                    "stored as [REDACTED], so every value would share one window"
+                )
 
     @classmethod
     def per_call(cls, limit: int | float | str | Decimal, *, mode: Mode | None = None) -> Budget:
@@ -140,6 +150,8 @@ class BudgetRule:
 def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetRule, ...]:
     if default_mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {default_mode!r}")
+    if isinstance(budgets, Budget) or not isinstance(budgets, Iterable) or isinstance(budgets, str):
+        raise ValueError(f"budgets must be a list of Budget objects, got {budgets!r}")
     rules = []
     for budget in budgets:
         if not isinstance(budget, Budget):

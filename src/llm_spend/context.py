@@ -27,6 +27,7 @@ __all__ = [
     "REDACTED",
     "current_request_id",
     "current_tags",
+    "is_secret_key",
     "normalize_tags",
     "with_tags",
 ]
@@ -88,10 +89,22 @@ def _key_kind(key: str) -> bool | None:
     return _SECRET.search(_CAMEL.sub("_", key).lower()) is not None
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a valid tag key looks like a secret (its values are stored as REDACTED)."""
+    return _key_kind(key) is True
+
+
 def _value(key: str, value: object, secret: bool) -> str:
     if secret:
         return REDACTED
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bytes | bytearray | memoryview) or (
+        type(value).__repr__ is object.__repr__ and type(value).__str__ is object.__str__
+    ):  # "b'...'", or "<... object at 0x...>": a new value, and window, per object
+        raise ValueError(f"tag {key!r} must be a string or a number, got {type(value).__name__}")
+    else:
+        text = str(value)
     if "\x00" in text or not text.isascii():  # NUL and lone surrogates: no database stores them
         text = text.replace("\x00", "\ufffd").encode(errors="replace").decode()
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit

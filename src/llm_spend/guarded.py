@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 from .guard import Reservation
 from .loops import receive, send
 from .money import from_nanousd
-from .usage import CallRecord, Usage, UsageSource, check_text
+from .usage import (
+    USAGE_SOURCES,
+    CallRecord,
+    Usage,
+    UsageSource,
+    check_latency,
+    check_optional_text,
+    check_text,
+)
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -71,12 +79,18 @@ class GuardedCall:
             raise RuntimeError("this guarded call was already recorded")
         if usage is not None and not isinstance(usage, Usage):
             raise ValueError(f"usage must be a llm_spend.Usage or None, got {type(usage).__name__}")
+        if usage_source not in USAGE_SOURCES:
+            raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)}, got {usage_source!r}")
+        if type(stream) is not bool:
+            raise ValueError(f"stream must be True or False, got {stream!r}")
         recorder, reservation = self._recorder, self.reservation
         record = recorder.build(
             provider=self.provider, model=self.model if model is None else check_text("model", model, 200),
             usage=usage, usage_source=usage_source, tags=self.tags,
-            occurred_at=reservation.at if reservation else None, stream=stream, latency_ms=latency_ms,
-            service_tier=service_tier, provider_response_id=provider_response_id,
+            occurred_at=reservation.at if reservation else None, stream=stream,
+            latency_ms=check_latency(latency_ms),
+            service_tier=check_optional_text("service_tier", service_tier, 64),
+            provider_response_id=check_optional_text("provider_response_id", provider_response_id, 200),
         )  # fmt: skip
         if reservation is None:
             self._pending = _Recording(recorder, record, recorder.submit(record))

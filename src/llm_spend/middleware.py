@@ -18,21 +18,21 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import normalize_tags, reset_request_scope, set_request_scope
 from .exceptions import BudgetExceeded, budget_error
-
-if TYPE_CHECKING:
-    from .tracker import Tracker
+from .tracker import Tracker
 
 __all__ = ["SpendMiddleware"]
 
 TagsCallable = Callable[[Request], Mapping[str, object] | Awaitable[Mapping[str, object]]]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]{1,100}")
+"""An HTTP header name (a token, RFC 9110)."""
 
 
 class SpendMiddleware:
@@ -48,8 +48,14 @@ class SpendMiddleware:
         preflight: bool = True,
         request_id_header: str = "x-request-id",
     ) -> None:
+        if not isinstance(tracker, Tracker):
+            raise ValueError(f"tracker must be a llm_spend.Tracker, got {tracker!r}")
         if tags is not None and not callable(tags):
             raise ValueError(f"tags must be a callable taking the request, got {tags!r}")
+        if type(preflight) is not bool:
+            raise ValueError(f"preflight must be True or False, got {preflight!r}")
+        if not isinstance(request_id_header, str) or not _HEADER.fullmatch(request_id_header):
+            raise ValueError(f"request_id_header must be an HTTP header name, got {request_id_header!r}")
         if not isinstance(status_code, int) or not 400 <= status_code <= 599:
             raise ValueError(
                 f"status_code must be an HTTP error status such as 402 or 429, got {status_code!r}"

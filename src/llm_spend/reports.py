@@ -126,6 +126,8 @@ def _check(
             raise ValueError(f"{name} must be an aware datetime, got {value!r}")
     if not start < end:
         raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+    if not isinstance(group_by, str | Sequence):
+        raise ValueError(f"group_by must be a key or a sequence of keys, got {group_by!r}")
     names = (group_by,) if isinstance(group_by, str) else tuple(group_by)
     for name in names:
         if not isinstance(name, str) or not (name in _CALENDAR + _COLUMNS or _TAG_KEY.fullmatch(name)):

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import capture
@@ -35,7 +35,7 @@ from .reserving import Reserver
 from .storage.spool import Spool, default_spool_path, url_key
 from .storage.store import Store
 from .storage.writer import Writer
-from .usage import CallRecord, Usage, check_text, check_tokens
+from .usage import CallRecord, Usage, check_latency, check_optional_text, check_text, check_tokens
 
 __all__ = ["Tracker"]
 
@@ -53,8 +53,16 @@ def _zone(name: str) -> ZoneInfo:
         ) from None
 
 
-def _optional_text(name: str, value: object, limit: int) -> str | None:
-    return None if value is None else check_text(name, value, limit)
+_MAX_SECONDS: Final = 30 * 86400
+"""Of `reservation_ttl`, `sweep_interval` and `shutdown_timeout`: 30 days."""
+
+
+def _check_spool_path(path: object) -> None:
+    """A spool path names a file: replay renames it aside, which must never move a directory."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise ValueError(f"spool_path must be the path of a file, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"spool_path must be the path of a file, not of a directory: {os.fspath(path)!r}")
 
 
 def _callable(name: str, value: Callback | None) -> Callback | None:
@@ -94,10 +102,12 @@ class Tracker:
         fallback_price: Mapping[str, object] | None = None,
     ) -> None:
         _callable("on_exceeded", on_exceeded)
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        for name, number in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if type(number) is not int or number < 1:
+                raise ValueError(f"{name} must be a positive integer, got {number!r}")
+        for name, flag in (("auto_migrate", auto_migrate), ("clamp_max_tokens", clamp_max_tokens)):
+            if type(flag) is not bool:
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         if unknown_price not in ("refuse", "allow"):
             raise ValueError(f"unknown_price must be 'refuse' or 'allow', got {unknown_price!r}")
         if on_storage_error not in ("fail_closed", "fail_open"):
@@ -109,14 +119,21 @@ class Tracker:
             ("sweep_interval", sweep_interval),
             ("shutdown_timeout", shutdown_timeout),
         ):
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
-        if isinstance(clamp_min_output_tokens, bool) or not isinstance(clamp_min_output_tokens, int):
-            raise ValueError(f"clamp_min_output_tokens must be an integer, got {clamp_min_output_tokens!r}")
-        if clamp_min_output_tokens < 1:
-            raise ValueError(f"clamp_min_output_tokens must be at least 1, got {clamp_min_output_tokens}")
-        if default_max_output_tokens is not None:
-            check_tokens("default_max_output_tokens", default_max_output_tokens)
+            number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+            if not number or not 0 < seconds <= _MAX_SECONDS:
+                raise ValueError(
+                    f"{name} must be a positive number of seconds, at most {_MAX_SECONDS:,}, got {seconds!r}"
+                )
+        for name, tokens in (
+            ("clamp_min_output_tokens", clamp_min_output_tokens),
+            ("default_max_output_tokens", default_max_output_tokens),
+        ):
+            if tokens is not None and check_tokens(name, tokens) < 1:
+                raise ValueError(f"{name} must be at least 1, got {tokens}")
+        if spool_path is not None:
+            _check_spool_path(spool_path)
+        if prices_file is not None and not isinstance(prices_file, str | os.PathLike):
+            raise ValueError(f"prices_file must be a path, got {prices_file!r}")
         self.url = url
         self.timezone = _zone(timezone)
         self.auto_migrate = auto_migrate
@@ -129,13 +146,16 @@ class Tracker:
             media_allowance_tokens=media_allowance_tokens,
         )
         self.store = Store(url)
+        folder = None if self.store.path is None else os.path.dirname(self.store.path) or "."
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"url: the folder of the SQLite database file, {folder!r}, does not exist")
         self.spool = Spool(
             spool_path if spool_path is not None else default_spool_path(self.store), url_key=url_key(url)
         )
         self.pricer = Pricer(
             price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
         )
-        self.budget_guard = Guard(resolve_rules(tuple(budgets), mode), tz=self.timezone, store=self.store)
+        self.budget_guard = Guard(resolve_rules(budgets, mode), tz=self.timezone, store=self.store)
         self._reserver = Reserver(
             self.budget_guard,
             self.pricer,
@@ -312,18 +332,19 @@ class Tracker:
             cache_write_1h_tokens=cache_write_1h_tokens,
             reasoning_tokens=reasoning_tokens,
         )
-        if latency_ms is not None and (
-            isinstance(latency_ms, bool) or not isinstance(latency_ms, int) or latency_ms < 0
-        ):
-            raise ValueError(f"latency_ms must be a non-negative integer or None, got {latency_ms!r}")
+        if type(batch) is not bool:
+            raise ValueError(f"batch must be True or False, got {batch!r}")
+        service_tier = check_optional_text("service_tier", service_tier, 64)
+        if batch and service_tier not in (None, "batch"):
+            raise ValueError(f"batch=True contradicts service_tier={service_tier!r}")
         record = self._recorder.build(
             provider=check_text("provider", provider, 64),
             model=check_text("model", model, 200),
             usage=usage,
             usage_source="manual",
-            latency_ms=latency_ms,
-            service_tier=_optional_text("service_tier", service_tier, 64) or ("batch" if batch else None),
-            provider_response_id=_optional_text("provider_response_id", provider_response_id, 200),
+            latency_ms=check_latency(latency_ms),
+            service_tier="batch" if batch else service_tier,
+            provider_response_id=check_optional_text("provider_response_id", provider_response_id, 200),
             tags=self._tags(tags),
         )
         return await self._recorder.record(record)
@@ -425,7 +446,7 @@ class Tracker:
         """Cost, calls and tokens of the calls in [start, end) (end: now), grouped by any of "day",
         "month" (in the tracker's time zone), "model", "provider" or a tag key, filtered by `where`
         ({"model": ..., "provider": ..., tag: value}). Groups are sorted by their key."""
-        end = end or datetime.now(UTC)
+        end = datetime.now(UTC) if end is None else end
         return await self._read(
             report(self.store, self.timezone, start=start, end=end, group_by=group_by, where=where)
         )

@@ -60,6 +60,41 @@ def check_text(name: str, value: object, limit: int) -> str:
     return value
 
 
+def check_optional_text(name: str, value: object, limit: int) -> str | None:
+    """None, or a string `check_text` accepts."""
+    return None if value is None else check_text(name, value, limit)
+
+
+MAX_LATENCY_MS = 2**31 - 1
+"""The ledger's latency_ms column is a 32-bit integer (24.8 days)."""
+
+USAGE_SOURCES: tuple[UsageSource, ...] = ("response", "stream", "manual", "estimate", "unknown")
+
+
+def check_latency(latency_ms: object) -> int | None:
+    """None, or a latency in milliseconds the ledger can store; raises ValueError naming it."""
+    if latency_ms is None or (type(latency_ms) is int and 0 <= latency_ms <= MAX_LATENCY_MS):
+        return latency_ms
+    raise ValueError(
+        f"latency_ms must be None or an integer from 0 to {MAX_LATENCY_MS:,} (milliseconds), "
+        f"got {latency_ms!r}"
+    )
+
+
+def clean_text(value: object, limit: int) -> str | None:
+    """A short identifier from a provider's payload (model, id, tier) that the database can store,
+    or None: a string of 1 to `limit` characters, not blank, with no NUL or lone surrogate."""
+    if (
+        type(value) is str
+        and 0 < len(value) <= limit
+        and value.strip()
+        and "\x00" not in value
+        and (value.isascii() or _encodable(value))
+    ):
+        return value
+    return None
+
+
 def _encodable(text: str) -> bool:
     try:
         text.encode()

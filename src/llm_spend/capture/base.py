@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Annotated, Any, NamedTuple, Protocol, TypeAlias
 
-from ..usage import MAX_TOKENS, Usage
+from ..usage import MAX_TOKENS, Usage, clean_text
 
 _orjson: ModuleType | None
 try:  # the extra [fast]: 2-3 times faster to read the JSON of requests and responses
@@ -221,8 +221,16 @@ def _utf8(data: bytes) -> bool:
 
 
 def integer(value: object) -> int:
-    """A token count from a payload: non-negative ints as they are, anything else as 0."""
-    return value if type(value) is int and value >= 0 else 0
+    """A token count from a payload: a non-negative int as it is, an absent one (None) as 0, and
+    anything else (a float, a string, a negative number) as `NOT_A_COUNT`, which makes the usage it
+    goes into unknown (`make_usage`), never a cheaper call."""
+    if type(value) is int and value >= 0:
+        return value
+    return 0 if value is None else NOT_A_COUNT
+
+
+NOT_A_COUNT = -(2**80)
+"""Below any sum of counts a payload can hold (each within 64 bits), so a sum with it stays negative."""
 
 
 def limit(value: object) -> int | None:
@@ -231,8 +239,8 @@ def limit(value: object) -> int | None:
 
 
 def text(value: object, limit: int = 200) -> str | None:
-    """A short identifier from a payload (model, id, tier), or None."""
-    return value if isinstance(value, str) and 0 < len(value) <= limit and value.strip() else None
+    """A short identifier from a payload (model, id, tier) that the database can store, or None."""
+    return clean_text(value, limit)
 
 
 _new_tuple = tuple.__new__
@@ -240,18 +248,23 @@ _new_tuple = tuple.__new__
 
 def make_outcome(usage: Usage | None, model: object, response_id: object, tier: object) -> Outcome:
     """The `Outcome` of a response, with `text` of its model, id (200 characters at most) and service
-    tier (64), in one call (a NamedTuple's own constructor costs twice as much)."""
+    tier (64), in one call (a NamedTuple's own constructor costs twice as much). What every answer
+    sends, short ASCII without NUL, is checked inline; anything else by `text`."""
     return _new_tuple(
         Outcome,
         (
             usage,
-            model if type(model) is str and 0 < len(model) <= 200 and model.strip() else None,
+            model
+            if type(model) is str and 0 < len(model) <= 200 and model.isascii() and "\x00" not in model
+            and model.strip()
+            else text(model, 200),
             response_id
-            if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.strip()
-            else None,
-            tier if type(tier) is str and 0 < len(tier) <= 64 and tier.strip() else None,
+            if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.isascii()
+            and "\x00" not in response_id and response_id.strip()
+            else text(response_id, 200),
+            None if tier is None else text(tier, 64),
         ),
-    )
+    )  # fmt: skip
 
 
 def make_usage(
@@ -274,9 +287,13 @@ def make_usage(
             reasoning_tokens,
         )
     except ValueError as error:
-        logger.warning(
-            "llm-spend: %s reported usage that does not add up (%s); usage unknown", provider, error
-        )
+        counts = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens)
+        if min(*counts, reasoning_tokens) < 0:
+            logger.warning("llm-spend: %s reported a token count that is not one; usage unknown", provider)
+        else:
+            logger.warning(
+                "llm-spend: %s reported usage that does not add up (%s); usage unknown", provider, error
+            )
         return None
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -137,7 +138,8 @@ class Spool:
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # wait for an append in progress to finish
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                found = os.fstat(fd)  # a file: a directory there is never moved
+                if stat.S_ISREG(found.st_mode) and found.st_ino == os.stat(self.path).st_ino:
                     target = self.path.with_name(f"{self.path.name}{_REPLAY_MARK}{uuid.uuid4().hex}")
                     os.replace(self.path, target)
             finally:

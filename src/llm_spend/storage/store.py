@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, event, func, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -43,7 +44,7 @@ from .rows import (
 from .schema import UTCDateTime, calls, meta, reservations, rollups
 from .sqlite_file import SQLiteFile, database_path
 
-__all__ = ["HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey"]
+__all__ = ["ASYNC_URLS", "HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey", "parse_url"]
 
 HEAD_REVISION = "0002"
 """The newest migration in migrations/versions (a test pins it to Alembic's own head)."""
@@ -73,16 +74,32 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
 
+ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
+
+
+def parse_url(url: object) -> URL:
+    """A SQLite or PostgreSQL URL with an async driver, parsed; ValueError naming `url` for anything
+    else (a sync driver fails only when it first connects, or with a missing module, otherwise)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"url must be a SQLAlchemy async URL string ({ASYNC_URLS}), got {url!r}")
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except ArgumentError as exc:  # NoSuchModuleError (an unknown dialect or driver) included
+        raise ValueError(f"url: {exc} (expected {ASYNC_URLS})") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql") or not getattr(dialect, "is_async", False):
+        raise ValueError(f"url must be an async SQLite or PostgreSQL URL ({ASYNC_URLS}), got {parsed!r}")
+    return parsed
+
+
 class Store:
     """The ledger database: create with a SQLAlchemy async URL, `await close()` when done."""
 
     def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
         """`connect_timeout`: seconds a new PostgreSQL connection may take (asyncpg's default: 60)."""
-        parsed = make_url(url)
+        parsed = parse_url(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise ValueError(f"url must be a SQLite or PostgreSQL SQLAlchemy async URL, got {parsed!r}")
         # Transactions always end explicitly (commit or rollback), so the pool need not reset
         # connections on return: that would be one more round trip per transaction.
         kwargs: dict[str, Any] = {"pool_reset_on_return": None}
@@ -97,7 +114,8 @@ class Store:
         self.engine = create_async_engine(url, **kwargs)
         """Reads: `engine.connect()` (on SQLite a deferred transaction, which blocks no writer)."""
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
-        path = database_path(parsed) if self.dialect == "sqlite" else None
+        self.path = path = database_path(parsed) if self.dialect == "sqlite" else None
+        """The file of a SQLite database (None in memory, and on PostgreSQL)."""
         self._file = SQLiteFile(path) if path is not None else None
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
