@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anthropic
+import httpx
 import httpx2
 import openai
 import pytest
@@ -34,8 +35,10 @@ from llm_spend.capture import (
     CaptureOptions,
     async_budget_middleware,
     async_client,
+    async_transport,
     spend_error,
     sync_client,
+    sync_transport,
 )
 from llm_spend.capture.clients import bind
 from llm_spend.capture.handback import identity_response
@@ -700,6 +703,177 @@ async def test_openai_compatible_hosts_by_configuration(tracker: Tracker) -> Non
         "priced",
     )
     assert (second["provider"], second["model"]) == ("azure", "prod-4o")
+
+
+_NO_LOOP = lambda: None  # noqa: E731 - the sync functions' loop getter
+_SYNC, _ASYNC = httpx2.HTTPTransport, httpx2.AsyncHTTPTransport
+BAD_CLIENT_ARGUMENTS: dict[str, tuple[str, Any]] = {
+    # id: (the argument the error must name, building a client or transport with it from a tracker)
+    "sync transport, async client": ("transport", lambda t: t.httpx_client(transport=_SYNC())),
+    "httpx sync transport, async client": (
+        "transport", lambda t: t.httpx_client(transport=httpx.HTTPTransport()),
+    ),
+    "async transport, sync client": ("transport", lambda t: t.httpx_sync_client(transport=_ASYNC())),
+    "no transport at all": ("transport", lambda t: t.httpx_client(transport="https://x")),
+    "sync inner, async transport": ("inner", lambda t: t.httpx_transport(_SYNC())),
+    "async inner, sync transport": ("inner", lambda t: t.httpx_sync_transport(_ASYNC())),
+    "mounts a list": ("mounts", lambda t: t.httpx_client(mounts=[("https://", _ASYNC())])),
+    "mounts a list, sync": ("mounts", lambda t: t.httpx_sync_client(mounts=[("https://", _SYNC())])),
+    "mounts an empty list": ("mounts", lambda t: t.httpx_client(mounts=[])),
+    "mounts key not a string": ("mounts", lambda t: t.httpx_client(mounts={3: _ASYNC()})),
+    "sync mount, async client": ("mounts", lambda t: t.httpx_client(mounts={"https://": _SYNC()})),
+    "async mount, sync client": ("mounts", lambda t: t.httpx_sync_client(mounts={"https://": _ASYNC()})),
+    "mount of the other package": (
+        "mounts", lambda t: t.httpx_client(mounts={"https://": httpx.AsyncHTTPTransport()}),
+    ),
+    "options a dict": ("options", lambda t: async_client(t, options={"lease_renewal": 1})),
+    "options a dict, sync": ("options", lambda t: sync_client(t, loop=_NO_LOOP, options={})),
+    "options a dict, transport": ("options", lambda t: async_transport(t, options={})),
+    "tracker None": ("tracker", lambda t: async_client(None)),
+    "tracker None, sync": ("tracker", lambda t: sync_client(None, loop=_NO_LOOP)),
+    "tracker None, transport": ("tracker", lambda t: async_transport(None)),
+    "loop None": ("loop", lambda t: sync_client(t, loop=None)),
+    "loop None, transport": ("loop", lambda t: sync_transport(t, loop=None)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_CLIENT_ARGUMENTS))
+async def test_a_bad_client_argument_raises_value_error_naming_it_at_construction(
+    tracker: Tracker, case: str
+) -> None:
+    """A transport of the wrong kind (sync for async) or package, mounts that are no mapping of
+    transports, options that are no CaptureOptions, no tracker: refused when the client is built, not
+    at its first request."""
+    name, build = BAD_CLIENT_ARGUMENTS[case]
+    with pytest.raises(ValueError, match=f"^{name}"):
+        build(tracker)
+
+
+async def test_transports_and_mounts_of_the_clients_kind_and_package_are_captured(tracker: Tracker) -> None:
+    """The documented forms still work: a fake (sync and async) as transport, httpx's or httpx2's,
+    mounts of transports or None, sync clients alike; a mount's calls are recorded too."""
+    loop = asyncio.get_running_loop()
+    fake, mounted = FakeProviderTransport(usage=USAGE), FakeProviderTransport(usage=USAGE)
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    mounts = {"https://api.openai.com": mounted, "http://": None}
+    async with tracker.httpx_client(transport=fake, mounts=mounts) as http:
+        assert isinstance(http, httpx2.AsyncClient)
+        assert (await http.post(CHAT_URL, json=request)).status_code == 200
+    sync_mounts = {"https://api.openai.com": mounted}
+    with sync_client(tracker, loop=lambda: loop, transport=fake, mounts=sync_mounts) as client:
+        assert isinstance(client, httpx2.Client)
+        assert (await asyncio.to_thread(client.post, CHAT_URL, json=request)).status_code == 200
+    legacy = FakeProviderTransport(package="httpx", usage=USAGE)
+    async with tracker.httpx_client(transport=legacy, mounts={"https://api.openai.com": legacy}) as http:
+        assert isinstance(http, httpx.AsyncClient)
+        assert (await http.post(CHAT_URL, json=request)).status_code == 200
+    assert isinstance(tracker.httpx_transport(legacy), httpx.AsyncBaseTransport)
+    assert isinstance(tracker.httpx_sync_transport(legacy), httpx.BaseTransport)
+    assert (fake.calls, mounted.calls, legacy.calls) == (0, 2, 1)
+    assert len(await recorded(tracker, 3)) == 3
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lease_renewal", 0),
+        ("lease_renewal", -1),
+        ("lease_renewal", float("nan")),
+        ("lease_renewal", float("inf")),
+        ("lease_renewal", True),
+        ("lease_renewal", "60"),
+        ("media_allowance_tokens", -1),
+        ("media_allowance_tokens", 1.5),
+        ("media_allowance_tokens", True),
+        ("media_allowance_tokens", 10**9 + 1),
+        ("include_stream_usage", "no"),
+        ("include_stream_usage", 1),
+        ("providers", [("x.ai", "openai")]),
+    ],
+)
+def test_a_bad_capture_option_raises_value_error_naming_it(option: str, value: object) -> None:
+    """lease_renewal is a finite number of seconds above 0 (NaN would never renew a stream's lease),
+    media_allowance_tokens an int from 0 to 10**9, include_stream_usage a bool."""
+    with pytest.raises(ValueError, match=f"^{option}"):
+        CaptureOptions(**{option: value})  # type: ignore[arg-type]
+
+
+def test_the_edges_of_the_capture_options_are_accepted() -> None:
+    options = CaptureOptions(lease_renewal=0.001, media_allowance_tokens=0, include_stream_usage=False)
+    assert (options.lease_renewal, options.media_allowance_tokens) == (0.001, 0)
+    assert CaptureOptions(lease_renewal=1, media_allowance_tokens=10**9).lease_renewal == 1
+
+
+@pytest.mark.parametrize(
+    "providers",
+    [
+        {"x.com": "openai:bad id"},
+        {"x.com": "openai:"},
+        {"x.com": "openai: vllm"},
+        {"x.com": "openai-compatible:a:b"},
+        {"x.com": "ignore:foo"},
+        {"x.com": "ignore:"},
+        {"localhost:abc": "openai"},
+        {"localhost:": "openai"},
+        {"localhost:0": "openai"},
+        {"localhost:08000": "openai"},
+        {"localhost:65536": "openai"},
+        {"*.x.com:8000": "openai"},
+        {" api.x.com": "openai"},
+        {"api.x.com ": "openai"},
+        {"api x.com": "openai"},
+        {"a..b": "openai"},
+        {".x.com": "openai"},
+        {"*x.com": "openai"},
+        {"a.*.com": "openai"},
+        {"*": "openai"},
+        {"user@x.com": "openai"},
+        {"https://x.com": "openai"},
+        {"[::1]:8000": "openai"},
+        {"x.com": "openai", "X.com": "anthropic"},
+    ],
+    ids=repr,
+)
+def test_a_malformed_providers_entry_raises_value_error_naming_it(providers: dict[str, str]) -> None:
+    """A key that is no host, host:port or *.domain (a leading space never matches a request), a port
+    out of range, an empty or spaced provider id, a provider id after "ignore": refused, naming
+    `providers` and the entry."""
+    entry = next(iter(providers)) if len(providers) == 1 else "x.com"
+    with pytest.raises(ValueError, match=r"^providers") as refused:
+        CaptureOptions(providers=providers)
+    assert repr(entry).lower() in str(refused.value).lower()
+
+
+def test_the_documented_providers_forms_route_as_documented() -> None:
+    """Host, *.domain, host:port, an explicit id, "ignore", upper case and IPv4 hosts all still work."""
+    options = CaptureOptions(
+        providers={
+            "OpenRouter.ai": "openai-compatible",
+            "*.openai.azure.com": "openai-compatible",
+            "localhost:8000": "openai-compatible:vllm",
+            "127.0.0.1:11434": "openai-compatible:ollama_local",
+            "llm-proxy.internal": "anthropic",
+            "my_box": "gemini:google",
+            "api.openai.com": "ignore",
+        }
+    )
+    router = options.router
+    route = router.match("openrouter.ai")
+    assert route is not None and route.provider_for("openrouter.ai") == "openrouter"
+    route = router.match("eu.openai.azure.com")
+    assert route is not None and route.provider_for("eu.openai.azure.com") == "azure"
+    route = router.match("localhost", 8000)
+    assert route is not None and route.provider == "vllm"
+    route = router.match("127.0.0.1", 11434)
+    assert route is not None and route.provider == "ollama_local"
+    assert router.match("localhost", 9000) is None
+    route = router.match("llm-proxy.internal")
+    assert route is not None and route.provider == "anthropic"
+    route = router.match("my_box")
+    assert route is not None and route.provider == "google"
+    assert router.match("api.openai.com") is None
+    route = router.match("api.anthropic.com")
+    assert route is not None and route.provider == "anthropic"
 
 
 async def test_sync_client_refuses_to_deadlock_on_the_trackers_loop(tracker: Tracker) -> None:

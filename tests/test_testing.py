@@ -126,3 +126,62 @@ def test_embeddings_have_the_size_the_model_or_the_request_gives() -> None:
         assert size(model="text-embedding-3-small") == 1536
         assert size(model="text-embedding-3-large") == 3072
         assert size(model="my-local-embedder") == 8
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("usage", {"input_tokens": 5}),
+        ("usage", 5),
+        ("model", 3),
+        ("model", ""),
+        ("text", None),
+        ("statuses", 429),
+        ("statuses", "429"),
+        ("statuses", ["429"]),
+        ("statuses", [True]),
+        ("statuses", [429.0]),
+        ("statuses", [99]),
+        ("statuses", [600]),
+        ("statuses", [101]),
+        ("statuses", [201]),
+        ("statuses", [429, 204]),
+        ("chunk_size", -1),
+        ("chunk_size", 0),
+        ("chunk_size", 1.5),
+        ("chunk_size", True),
+        ("truncate_after", -1),
+        ("truncate_after", 1.5),
+        ("truncate_after", False),
+        ("delay", -0.1),
+        ("delay", float("nan")),
+        ("delay", float("inf")),
+        ("delay", "1"),
+        ("delay", True),
+        ("service_tier", 3),
+        ("service_tier", ""),
+    ],
+)
+def test_a_bad_option_raises_value_error_naming_it_at_construction(option: str, value: object) -> None:
+    """Each option is checked when the fake is built, not at its first request: a status it cannot
+    answer as a provider would (1xx, or 2xx but 200) included."""
+    with pytest.raises(ValueError, match=f"^{option}"):
+        FakeProviderTransport(**{option: value})  # type: ignore[arg-type]
+
+
+def test_the_edges_of_each_option_are_accepted_and_honoured() -> None:
+    """200 and 300 to 599 answer with that status; truncate_after=0 ends a stream before any event;
+    chunk_size=1 sends it byte by byte; a generator of statuses is not a sequence, a tuple is."""
+    fake = FakeProviderTransport(statuses=(200, 301, 599), delay=0)
+    with httpx2.Client(transport=fake) as client:
+        assert [client.post(CHAT, json={"model": "m"}).status_code for _ in range(4)] == [200, 301, 599, 200]
+    request = {"model": "m", "stream": True}
+    with (
+        httpx2.Client(transport=FakeProviderTransport(truncate_after=0)) as empty,
+        httpx2.Client(transport=FakeProviderTransport(chunk_size=1, text="hi")) as bytewise,
+    ):
+        assert empty.post(CHAT, json=request).content == b""
+        with bytewise.stream("POST", CHAT, json=request) as response:
+            assert {len(piece) for piece in response.iter_raw()} == {1}
+    with pytest.raises(ValueError, match="statuses"):
+        FakeProviderTransport(statuses=(status for status in [429]))  # type: ignore[arg-type]

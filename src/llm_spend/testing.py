@@ -23,6 +23,7 @@ import functools
 import importlib
 import itertools
 import json
+import math
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -66,18 +67,36 @@ class FakeProviderTransport:
         service_tier: str | None = None,
     ) -> None:
         """
+        usage: a `llm_spend.Usage` (a mapping is refused: build the Usage), or None for no usage.
         model: the model the responses name (default: the request's).
-        chunk_size: split the SSE byte stream into network chunks of this many bytes (default: one
-            chunk per event).
-        statuses: the HTTP statuses of the first requests, in order (e.g. ``[429]`` then 200s), each
-            answered with that provider's error body.
-        truncate_after: end streams after this many events, before their final usage.
-        delay: seconds to wait before each streamed chunk but the first (inside the body: a client's
-            timeouts, which watch the network, never fire on it).
+        text: the answer's text (streamed word by word).
+        chunk_size: split the SSE byte stream into network chunks of this many bytes, at least 1
+            (default: one chunk per event).
+        statuses: the HTTP statuses (ints) of the first requests, in order (e.g. ``[429]`` then 200s):
+            200 answers normally; 300 to 599 answer with that provider's error body. Other 1xx and 2xx
+            statuses are refused, as the fake cannot answer them as a provider would.
+        truncate_after: end streams after this many events (0 or more), before their final usage.
+        delay: seconds (0 or more) to wait before each streamed chunk but the first (inside the body:
+            a client's timeouts, which watch the network, never fire on it).
+        service_tier: the service tier OpenAI's answers name (default: none, "default" in responses).
 
-        Every request is kept in `requests` (parsed), for tests to look at: `requests.clear()` between
-        the rounds of a long test keeps its memory flat.
+        Every option is checked here: a bad one raises ValueError naming it. Every request is kept in
+        `requests` (parsed), for tests to look at: `requests.clear()` between the rounds of a long test
+        keeps its memory flat.
         """
+        if usage is not None and not isinstance(usage, Usage):
+            raise ValueError(f"usage must be a llm_spend.Usage or None, got {usage!r}")
+        for name, value in (("model", model), ("service_tier", service_tier)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {text!r}")
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if truncate_after is not None and (type(truncate_after) is not int or truncate_after < 0):
+            raise ValueError(f"truncate_after must be a non-negative int or None, got {truncate_after!r}")
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < math.inf:
+            raise ValueError(f"delay must be a finite non-negative number of seconds, got {delay!r}")
         self.usage = usage
         self.model = model
         self.text = text
@@ -86,7 +105,7 @@ class FakeProviderTransport:
         self.delay = delay
         self.service_tier = service_tier
         self.requests: list[FakeRequest] = []
-        self._statuses = list(statuses)
+        self._statuses = _statuses(statuses)
         self._module = importlib.import_module(package)
         self._ids = itertools.count(1)
 
@@ -158,6 +177,21 @@ class FakeProviderTransport:
         if path.endswith((":generateContent", ":streamGenerateContent")):
             return "gemini", _gemini_generate
         return "unknown", None
+
+
+def _statuses(statuses: object) -> list[int]:
+    """`statuses` checked: a sequence of 200 or 300 to 599, the statuses the fake can answer."""
+    if not isinstance(statuses, Sequence) or isinstance(statuses, str | bytes | bytearray):
+        raise ValueError(f"statuses must be a sequence of HTTP statuses such as [429], got {statuses!r}")
+    for status in statuses:
+        if type(status) is not int or not 100 <= status <= 599:
+            raise ValueError(f"statuses must hold ints from 100 to 599, got {status!r} in {statuses!r}")
+        if status < 300 and status != 200:
+            raise ValueError(
+                f"statuses: {status} cannot be answered; use 200 for a normal answer or 300 to 599 for an"
+                f" error answer, got {statuses!r}"
+            )
+    return list(statuses)
 
 
 def _request_model(provider: str, path: str, request: dict[str, Any]) -> str:

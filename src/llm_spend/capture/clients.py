@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -68,11 +69,16 @@ def bind(name: str) -> _Package:
 
 
 def async_transport(tracker: TrackerLike, inner: Any = None, *, options: CaptureOptions | None = None) -> Any:
-    """An AsyncBaseTransport of `inner`'s package (default: a new httpx2.AsyncHTTPTransport)."""
+    """An AsyncBaseTransport of `inner`'s package (default: a new httpx2.AsyncHTTPTransport).
+
+    Raises ValueError naming the argument when `tracker` has no ``guard()``, `inner` is not an async
+    httpx or httpx2 transport, or `options` is not a CaptureOptions.
+    """
+    options = _checked(tracker, options)
     if inner is None:
         inner = bind(default_package()).module.AsyncHTTPTransport()
-    package = bind(package_of(inner))
-    return package.async_transport(tracker, inner, options or CaptureOptions(), package)
+    package = bind(_package("inner", inner, sync=False))
+    return package.async_transport(tracker, inner, options, package)
 
 
 def sync_transport(
@@ -80,12 +86,55 @@ def sync_transport(
 ) -> Any:
     """A BaseTransport of `inner`'s package (default: a new httpx2.HTTPTransport).
 
-    `loop` returns the tracker's running event loop (None when the tracker is not entered).
+    `loop` returns the tracker's running event loop (None when the tracker is not entered). Arguments
+    are checked as `async_transport`'s, `inner` being a sync transport.
     """
+    _check_loop(loop)
+    options = _checked(tracker, options)
     if inner is None:
         inner = bind(default_package()).module.HTTPTransport()
-    package = bind(package_of(inner))
-    return package.sync_transport(tracker, inner, options or CaptureOptions(), package, loop)
+    package = bind(_package("inner", inner, sync=True))
+    return package.sync_transport(tracker, inner, options, package, loop)
+
+
+def _checked(tracker: object, options: object) -> CaptureOptions:
+    """`options` (default: CaptureOptions()) once `tracker` and `options` are checked."""
+    if not callable(getattr(tracker, "guard", None)):
+        raise ValueError(
+            f"tracker must be a llm_spend.Tracker (an object with a guard() method), got {tracker!r}"
+        )
+    if options is not None and not isinstance(options, CaptureOptions):
+        raise ValueError(f"options must be a llm_spend.capture.CaptureOptions or None, got {options!r}")
+    return options or CaptureOptions()
+
+
+def _check_loop(loop: object) -> None:
+    """The sync functions' `loop`: what reaches the tracker's event loop."""
+    if not callable(loop):
+        raise ValueError(f"loop must be a callable returning the tracker's event loop, got {loop!r}")
+
+
+def _package(name: str, transport: object, *, sync: bool, package: str | None = None) -> str:
+    """The package ("httpx" or "httpx2") of `transport`, given as argument `name`, once checked to be
+    a sync (`sync`) or async transport (of `package`, when given)."""
+    kind = "BaseTransport" if sync else "AsyncBaseTransport"
+    example = "HTTPTransport()" if sync else "AsyncHTTPTransport()"
+    try:
+        found = package_of(transport)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an httpx or httpx2 {kind}, such as httpx2.{example}, got {transport!r}"
+        ) from None
+    if not isinstance(transport, getattr(bind(found).module, kind)):
+        raise ValueError(
+            f"{name} must be {'a sync' if sync else 'an async'} transport ({found}.{kind}, such as"
+            f" {found}.{example}), got {transport!r}"
+        )
+    if package is not None and found != package:
+        raise ValueError(
+            f"{name} must be an {package} transport, as the client is, got an {found} one: {transport!r}"
+        )
+    return found
 
 
 _TRANSPORT_ARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits", "proxy", "retries")
@@ -111,12 +160,13 @@ def async_client(tracker: TrackerLike, *, options: CaptureOptions | None = None,
     AsyncHTTPTransport. Defaults follow the LLM SDKs: 600 s timeout (5 s to connect), redirects
     followed, up to 1000 connections. Proxies from the environment are not read: pass ``proxy=``.
     """
+    _checked(tracker, options)
     inner = kwargs.pop("transport", None)
-    name = package_of(inner) if inner is not None else default_package()
+    name = _package("transport", inner, sync=False) if inner is not None else default_package()
+    mounts = _mounts(kwargs.pop("mounts", None), name, sync=False)
     module, transport_args = _client_args(name, kwargs)
     if inner is None:
         inner = module.AsyncHTTPTransport(**transport_args)
-    mounts = kwargs.pop("mounts", None) or {}
     wrapped = {
         key: None if value is None else async_transport(tracker, value, options=options)
         for key, value in mounts.items()
@@ -130,12 +180,14 @@ def sync_client(
     tracker: TrackerLike, *, loop: LoopGetter, options: CaptureOptions | None = None, **kwargs: Any
 ) -> Any:
     """A Client whose every request goes through `sync_transport`; arguments as `async_client`."""
+    _checked(tracker, options)
+    _check_loop(loop)
     inner = kwargs.pop("transport", None)
-    name = package_of(inner) if inner is not None else default_package()
+    name = _package("transport", inner, sync=True) if inner is not None else default_package()
+    mounts = _mounts(kwargs.pop("mounts", None), name, sync=True)
     module, transport_args = _client_args(name, kwargs)
     if inner is None:
         inner = module.HTTPTransport(**transport_args)
-    mounts = kwargs.pop("mounts", None) or {}
     wrapped = {
         key: None if value is None else sync_transport(tracker, value, loop=loop, options=options)
         for key, value in mounts.items()
@@ -143,3 +195,21 @@ def sync_client(
     return module.Client(
         transport=sync_transport(tracker, inner, loop=loop, options=options), mounts=wrapped, **kwargs
     )
+
+
+def _mounts(mounts: object, package: str, *, sync: bool) -> Mapping[str, Any]:
+    """`mounts` checked: a mapping of URL pattern to a transport of the client's package and kind, or
+    None (no transport for that pattern)."""
+    if mounts is None:
+        return {}
+    if not isinstance(mounts, Mapping):
+        raise ValueError(
+            f"mounts must be a mapping of URL pattern to transport, such as {{'https://': transport}},"
+            f" got {mounts!r}"
+        )
+    for key, value in mounts.items():
+        if not isinstance(key, str):
+            raise ValueError(f"mounts keys must be URL patterns such as 'https://', got {key!r}")
+        if value is not None:
+            _package(f"mounts[{key!r}]", value, sync=sync, package=package)
+    return mounts

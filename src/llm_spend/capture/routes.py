@@ -13,14 +13,19 @@ mapping given to the Tracker, which wins over them::
         "api.openai.com": "ignore",                    # stop capturing a host
     })
 
-A value is an adapter name ("openai", "openai-compatible", "anthropic", "gemini") or "ignore",
-optionally followed by ``:<provider id>``, the id recorded and priced (genai-prices' provider ids such
-as "openrouter", "deepseek", "azure", "groq"). Without one, "openai-compatible" takes it from the host
-(well-known hosts) or records the host itself (prices then come out unknown, never $0).
+A key is a host name or IPv4 address, ``*.`` and a domain (no port: it matches any), or a host and
+``:<port>`` (1 to 65535), compared in lower case; anything else (spaces, a scheme or path, an IPv6
+address) is refused. A value is an adapter name ("openai", "openai-compatible", "anthropic",
+"gemini"), optionally followed by ``:<provider id>``, the id recorded and priced (1 to 64 letters,
+digits, "_", "." or "-": genai-prices' provider ids such as "openrouter", "deepseek", "azure",
+"groq"), or "ignore" alone. Without an id, "openai-compatible" takes it from the host (well-known
+hosts) or records the host itself (prices then come out unknown, never $0). A malformed entry raises
+ValueError naming ``providers`` and the entry, when the options are built.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -83,14 +88,17 @@ class Router:
     def __init__(self, providers: Mapping[str, str] | None = None) -> None:
         exact: dict[str, Route | None] = {}
         suffixes: list[tuple[str, Route | None]] = []
+        given = [_host_key(host) for host in providers or {}]
+        if len(set(given)) < len(given):
+            twice = next(key for key in given if given.count(key) > 1)
+            raise ValueError(f"providers: {twice!r} is given twice (host names are compared in lower case)")
         for host, value in {**_BUILTIN, **(providers or {})}.items():
-            if not isinstance(host, str) or not host.strip("*.") or "/" in host:
-                raise ValueError(f"providers: {host!r} is not a host name such as 'openrouter.ai'")
             route = _route(host, value)
-            if host.startswith("*."):
-                suffixes.append((host[1:].lower(), route))
+            key = host.lower()
+            if key.startswith("*."):
+                suffixes.append((key[1:], route))
             else:
-                exact[host.lower()] = route
+                exact[key] = route
         self._exact: Mapping[str, Route | None] = MappingProxyType(exact)
         self._suffixes = tuple(sorted(suffixes, key=lambda item: -len(item[0])))
 
@@ -130,18 +138,45 @@ def provider_from_host(host: str) -> str:
     return host[:64]
 
 
+_HOST: Final = re.compile(r"(\*\.)?([\w-]+(?:\.[\w-]+)*)(?::([0-9]+))?")
+"""A providers key: a host name (or IPv4 address), "*." and a domain, or a host name and ":port"."""
+_PROVIDER_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _host_key(host: object) -> str:
+    """A providers key checked, in lower case as `Router.match` compares it."""
+    if not isinstance(host, str) or (found := _HOST.fullmatch(host)) is None:
+        raise ValueError(
+            f"providers: {host!r} is not a host name, *.domain or host:port, such as 'openrouter.ai',"
+            " '*.openai.azure.com' or 'localhost:8000'"
+        )
+    wildcard, _, port = found.groups()
+    if port is not None and (wildcard or port.startswith("0") or int(port) > 65_535):
+        problem = (
+            "a *.domain key takes no port" if wildcard else "the port must be 1 to 65535, with no leading 0"
+        )
+        raise ValueError(f"providers: {host!r}: {problem}")
+    return host.lower()
+
+
 def _route(host: str, value: object) -> Route | None:
     if not isinstance(value, str):
         raise ValueError(f"providers[{host!r}] must be a string such as 'openai-compatible', got {value!r}")
-    name, _, provider = value.partition(":")
-    if name == "ignore":
+    name, colon, provider = value.partition(":")
+    if name == "ignore" and not colon:
         return None
     adapter = ADAPTERS.get(name)
     if adapter is None:
         choices = ", ".join(sorted((*ADAPTERS, "ignore")))
-        raise ValueError(f"providers[{host!r}] = {value!r}: the adapter must be one of {choices}")
-    if provider and (len(provider) > 64 or not provider.strip()):
-        raise ValueError(f"providers[{host!r}] = {value!r}: the provider id must be 1 to 64 characters")
+        problem = (
+            "'ignore' takes no provider id" if name == "ignore" else f"the adapter must be one of {choices}"
+        )
+        raise ValueError(f"providers[{host!r}] = {value!r}: {problem}")
+    if colon and _PROVIDER_ID.fullmatch(provider) is None:
+        raise ValueError(
+            f"providers[{host!r}] = {value!r}: the provider id after ':' must be 1 to 64 letters, digits,"
+            " '_', '.' or '-', such as 'openrouter'"
+        )
     if not provider and name != "openai-compatible":
         provider = adapter.default_provider
     return Route(adapter, provider or None)
