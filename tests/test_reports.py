@@ -229,14 +229,16 @@ async def test_calls_without_the_tag_sort_last_on_every_backend(db_url: str) -> 
 
 
 async def test_more_bad_arguments(sqlite_url: str) -> None:
-    """A key grouped twice, a non-string where value, and a budget_status top below 1 are refused."""
+    """A key grouped twice, a non-string where value, and a budget_status top below 1 or above a
+    million (a count past 64 bits failed in the database) are refused."""
     async with Tracker(sqlite_url) as tracker:
-        with pytest.raises(ValueError, match="names a key twice"):
+        with pytest.raises(ValueError, match="group_by names 'model' twice"):
             await tracker.report(start=START, end=END, group_by=["model", "model"])
         with pytest.raises(ValueError, match=r"where\['user_id'\] must be a string"):
             await tracker.report(start=START, end=END, where={"user_id": 4.2})  # type: ignore[dict-item]
-        with pytest.raises(ValueError, match="top must be a positive integer"):
-            await tracker.budget_status(top=0)
+        for top in (0, 10**6 + 1, 2**64):
+            with pytest.raises(ValueError, match="top must be a positive integer, at most 1,000,000"):
+                await tracker.budget_status(top=top)
 
 
 async def test_monthly_projection_is_linear_in_elapsed_time(db_url: str) -> None:

@@ -258,4 +258,4 @@ def test_reprice_keeps_the_cost_of_calls_the_given_prices_do_not_know(
     with pytest.raises(SystemExit):
         main([*args, "--fallback-price", "2"])  # not INPUT,OUTPUT: argparse's usage error
     assert main([*args, "--fallback-price", "2,x"]) == 2
-    assert "fallback_price" in capsys.readouterr().err
+    assert "--fallback-price: output must be a number of USD" in capsys.readouterr().err

@@ -27,12 +27,15 @@ from .storage.schema import UTCDateTime, calls, rollups
 from .storage.store import Store
 
 __all__ = [
+    "MAX_TOP",
     "Bounds",
     "BudgetStatus",
     "ReportRow",
     "WindowTotal",
     "budget_status",
+    "check_where",
     "current_windows",
+    "group_keys",
     "ledger_conditions",
     "report",
     "safe_cell",
@@ -79,7 +82,7 @@ async def report(
     day (or month) rollups: a few rows per day whatever the traffic, and totals that still count pruned
     calls. Anything else reads the ledger.
     """
-    names = _check(start, end, group_by, where)
+    names = _check(start, end, group_by)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     for period in _CALENDAR:
@@ -118,25 +121,45 @@ def _order(row: ReportRow) -> tuple[tuple[bool, str], ...]:
     return tuple((value is None, value or "") for value in row.key)
 
 
-def _check(
-    start: datetime, end: datetime, group_by: Sequence[str], where: Mapping[str, str] | None
-) -> tuple[str, ...]:
+def _check(start: datetime, end: datetime, group_by: Sequence[str]) -> tuple[str, ...]:
     for name, value in (("start", start), ("end", end)):
         if not isinstance(value, datetime) or value.tzinfo is None:
             raise ValueError(f"{name} must be an aware datetime, got {value!r}")
     if not start < end:
         raise ValueError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})")
+    return group_keys(group_by)
+
+
+MAX_TOP = 1_000_000
+"""Windows per budget in a status: more than any page shows (and a count the database can take)."""
+
+
+def _check_top(top: int) -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP:
+        raise ValueError(f"top must be a positive integer, at most {MAX_TOP:,}, got {top!r}")
+
+
+def group_keys(group_by: str | Sequence[str], option: str = "group_by") -> tuple[str, ...]:
+    """The keys a report groups by, checked: ValueError naming `option` (the argument, or the CLI's
+    option) for one that is not day, month, model, provider or a tag key, or given twice."""
     if not isinstance(group_by, str | Sequence):
-        raise ValueError(f"group_by must be a key or a sequence of keys, got {group_by!r}")
+        raise ValueError(f"{option} must be a key or a sequence of keys, got {group_by!r}")
     names = (group_by,) if isinstance(group_by, str) else tuple(group_by)
-    for name in names:
+    for at, name in enumerate(names):
         if not isinstance(name, str) or not (name in _CALENDAR + _COLUMNS or _TAG_KEY.fullmatch(name)):
-            raise ValueError(f"group_by {name!r} must be day, month, model, provider or a tag key")
-    if len(set(names)) != len(names):
-        raise ValueError(f"group_by {names!r} names a key twice")
-    if where is not None and not isinstance(where, Mapping):
-        raise ValueError(f"where must be a mapping of key to value, got {where!r}")
+            raise ValueError(f"{option} {name!r} must be day, month, model, provider or a tag key")
+        if name in names[:at]:
+            raise ValueError(f"{option} names {name!r} twice")
     return names
+
+
+def check_where(where: Mapping[str, str], option: str = "where") -> None:
+    """ValueError naming `option` unless `where` maps model, provider or tag keys to values."""
+    if not isinstance(where, Mapping):
+        raise ValueError(f"{option} must be a mapping of key to value, got {where!r}")
+    for key in where:
+        if key not in _COLUMNS and not (isinstance(key, str) and _TAG_KEY.fullmatch(key)):
+            raise ValueError(f"{option} key {key!r} must be model, provider or a tag key")
 
 
 def ledger_conditions(
@@ -146,7 +169,10 @@ def ledger_conditions(
     tags). Tag keys and values are bound parameters; on PostgreSQL the tags are one JSONB containment
     test, which the GIN index on `tags` serves."""
     conditions = [calls.c.occurred_at >= start, calls.c.occurred_at < end]
-    return conditions + _filters(where or {}, store.dialect == "postgresql")
+    if where is None:
+        return conditions
+    check_where(where)
+    return conditions + _filters(where, store.dialect == "postgresql")
 
 
 def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> ReportRow:
@@ -219,10 +245,8 @@ def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[boo
         value = str(value)
         if key in _COLUMNS:
             conditions.append(calls.c[key] == value)
-        elif isinstance(key, str) and _TAG_KEY.fullmatch(key):
+        else:  # a tag key (`check_where`)
             tags[key] = value
-        else:
-            raise ValueError(f"where key {key!r} must be model, provider or a tag key")
     if tags and postgres:
         conditions.append(calls.c.tags.op("@>")(cast(literal(json.dumps(tags)), JSONB)))
     else:
@@ -304,8 +328,7 @@ async def budget_status(
     store: Store, rules: Sequence[BudgetRule], bounds: Bounds, *, now: datetime, top: int = 20
 ) -> list[BudgetStatus]:
     """The current window of every day and month budget; per-tag budgets show their `top` windows by spend."""
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
+    _check_top(top)
     found: list[BudgetStatus] = []
     async with store.engine.connect() as conn:
         for rule in rules:
@@ -363,8 +386,7 @@ class WindowTotal:
 
 async def current_windows(store: Store, tz: ZoneInfo, *, now: datetime, top: int = 20) -> list[WindowTotal]:
     """Today's and this month's windows in `tz`: the global ones, then per scope the `top` by spend."""
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
+    _check_top(top)
     found: list[WindowTotal] = []
     async with store.engine.connect() as conn:
         for period in ("day", "month"):

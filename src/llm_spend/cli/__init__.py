@@ -14,7 +14,8 @@ import asyncio
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -48,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; each sets `handler` (sync or async, returning the exit status)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except OverflowError as exc:  # an option's type that lets a number too large through
+        parser.error(f"a number given is out of range ({exc})")
     try:
         result = args.handler(args)
-        status = asyncio.run(result) if inspect.iscoroutine(result) else result
+        status = asyncio.run(_joined(result)) if inspect.iscoroutine(result) else result
         sys.stdout.flush()  # a reader gone (`| head`) shows here, not at exit
     except BrokenPipeError:
         _silence_stdout()
@@ -62,10 +67,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"llm-spend: {exc}", file=sys.stderr)
         return 2
+    except OverflowError as exc:  # a value from the command line that a date or the database cannot hold
+        print(f"llm-spend: a number given is out of range ({exc})", file=sys.stderr)
+        return 2
     except (SQLAlchemyError, OSError) as exc:
         print(f"llm-spend: {_cannot_use(args, exc)}", file=sys.stderr)
         return 1
     return int(status)
+
+
+async def _joined(command: Coroutine[Any, Any, int]) -> int:
+    """Run `command`, then wait (a second at most) for the daemon threads it started to end while the
+    loop is still open. Those are aiosqlite's workers (SQLAlchemy makes them daemons): when a SQLite
+    database cannot be opened (a directory as --url), aiosqlite tells the worker to stop without
+    waiting for it, and a worker that answers after `asyncio.run` closed the loop printed an "Event
+    loop is closed" traceback after the error (omnilib/aiosqlite#241)."""
+    started = set(threading.enumerate())
+    try:
+        return await command
+    finally:
+        for thread in set(threading.enumerate()) - started:
+            if thread.daemon:
+                thread.join(timeout=1.0)
 
 
 def _cannot_use(args: argparse.Namespace, exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from .reports import safe_cell
 
 _COLUMNS = [c.name for c in calls.columns if c.name != "id"]
 _PRUNE_BATCH = 5_000
+_MAX_AGE_DAYS = 36_500  # 100 years: a cutoff far older than that is before year 1, an OverflowError
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -46,7 +47,17 @@ def _age(text: str) -> timedelta:
     found = re.fullmatch(r"(\d+)([dw])", text.strip())
     if found is None or int(found.group(1)) < 1:
         raise argparse.ArgumentTypeError(f"not an age such as 90d or 12w: {text!r}")
-    return timedelta(days=int(found.group(1)) * (7 if found.group(2) == "w" else 1))
+    days = int(found.group(1)) * (7 if found.group(2) == "w" else 1)
+    if days > _MAX_AGE_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_AGE_DAYS}d (100 years), got {text!r}")
+    return timedelta(days=days)
+
+
+def until(args: argparse.Namespace) -> datetime:
+    """The end of the range --since..--until: --until (exclusive), after --since; else now."""
+    if args.until is not None and args.until <= args.since:
+        raise ValueError(f"--until {args.until:%Y-%m-%d} must be after --since {args.since:%Y-%m-%d}")
+    return args.until or datetime.now(UTC)
 
 
 def _cells(row: Any) -> dict[str, Any]:
@@ -58,10 +69,9 @@ def _cells(row: Any) -> dict[str, Any]:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    until = args.until or datetime.now(UTC)
     query = (
         select(calls)
-        .where(calls.c.occurred_at >= args.since, calls.c.occurred_at < until)
+        .where(calls.c.occurred_at >= args.since, calls.c.occurred_at < until(args))
         .order_by(calls.c.occurred_at, calls.c.id)
         .execution_options(yield_per=1_000)
     )

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from ..exceptions import PricesFileError
 from ..money import format_usd, from_nanousd
 from ..pricing import Pricer
 from ..storage.repricing import reprice, unpriced_models
 from ..usage import Usage
 from .db import ledger
+from .ledger import until
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
     prices = commands.add_parser("prices", help="how calls are priced, and which models are not")
     sub = prices.add_subparsers(dest="prices_command", required=True)
     explain = sub.add_parser("explain", help="the layer, the matched model, the rates and the cost of a call")
-    explain.add_argument("--provider", required=True)
-    explain.add_argument("--model", required=True)
+    explain.add_argument("--provider", type=_name, required=True)
+    explain.add_argument("--model", type=_name, required=True)
     for name in ("input", "output", "cache-read", "cache-write", "cache-write-1h", "reasoning"):
         explain.add_argument(f"--{name}", type=int, default=0, metavar="TOKENS")
     explain.add_argument("--service-tier")
@@ -55,6 +58,12 @@ def _day(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _rates(text: str) -> dict[str, str]:
     parts = [part.strip() for part in text.split(",")]
     if len(parts) != 2 or not all(parts):
@@ -62,16 +71,36 @@ def _rates(text: str) -> dict[str, str]:
     return {"input": parts[0], "output": parts[1]}
 
 
+def _pricer(args: argparse.Namespace) -> Pricer:
+    """The Pricer of --prices-file and --fallback-price; a bad one is one line naming the option (and
+    for a YAML file the problem and where: PyYAML's message spans five lines)."""
+    try:
+        return Pricer(prices_file=args.prices_file, fallback_price=getattr(args, "fallback_price", None))
+    except PricesFileError as exc:
+        if exc.origin == "fallback_price":
+            raise ValueError(f"--fallback-price: {exc.problem}") from None
+        mark = getattr(exc.__context__, "problem_mark", None)  # the yaml.MarkedYAMLError, if any
+        if mark is None:
+            raise ValueError(f"--prices-file {(str(exc).splitlines() or [''])[0]}") from None
+        what = getattr(exc.__context__, "problem", None) or "cannot be parsed"
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        raise ValueError(f"--prices-file {exc.origin}: is not valid YAML: {what} ({where})") from None
+
+
 def _explain(args: argparse.Namespace) -> int:
-    usage = Usage(
-        input_tokens=args.input,
-        output_tokens=args.output,
-        cache_read_tokens=args.cache_read,
-        cache_write_tokens=args.cache_write,
-        cache_write_1h_tokens=args.cache_write_1h,
-        reasoning_tokens=args.reasoning,
-    )
-    pricer = Pricer(prices_file=args.prices_file)
+    try:
+        usage = Usage(
+            input_tokens=args.input,
+            output_tokens=args.output,
+            cache_read_tokens=args.cache_read,
+            cache_write_tokens=args.cache_write,
+            cache_write_1h_tokens=args.cache_write_1h,
+            reasoning_tokens=args.reasoning,
+        )
+    except ValueError as exc:  # it names Usage's fields (cache_read_tokens): name the options instead
+        flags = re.sub(r"\b(\w+)_tokens\b", lambda m: f"--{m[1].replace('_', '-')}", str(exc))
+        raise ValueError(flags) from None
+    pricer = _pricer(args)
     at = args.at or datetime.now(UTC)
     found = pricer.explain(
         args.provider, args.model, usage, at=at, service_tier=args.service_tier, batch=args.batch
@@ -104,10 +133,10 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 async def _reprice(args: argparse.Namespace) -> int:
-    pricer = Pricer(prices_file=args.prices_file, fallback_price=args.fallback_price)
-    until = args.until or datetime.now(UTC)
+    end = until(args)
+    pricer = _pricer(args)
     async with ledger(args.url) as store:
-        found = await reprice(store, pricer, since=args.since, until=until, dry_run=args.dry_run)
+        found = await reprice(store, pricer, since=args.since, until=end, dry_run=args.dry_run)
     changes = [c for c in found if c.calls]
     if not changes:
         print("no call's cost changes")

@@ -13,13 +13,23 @@ from zoneinfo import ZoneInfo
 
 from ..budgets import Budget, resolve_rules, window_bounds
 from ..money import format_usd
-from ..reports import ReportRow, budget_status, current_windows, report, safe_cell
+from ..reports import (
+    MAX_TOP,
+    ReportRow,
+    budget_status,
+    check_where,
+    current_windows,
+    group_keys,
+    report,
+    safe_cell,
+)
 from .db import ledger
 
 __all__ = ["positive_int", "register", "safe_cell"]
 
 _SUMS = ("cost_usd", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
          "reasoning_tokens", "unknown_cost_calls")  # fmt: skip
+_MAX_DAYS_BY_DAY = 2_000  # the most day rows a report has
 
 
 def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -49,13 +59,14 @@ def register(commands: Any, add_url: Callable[[argparse.ArgumentParser], None]) 
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+    """An argparse type: a whole number from 1 to 1,000,000 (a database integer holds no more than
+    2**63 - 1: a larger one was an OverflowError)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    if not 1 <= value <= MAX_TOP:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number up to {MAX_TOP}, got {text!r}")
     return value
 
 
@@ -66,18 +77,22 @@ def _where(pairs: Sequence[str]) -> dict[str, str]:
         if not sep or not key:
             raise ValueError(f"--where {pair!r} must be KEY=VALUE")
         where[key] = value
+    check_where(where, "--where")
     return where
 
 
 async def _report(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 3660:
         raise ValueError(f"--days must be from 1 to 3660, got {args.days}")
+    if "day" in args.by and args.days > _MAX_DAYS_BY_DAY:
+        raise ValueError(f"--days must be from 1 to {_MAX_DAYS_BY_DAY} with --by day, got {args.days}")
+    group_by, where = group_keys(args.by, "--by"), _where(args.where)
     tz = _zone(args.timezone)
     today_start, end = window_bounds("day", datetime.now(UTC), tz)
     noon = today_start + timedelta(hours=12) - timedelta(days=args.days - 1)  # DST-proof: any hour that day
     start = window_bounds("day", noon, tz)[0]
     async with ledger(args.url) as store:
-        rows = await report(store, tz, start=start, end=end, group_by=args.by, where=_where(args.where))
+        rows = await report(store, tz, start=start, end=end, group_by=group_by, where=where)
     if args.format == "json":  # a missing tag is null here, "(none)" in a table or CSV
         print(json.dumps([{"group": row.group, **dict(zip(_SUMS, _sums(row), strict=True))} for row in rows],
                          indent=2))  # fmt: skip
@@ -159,8 +174,15 @@ async def _budgets(args: argparse.Namespace) -> int:
 
 
 async def _limits(args: argparse.Namespace, tz: ZoneInfo) -> int:
-    budgets = [Budget.daily(args.daily)] if args.daily is not None else []
-    budgets += [Budget.monthly(args.monthly)] if args.monthly is not None else []
+    budgets = []
+    for flag, limit, budget in (
+        ("--daily", args.daily, Budget.daily),
+        ("--monthly", args.monthly, Budget.monthly),
+    ):
+        try:
+            budgets += [budget(limit)] if limit is not None else []
+        except ValueError as exc:  # it names the argument (limit): name the option too
+            raise ValueError(f"{flag}: {exc}") from None
     async with ledger(args.url) as store:
         statuses = await budget_status(
             store, resolve_rules(budgets, "notify"), lambda period, at: window_bounds(period, at, tz),
