@@ -8,15 +8,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from ..storage.sqlite_file import database_path
-from ..storage.store import Store
+from ..storage.store import Store, parse_url
 
 __all__ = ["UrlError", "check_url", "ledger", "register"]
 
-_ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
 CONNECT_TIMEOUT = 10.0
 """Seconds a command waits for a PostgreSQL server to accept a connection (a hung one is named, not
 waited on for the driver's minute)."""
@@ -32,12 +28,9 @@ def check_url(url: str, *, existing: bool) -> None:
     `existing`, a SQLite file must already be there: a command that only reads must not create an
     empty database at a mistyped path."""
     try:
-        parsed = make_url(url)
-        dialect = parsed.get_dialect()
-    except ArgumentError as exc:  # NoSuchModuleError (an unknown dialect or driver) included
-        raise UrlError(f"{exc} (expected {_ASYNC_URLS})") from None
-    if parsed.get_backend_name() not in ("sqlite", "postgresql") or not getattr(dialect, "is_async", False):
-        raise UrlError(f"not an async SQLite or PostgreSQL URL (expected {_ASYNC_URLS})")
+        parsed = parse_url(url)
+    except ValueError as exc:
+        raise UrlError(str(exc).removeprefix("url: ")) from None
     path = database_path(parsed) if parsed.get_backend_name() == "sqlite" else None
     if existing and path is not None and not os.path.exists(path):
         raise UrlError(f"no SQLite database at {path} (`llm-spend db upgrade` creates one)")

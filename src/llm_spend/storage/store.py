@@ -81,14 +81,16 @@ def parse_url(url: object) -> URL:
     """A SQLite or PostgreSQL URL with an async driver, parsed; ValueError naming `url` for anything
     else (a sync driver fails only when it first connects, or with a missing module, otherwise)."""
     if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"url must be a SQLAlchemy async URL string ({ASYNC_URLS}), got {url!r}")
+        raise ValueError(f"url: not a URL string (expected {ASYNC_URLS}), got {url!r}")
     try:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except ArgumentError as exc:  # NoSuchModuleError (an unknown dialect or driver) included
         raise ValueError(f"url: {exc} (expected {ASYNC_URLS})") from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql") or not getattr(dialect, "is_async", False):
-        raise ValueError(f"url must be an async SQLite or PostgreSQL URL ({ASYNC_URLS}), got {parsed!r}")
+        raise ValueError(
+            f"url: not an async SQLite or PostgreSQL URL (expected {ASYNC_URLS}), got {parsed!r}"
+        )
     return parsed
 
 
