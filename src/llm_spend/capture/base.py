@@ -249,7 +249,8 @@ _new_tuple = tuple.__new__
 def make_outcome(usage: Usage | None, model: object, response_id: object, tier: object) -> Outcome:
     """The `Outcome` of a response, with `text` of its model, id (200 characters at most) and service
     tier (64), in one call (a NamedTuple's own constructor costs twice as much). What every answer
-    sends, short ASCII without NUL, is checked inline; anything else by `text`."""
+    sends, ASCII without NUL that is not blank, is checked inline (`isascii` reads a flag; the search
+    for NUL is a `memchr`); anything else by `text`."""
     return _new_tuple(
         Outcome,
         (
@@ -262,7 +263,10 @@ def make_outcome(usage: Usage | None, model: object, response_id: object, tier: 
             if type(response_id) is str and 0 < len(response_id) <= 200 and response_id.isascii()
             and "\x00" not in response_id and response_id.strip()
             else text(response_id, 200),
-            None if tier is None else text(tier, 64),
+            tier
+            if type(tier) is str and 0 < len(tier) <= 64 and tier.isascii() and "\x00" not in tier
+            and tier.strip()
+            else None if tier is None else text(tier, 64),
         ),
     )  # fmt: skip
 
