@@ -469,3 +469,9 @@ def test_decorating_a_generator_is_refused() -> None:
         with_tags(a="1")(numbers)
     with pytest.raises(TypeError, match="chunks"):
         with_tags(a="1")(chunks)
+
+
+def test_decorating_something_not_callable_is_refused() -> None:
+    """`with_tags(...)(5)` raises at once, not when the result is first called."""
+    with pytest.raises(TypeError, match="with_tags decorates functions, got 5"):
+        with_tags(a="1")(5)  # type: ignore[type-var]

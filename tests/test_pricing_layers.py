@@ -102,6 +102,16 @@ def test_yaml_prices_file(tmp_path: Path) -> None:
     assert Pricer(prices_file=path).price("acme", "my-model", USAGE, at=AT).amount == Decimal("2.8")
 
 
+def test_an_invalid_yaml_prices_file_is_one_line_naming_the_file_and_the_place(tmp_path: Path) -> None:
+    """PyYAML's message spans five lines; the error names the file, the problem and where."""
+    path = tmp_path / "prices.yaml"
+    path.write_text("my-model: {input: 2\n  output: 8\n")
+    with pytest.raises(PricesFileError) as error:
+        Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}", prices_file=path)
+    problem = "is not valid YAML: expected ',' or '}', but got ':' (line 2, column 9)"
+    assert str(error.value) == f"{path}: {problem}"
+
+
 def test_edited_prices_file_is_picked_up_and_a_bad_edit_keeps_the_old(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -188,6 +188,8 @@ class with_tags:
 
     def __call__(self, func: F) -> F:
         """Decorate a sync or async function: each call runs in its own scope."""
+        if not callable(func):
+            raise TypeError(f"with_tags decorates functions, got {func!r}")
         called = _called(func)
         if inspect.isgeneratorfunction(called) or inspect.isasyncgenfunction(called):
             raise TypeError(

@@ -187,8 +187,11 @@ def _decode(raw: bytes, path: Path, origin: str) -> Any:
             raise PricesFileError(origin, None, "is YAML: install PyYAML (pip install pyyaml)") from None
         try:
             return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise PricesFileError(origin, None, f"is not valid YAML: {exc}") from None
+        except yaml.YAMLError as exc:  # one line: PyYAML's own message spans five
+            mark = getattr(exc, "problem_mark", None)
+            where = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PricesFileError(origin, None, f"is not valid YAML: {what}{where}") from None
     try:
         return json.loads(raw)
     except ValueError as exc:

@@ -72,19 +72,13 @@ def _rates(text: str) -> dict[str, str]:
 
 
 def _pricer(args: argparse.Namespace) -> Pricer:
-    """The Pricer of --prices-file and --fallback-price; a bad one is one line naming the option (and
-    for a YAML file the problem and where: PyYAML's message spans five lines)."""
+    """The Pricer of --prices-file and --fallback-price; a bad one is one line naming the option."""
     try:
         return Pricer(prices_file=args.prices_file, fallback_price=getattr(args, "fallback_price", None))
     except PricesFileError as exc:
         if exc.origin == "fallback_price":
             raise ValueError(f"--fallback-price: {exc.problem}") from None
-        mark = getattr(exc.__context__, "problem_mark", None)  # the yaml.MarkedYAMLError, if any
-        if mark is None:
-            raise ValueError(f"--prices-file {(str(exc).splitlines() or [''])[0]}") from None
-        what = getattr(exc.__context__, "problem", None) or "cannot be parsed"
-        where = f"line {mark.line + 1}, column {mark.column + 1}"
-        raise ValueError(f"--prices-file {exc.origin}: is not valid YAML: {what} ({where})") from None
+        raise ValueError(f"--prices-file {exc}") from None
 
 
 def _explain(args: argparse.Namespace) -> int:
