@@ -221,24 +221,30 @@ async def test_error_inside_guard_releases_and_propagates(db_url: str) -> None:
     assert state["day"][0][1] == 0 and state["reservations"] == 0 and state["calls"] == 0
 
 
-async def test_unknown_model_is_refused_by_default(sqlite_url: str) -> None:
-    """A model without a price under a block budget: UnknownPriceError before the call, nothing recorded."""
+@pytest.mark.parametrize("max_output_tokens", [1, None], ids=["max-output-set", "no-max-output"])
+async def test_unknown_model_is_refused_by_default(sqlite_url: str, max_output_tokens: int | None) -> None:
+    """A model without a price under a block budget: UnknownPriceError before the call, nothing
+    recorded, with or without max output tokens (without, its unknown context window was named)."""
     async with Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")]) as tracker:
         with pytest.raises(UnknownPriceError, match="no-such-model"):
             async with tracker.guard(
-                provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1
+                provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=max_output_tokens
             ):
                 pytest.fail("should not be reached")
     assert (await ledger(sqlite_url))["calls"] == 0
 
 
-async def test_unknown_model_allowed_is_recorded_unpriced(sqlite_url: str) -> None:
-    """unknown_price='allow': the call goes out unreserved and is stored with NULL cost, flagged."""
+@pytest.mark.parametrize("max_output_tokens", [1, None], ids=["max-output-set", "no-max-output"])
+async def test_unknown_model_allowed_is_recorded_unpriced(
+    sqlite_url: str, max_output_tokens: int | None
+) -> None:
+    """unknown_price='allow': the call goes out unreserved and is stored with NULL cost, flagged;
+    without max output tokens too (it was refused for its unknown context window)."""
     tracker = Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")], unknown_price="allow")
-    async with (
-        tracker,
-        tracker.guard(provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=1) as c,
-    ):
+    guarded = tracker.guard(
+        provider="openai", model="no-such-model", input_tokens=1, max_output_tokens=max_output_tokens
+    )
+    async with tracker, guarded as c:
         assert c.reservation is None
         record = await c.record(Usage(input_tokens=1, output_tokens=1))
     assert record.cost is None and record.pricing_status == "unknown_model"

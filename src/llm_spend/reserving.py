@@ -146,6 +146,8 @@ class Reserver:
                 max_output_tokens = max(window - input_tokens, 0)
             elif self.default_max_output_tokens is not None:
                 max_output_tokens = self.default_max_output_tokens
+            elif self._bound(provider, model, input_tokens, 0) is None:
+                return None  # no price either: `unknown_price` decides, as for any unpriced model
             else:
                 raise LLMSpendError(
                     f"cannot bound the cost of a {provider}/{model} call that sets no max output tokens: "
@@ -153,8 +155,11 @@ class Reserver:
                     "Tracker(default_max_output_tokens=...)"
                 )
         check_tokens("max_output_tokens", max_output_tokens)
+        return self._bound(provider, model, input_tokens, max_output_tokens)
+
+    def _bound(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> int | None:
         bound = self.pricer.bound(
-            provider, model, input_tokens=input_tokens, output_tokens=max_output_tokens, at=datetime.now(UTC)
+            provider, model, input_tokens=input_tokens, output_tokens=output_tokens, at=datetime.now(UTC)
         )
         nanousd: int | None = bound.nanousd
         return nanousd
