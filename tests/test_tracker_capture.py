@@ -187,3 +187,32 @@ async def test_track_stream_with_totals_and_with_an_error(tmp_path: Path) -> Non
     assert cut["tags"] == {"stream_errored": "true"}
     assert cut["usage_source"] == "unknown" and cut["pricing_status"] == "unknown_usage"
     assert cut["cost_nanousd"] is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1beta/models/" + "m" * 250 + ":generateContent",
+        "/v1beta/models/gem%00ini:generateContent",
+    ],
+    ids=["model-too-long", "model-with-nul"],
+)
+async def test_a_call_whose_path_names_a_model_the_ledger_cannot_store_is_recorded_as_unknown(
+    tmp_path: Path, path: str
+) -> None:
+    """Gemini names the model in the path; one too long or with NUL, from an answer that names none,
+    is recorded as model "unknown" (the call was dropped, its record refused, before)."""
+    import httpx2
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        usage = {"promptTokenCount": 10, "candidatesTokenCount": 2}
+        return httpx2.Response(200, json={"candidates": [], "usageMetadata": usage})
+
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        async with tracker.httpx_client(transport=httpx2.MockTransport(answer)) as http:
+            response = await http.post(
+                "https://generativelanguage.googleapis.com" + path, json={"contents": []}
+            )
+        assert response.status_code == 200
+    [row] = await recorded(tracker.url)
+    assert (row["model"], row["input_tokens"], row["output_tokens"]) == ("unknown", 10, 2)

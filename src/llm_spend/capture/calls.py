@@ -10,6 +10,7 @@ budget): capture then does not work out the input bound, which nothing would rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import zlib
@@ -232,7 +233,9 @@ def record(
             provider_response_id=outcome.response_id,
         )
     except Exception:
-        logger.exception("llm-spend: recording a captured call failed")
+        logger.exception("llm-spend: recording a captured call failed; recording it as an unknown model")
+        with contextlib.suppress(Exception):  # a billed call is kept: with what is sure to be stored
+            call.record(outcome.usage, model="unknown", usage_source=source, stream=stream)
 
 
 async def leave(guard: Guard, error: BaseException | None, *, raise_budget: bool = True) -> None:

@@ -32,6 +32,7 @@ from .base import (
     load_json,
     make_outcome,
     make_usage,
+    text,
     view,
 )
 
@@ -82,7 +83,7 @@ class GeminiAdapter:
         if most is not None and type(candidates) is int and candidates > 1:
             most *= candidates
         stream = found is not None and found.group(2) == "streamGenerateContent"
-        return CallInfo(found.group(1) if found else None, stream, most)
+        return CallInfo(text(found.group(1)) if found else None, stream, most)
 
     def with_stream_usage(self, kind: str, body: dict[str, Any]) -> bool:
         return False  # every chunk carries usageMetadata

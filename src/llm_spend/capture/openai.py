@@ -97,7 +97,7 @@ class OpenAIAdapter:
     def call_info(self, kind: str, path: str, body: Mapping[str, Any]) -> CallInfo:
         model = text(body.get("model"))
         if model is None and (deployment := _DEPLOYMENT.search(path)) is not None:
-            model = deployment.group(1)  # Azure OpenAI names the deployment in the path
+            model = text(deployment.group(1))  # Azure OpenAI names the deployment in the path
         if kind == "embeddings":
             return CallInfo(model, False, 0)
         if kind == "chat":
