@@ -81,8 +81,20 @@ def test_flat_rates_apply_cache_buckets(tmp_path: Path) -> None:
         ('{"m": {"input": "abc", "output": 2}}', "input"),
         ('{"m": {"input": 1, "output": 2, "reasoning": 3}}', "unknown field 'reasoning'"),
         ('{"m": 3}', "rates must be a mapping"),
+        ('{"m": {"input": "1e13", "output": 2}}', "input must be at most 1,000,000 USD per 1M tokens"),
+        ('{"m": {"input": 1, "output": "1E+999999"}}', "output must be at most 1,000,000 USD per 1M tokens"),
     ],
-    ids=["json", "not-mapping", "missing", "negative", "non-numeric", "unknown-field", "not-rates"],
+    ids=[
+        "json",
+        "not-mapping",
+        "missing",
+        "negative",
+        "non-numeric",
+        "unknown-field",
+        "not-rates",
+        "huge",
+        "huger",
+    ],
 )
 def test_malformed_prices_file_is_a_clear_error_at_start(tmp_path: Path, content: str, problem: str) -> None:
     """A malformed prices file fails Tracker construction, naming the file, the key and the problem."""
@@ -129,6 +141,23 @@ def test_edited_prices_file_is_picked_up_and_a_bad_edit_keeps_the_old(
     with caplog.at_level(logging.ERROR, "llm_spend"):
         assert pricer.price("x", "my-model", USAGE, at=AT).amount == Decimal("2.2")
     assert any(str(path) in r.getMessage() and "output" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_prices_file_at_a_long_path_still_prices_calls_the_ledger_stores(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A row's price_source names the prices file; past the column's 300 characters it keeps the
+    start and the end (the hash). Before, PostgreSQL refused every call the file priced."""
+    folder = tmp_path.joinpath(*["d" * 60] * 5)
+    folder.mkdir(parents=True)
+    path = write(folder / "prices.json", {"my-model": {"input": 1, "output": 1}})
+    async with Tracker(db_url, prices_file=path) as tracker:
+        record = await tracker.track(provider="acme", model="my-model", input_tokens=10, output_tokens=10)
+        total = await tracker.total(start=datetime(2000, 1, 1, tzinfo=UTC))
+    assert record.price_source is not None and len(record.price_source) == 300
+    assert record.price_source.startswith(f"file {str(path)[:95]}")
+    assert record.price_source.endswith(f"/prices.json sha256:{record.price_source[-12:]}")
+    assert (total.calls, total.unknown_cost_calls) == (1, 0)
 
 
 def test_fallback_price_is_marked_and_never_zero() -> None:

@@ -90,6 +90,23 @@ class Rates:
         }
 
 
+MAX_RATE = Decimal(1_000_000)
+"""USD per 1M tokens: far above any model's, and low enough that a call's cost (at most 10^9 tokens
+per count) stays inside the ledger's 64-bit nano-USD."""
+
+SOURCE_MAX = 300
+"""Characters of `llm_calls.price_source`."""
+
+
+def stamp(source: str) -> str:
+    """A price source the ledger can store: no NUL or lone surrogate, at most SOURCE_MAX characters
+    (a long one keeps its start and its end, where a prices file's hash is)."""
+    text = source.replace("\x00", "?").encode(errors="replace").decode()
+    if len(text) <= SOURCE_MAX:
+        return text
+    return f"{text[:100]}…{text[len(text) - (SOURCE_MAX - 101) :]}"
+
+
 def parse_rates(table: object, origin: str) -> dict[str, Rates]:
     """Validate a {model key: {field: USD per 1M}} table; PricesFileError names origin, key, problem."""
     if not isinstance(table, Mapping):
@@ -112,6 +129,11 @@ def parse_rates(table: object, origin: str) -> dict[str, Rates]:
             values = {name: usd(value, field=name) for name, value in fields.items()}
         except ValueError as exc:
             raise PricesFileError(origin, key, str(exc)) from None
+        for name, value in values.items():
+            if value > MAX_RATE:
+                raise PricesFileError(
+                    origin, key, f"{name} must be at most {MAX_RATE:,} USD per 1M tokens, got {value}"
+                )
         parsed[key.lower()] = Rates(**values)
     return parsed
 
@@ -121,7 +143,7 @@ class PriceTable:
 
     def __init__(self, rates: Mapping[str, Rates], source: str) -> None:
         self.rates = dict(rates)
-        self.source = source
+        self.source = stamp(source)
 
     def lookup(self, provider: str, model: str) -> tuple[str, Rates] | None:
         """This call's entry: provider-qualified first, then bare; the model as called, then its base."""

@@ -37,7 +37,7 @@ from genai_prices.types import (
 from genai_prices.units import UnitRegistry
 
 from .money import to_nanousd
-from .price_layers import PricesFile, PriceTable, Rates, parse_rates
+from .price_layers import PricesFile, PriceTable, Rates, parse_rates, stamp
 from .price_rates import (
     Compiled,
     TierRates,
@@ -138,7 +138,9 @@ class Pricer:
         if fallback_price is not None:
             self._fallback = parse_rates({"fallback": fallback_price}, "fallback_price")["fallback"]
             rates = self._fallback
-            self._fallback_source = f"fallback ${rates.input}/${rates.output} per 1M input/output tokens"
+            self._fallback_source = stamp(
+                f"fallback ${rates.input}/${rates.output} per 1M input/output tokens"
+            )
         self._providers: list[Provider] = bundled_providers  # what genai-prices' bundled snapshot reads
         self._registry = UnitRegistry(unit_data)
         self._source = f"genai-prices {version('genai-prices')}"

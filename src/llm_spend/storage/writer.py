@@ -32,11 +32,12 @@ logger = logging.getLogger("llm_spend")
 
 
 def _data_error(exc: BaseException | None) -> bool:
-    """Whether the database refused the data itself (DB-API DataError, text it cannot encode), as
-    opposed to failing (unreachable, locked, read-only, ...): following the chain of causes."""
+    """Whether the database refused the data itself (DB-API DataError, text it cannot encode, an
+    integer its driver cannot bind: SQLite's "Python int too large"), as opposed to failing
+    (unreachable, locked, read-only, ...): following the chain of causes."""
     seen = 0
     while exc is not None and seen < 8:
-        if any(cls.__name__ in ("DataError", "UnicodeError") for cls in type(exc).__mro__):
+        if any(cls.__name__ in ("DataError", "UnicodeError", "OverflowError") for cls in type(exc).__mro__):
             return True
         exc = getattr(exc, "orig", None) or exc.__cause__
         seen += 1
