@@ -331,12 +331,26 @@ def test_non_string_values_are_stored_as_strings(value: object, expected: str) -
         assert current_tags()["v"] == expected
 
 
-@pytest.mark.parametrize("value", [b"abc", bytearray(b"abc"), object()], ids=["bytes", "bytearray", "object"])
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def _function() -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"abc", bytearray(b"abc"), object(), _function, "".join, (i for i in ()), _Unprintable(), 10**5000],
+    ids=["bytes", "bytearray", "object", "function", "method", "generator", "str-raises", "int-5000-digits"],
+)
 def test_values_whose_string_is_no_value_are_refused_naming_the_key(value: object) -> None:
-    """Bytes ("b'abc'") and objects without a string of their own ("<object at 0x...>", a new
-    value, and per-tag budget window, for every object) raise instead of being stored so."""
+    """Bytes ("b'abc'"), objects, functions, methods and generators whose string is their address
+    ("<function f at 0x...>": a new value, and per-tag budget window, for every object), and values
+    without a string raise ValueError naming the key instead of being stored so."""
     with (
-        pytest.raises(ValueError, match="tag 'user_id' must be a string or a number"),
+        pytest.raises(ValueError, match=r"tag 'user_id' (must be a string or a number|has no string)"),
         with_tags(user_id=value),
     ):
         pass

@@ -768,6 +768,22 @@ async def test_a_stream_event_with_bad_counts_or_text_is_recorded_unknown_not_ch
     assert rows == [{"model": "gpt-4o-mini", "pricing_status": "unknown_usage", "cost_nanousd": None}]
 
 
+async def test_an_errored_stream_with_50_tags_is_recorded_with_its_error_as_a_51st(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """The `stream_errored` tag goes past the 50-tag limit rather than lose the call, or replace the
+    caller's error with a ValueError about tags."""
+    tracker = await tracker_factory(sqlite_url)
+    tags = {f"k{i}": "v" for i in range(50)}
+    with pytest.raises(ConnectionError, match="cut"):
+        async with tracker.track_stream(provider="openai", model="gpt-4o-mini", tags=tags) as s:
+            s.usage(input_tokens=1000, output_tokens=1000)
+            raise ConnectionError("cut")
+    [row] = await query(sqlite_url, "SELECT tags, output_tokens FROM llm_calls")
+    assert row["output_tokens"] == 1000
+    assert json.loads(row["tags"]) == {**tags, "stream_errored": "true"}
+
+
 RECORD_FIELDS = [
     pytest.param({"latency_ms": "fast"}, "latency_ms", id="latency-str"),
     pytest.param({"latency_ms": -5}, "latency_ms", id="latency-negative"),

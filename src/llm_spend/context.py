@@ -47,6 +47,8 @@ _SECRET = re.compile(
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 # Keys seen valid and not secret-looking: checked once, then known (keys repeat; bounded).
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+>")
+"""In the default string of an object, function, method, generator or coroutine."""
 _PLAIN_KEYS: set[str] = set()
 _PLAIN_KEYS_MAX: Final = 4096
 
@@ -99,12 +101,14 @@ def _value(key: str, value: object, secret: bool) -> str:
         return REDACTED
     if isinstance(value, str):
         text = value
-    elif isinstance(value, bytes | bytearray | memoryview) or (
-        type(value).__repr__ is object.__repr__ and type(value).__str__ is object.__str__
-    ):  # "b'...'", or "<... object at 0x...>": a new value, and window, per object
-        raise ValueError(f"tag {key!r} must be a string or a number, got {type(value).__name__}")
     else:
-        text = str(value)
+        try:
+            text = str(value)
+        except Exception as exc:  # a __str__ that fails; an int of more than 4,300 digits
+            raise ValueError(f"tag {key!r} has no string: {exc}") from None
+        if isinstance(value, bytes | bytearray | memoryview) or _ADDRESS.search(text):
+            # "b'...'", or "<function f at 0x...>": a new value, and a new window, per object
+            raise ValueError(f"tag {key!r} must be a string or a number, got {type(value).__name__}")
     if "\x00" in text or not text.isascii():  # NUL and lone surrogates: no database stores them
         text = text.replace("\x00", "\ufffd").encode(errors="replace").decode()
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -357,7 +357,8 @@ class Tracker:
         ``s.event(chunk_dict)`` per provider event, or ``s.usage(...)`` with the totals.
 
         Recorded once on exit. When the block raises, the call is still recorded (tagged
-        ``stream_errored``) and the error propagates; without usage it is stored as unknown usage.
+        ``stream_errored``, a 51st tag if need be) and the error propagates; without usage it is stored as
+        unknown usage.
         """
         provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         merged = self._tags(tags)
@@ -376,7 +377,7 @@ class Tracker:
                 model=outcome.model or model,
                 usage=outcome.usage,
                 usage_source="manual" if given else "stream",
-                tags=merge_tags(merged, {"stream_errored": "true"}) if errored else merged,
+                tags=MappingProxyType({**merged, "stream_errored": "true"}) if errored else merged,
                 occurred_at=at,
                 stream=True,
                 latency_ms=int((time.monotonic() - started) * 1000),
