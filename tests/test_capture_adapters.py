@@ -417,3 +417,46 @@ def test_bad_provider_configuration_is_refused_at_construction(providers: dict[s
     """A wrong mapping fails when the options are built, naming the key, not at request time."""
     with pytest.raises(ValueError, match="providers"):
         CaptureOptions(providers=providers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "kind", "usage"),
+    [
+        (OPENAI, "chat", {"prompt_tokens": 10, "completion_tokens": None}),
+        (OPENAI, "chat", {"prompt_tokens": 10}),
+        (OPENAI, "responses", {"input_tokens": 10, "output_tokens": None}),
+        (ANTHROPIC, "messages", {"input_tokens": 10, "output_tokens": None}),
+        (ANTHROPIC, "messages", {"input_tokens": 10}),
+    ],
+    ids=["chat-null", "chat-missing", "responses-null", "anthropic-null", "anthropic-missing"],
+)
+def test_an_answer_without_its_output_count_has_unknown_usage(
+    adapter: Any, kind: str, usage: dict[str, Any]
+) -> None:
+    """Read as 0, a missing or null output count recorded a cheaper call than the one billed. (An
+    embeddings answer has none: its output is 0.)"""
+    assert adapter.outcome(kind, {"model": "m", "id": "r", "usage": usage}) == Outcome(None, "m", "r")
+    embeddings = OPENAI.outcome(
+        "embeddings", {"model": "m", "usage": {"prompt_tokens": 10, "total_tokens": 10}}
+    )
+    assert embeddings.usage == Usage(input_tokens=10)
+
+
+def test_an_anthropic_stream_whose_last_delta_has_no_output_count_has_unknown_usage() -> None:
+    """message_start's output count (1) is a placeholder: the totals are the last delta's."""
+    start = {"type": "message_start", "message": {"id": "m1", "model": "claude-sonnet-4-6",
+             "usage": {"input_tokens": 10, "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "message_delta", "usage": {"output_tokens": None}}
+    body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in (start, delta)).encode()
+    assert stream(ANTHROPIC, "messages", body) == Outcome(None, "claude-sonnet-4-6", "m1")
+
+
+def test_an_anthropic_null_cache_write_total_takes_its_breakdown() -> None:
+    """`cache_creation_input_tokens: null` beside a breakdown is read from the breakdown, as when
+    the total is absent (it was read as 0: input 10 instead of 1,010)."""
+    usage = {"input_tokens": 10, "output_tokens": 2, "cache_creation_input_tokens": None,
+             "cache_creation": {"ephemeral_1h_input_tokens": 1000}}  # fmt: skip
+    found = ANTHROPIC.outcome("messages", {"model": "m", "id": "r", "usage": usage}).usage
+    assert found == Usage(
+        input_tokens=1010, output_tokens=2, cache_write_tokens=1000, cache_write_1h_tokens=1000
+    )

@@ -39,6 +39,7 @@ from .base import (
     load_json,
     make_outcome,
     make_usage,
+    not_counted,
     text,
     view,
 )
@@ -135,7 +136,8 @@ class MessagesStream:
         message = message if isinstance(message, dict) else {}
         delta = load_json(self._delta) if self._delta else None
         delta_usage = delta.get("usage") if isinstance(delta, dict) else None
-        if not isinstance(delta_usage, dict):  # cut short before the totals
+        if not isinstance(delta_usage, dict) or type(delta_usage.get("output_tokens")) is not int:
+            # cut short before the totals, or they lack the output (message_start's is a placeholder)
             return Outcome(None, text(message.get("model")), text(message.get("id")))
         usage = message.get("usage")
         merged = dict(usage) if isinstance(usage, dict) else {}
@@ -144,13 +146,15 @@ class MessagesStream:
 
 
 def _usage(usage: Mapping[str, Any]) -> Usage | None:
-    if type(usage.get("input_tokens")) is not int:
-        return None
+    if type(usage.get("input_tokens")) is not int or type(usage.get("output_tokens")) is not int:
+        if usage.get("output_tokens") is not None:
+            not_counted("anthropic")
+        return None  # a count to trust is missing: unknown usage, never a cheaper call
     cache_read = integer(usage.get("cache_read_input_tokens"))
     creation = usage.get("cache_creation")
     creation = creation if isinstance(creation, dict) else {}
     write_1h = integer(creation.get("ephemeral_1h_input_tokens"))
-    if "cache_creation_input_tokens" in usage:
+    if usage.get("cache_creation_input_tokens") is not None:
         cache_write = integer(usage.get("cache_creation_input_tokens"))
     else:
         cache_write = write_1h + integer(creation.get("ephemeral_5m_input_tokens"))

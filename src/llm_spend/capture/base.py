@@ -271,6 +271,11 @@ def make_outcome(usage: Usage | None, model: object, response_id: object, tier: 
     )  # fmt: skip
 
 
+def not_counted(provider: str) -> None:
+    """Log a usage made unknown by a token count that is not one (see `integer`)."""
+    logger.warning("llm-spend: %s reported a token count that is not one; usage unknown", provider)
+
+
 def make_usage(
     provider: str,
     input_tokens: int,
@@ -293,7 +298,7 @@ def make_usage(
     except ValueError as error:
         counts = (input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cache_write_1h_tokens)
         if min(*counts, reasoning_tokens) < 0:
-            logger.warning("llm-spend: %s reported a token count that is not one; usage unknown", provider)
+            not_counted(provider)
         else:
             logger.warning(
                 "llm-spend: %s reported usage that does not add up (%s); usage unknown", provider, error

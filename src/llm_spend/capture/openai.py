@@ -36,6 +36,7 @@ from .base import (
     load_json,
     make_outcome,
     make_usage,
+    not_counted,
     text,
     view,
 )
@@ -205,9 +206,11 @@ def _usage(kind: str, usage: Mapping[str, Any]) -> Usage | None:
     input_key, output_key, details_key, output_details_key = (
         _RESPONSES_KEYS if kind == "responses" else _CHAT_KEYS
     )
-    input_tokens = usage.get(input_key)
-    if type(input_tokens) is not int:
-        return None
+    input_tokens, output_tokens = usage.get(input_key), usage.get(output_key)
+    if type(input_tokens) is not int or (type(output_tokens) is not int and kind != "embeddings"):
+        if output_tokens is not None:
+            not_counted("openai")
+        return None  # a count to trust is missing: unknown usage, never a cheaper call
     details, output_details = usage.get(details_key), usage.get(output_details_key)
     cache_read = cache_write = reasoning = None
     if isinstance(details, dict):
@@ -219,7 +222,7 @@ def _usage(kind: str, usage: Mapping[str, Any]) -> Usage | None:
     return make_usage(
         "openai",
         integer(input_tokens),
-        integer(usage.get(output_key)),
+        integer(output_tokens),
         integer(cache_read),
         integer(cache_write),
         0,
