@@ -109,11 +109,22 @@ def _value(key: str, value: object, secret: bool) -> str:
         if isinstance(value, bytes | bytearray | memoryview) or _ADDRESS.search(text):
             # "b'...'", or "<function f at 0x...>": a new value, and a new window, per object
             raise ValueError(f"tag {key!r} must be a string or a number, got {type(value).__name__}")
-    if "\x00" in text or not text.isascii():  # NUL and lone surrogates: no database stores them
-        text = text.replace("\x00", "\ufffd").encode(errors="replace").decode()
+    text = storable(text)
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
         return text
     return text.encode()[:MAX_VALUE_BYTES].decode(errors="ignore")
+
+
+def stored_value(key: str, value: object) -> str:
+    """A tag value as the ledger stores it under a key that is not a secret's (a report's `where`)."""
+    return _value(key, value, False)
+
+
+def storable(text: str) -> str:
+    """`text` with NUL and lone surrogates replaced: no database stores them."""
+    if "\x00" in text or not text.isascii():
+        return text.replace("\x00", "\ufffd").encode(errors="replace").decode()
+    return text
 
 
 def normalize_tags(tags: Mapping[str, object]) -> dict[str, str | None]:
