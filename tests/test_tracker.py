@@ -699,9 +699,14 @@ async def test_reads_outside_the_trackers_lifetime_leave_no_connection_open(pg_u
         pytest.param({"reservation_ttl": math.inf}, "reservation_ttl must be", id="ttl-inf"),
         pytest.param({"reservation_ttl": math.nan}, "reservation_ttl must be", id="ttl-nan"),
         pytest.param(
-            {"reservation_ttl": 3e11}, "reservation_ttl must be .* at most 2,592,000", id="ttl-huge"
+            {"reservation_ttl": 3e11}, "reservation_ttl must be .* from 1 to 2,592,000", id="ttl-huge"
         ),
         pytest.param({"sweep_interval": math.inf}, "sweep_interval must be", id="sweep-inf"),
+        pytest.param({"reservation_ttl": 1e-300}, "reservation_ttl must be .* from 1 to", id="ttl-tiny"),
+        pytest.param({"sweep_interval": 5e-324}, "sweep_interval must be .* from 0.1 to", id="sweep-tiny"),
+        pytest.param(
+            {"shutdown_timeout": 0}, "shutdown_timeout must be a number of seconds above 0", id="shutdown-0"
+        ),
         pytest.param(
             {"default_max_output_tokens": 0}, "default_max_output_tokens must be at least 1", id="dmot-0"
         ),
@@ -716,6 +721,13 @@ def test_constructor_options_are_checked_naming_the_option(
     is built (a bool option does not take a string's truth; a spool never names a directory)."""
     with pytest.raises(ValueError, match=named):
         Tracker(sqlite_url, **options)
+
+
+def test_a_short_reservation_ttl_has_streams_renew_their_lease_in_time(sqlite_url: str) -> None:
+    """Streams renew their reservation every 60 s, or every half lease when it is shorter: with
+    reservation_ttl=30 a stream longer than 30 s lost its reservation to the sweep before."""
+    assert Tracker(sqlite_url).capture.lease_renewal == 60
+    assert Tracker(sqlite_url, reservation_ttl=30).capture.lease_renewal == 15
 
 
 @pytest.mark.parametrize(

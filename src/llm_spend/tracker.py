@@ -114,15 +114,16 @@ class Tracker:
             raise ValueError(
                 f"on_storage_error must be 'fail_closed' or 'fail_open', got {on_storage_error!r}"
             )
-        for name, seconds in (
-            ("reservation_ttl", reservation_ttl),
-            ("sweep_interval", sweep_interval),
-            ("shutdown_timeout", shutdown_timeout),
+        for name, seconds, least in (
+            ("reservation_ttl", reservation_ttl, 1.0),  # shorter, a lease could end before its call began
+            ("sweep_interval", sweep_interval, 0.1),
+            ("shutdown_timeout", shutdown_timeout, 0.0),
         ):
             number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
-            if not number or not 0 < seconds <= _MAX_SECONDS:
+            if not number or not least <= seconds <= _MAX_SECONDS or seconds <= 0:
                 raise ValueError(
-                    f"{name} must be a positive number of seconds, at most {_MAX_SECONDS:,}, got {seconds!r}"
+                    f"{name} must be a number of seconds above 0, from {least:g} to {_MAX_SECONDS:,}, "
+                    f"got {seconds!r}"
                 )
         for name, tokens in (
             ("clamp_min_output_tokens", clamp_min_output_tokens),
@@ -144,6 +145,7 @@ class Tracker:
             providers=providers,
             include_stream_usage=include_stream_usage,
             media_allowance_tokens=media_allowance_tokens,
+            lease_renewal=min(60.0, reservation_ttl / 2),  # renewed well before the lease ends
         )
         self.store = Store(url)
         folder = None if self.store.path is None else os.path.dirname(self.store.path) or "."
