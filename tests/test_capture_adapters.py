@@ -460,3 +460,15 @@ def test_an_anthropic_null_cache_write_total_takes_its_breakdown() -> None:
     assert found == Usage(
         input_tokens=1010, output_tokens=2, cache_write_tokens=1000, cache_write_1h_tokens=1000
     )
+
+
+def test_an_answer_claiming_the_batch_tier_is_priced_as_the_live_call_it_is() -> None:
+    """ "batch" priced a call at Batch API rates (half); a call through the transport is live."""
+    body = {
+        "model": "m",
+        "id": "r",
+        "service_tier": "batch",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+    }
+    assert OPENAI.outcome("chat", body).service_tier is None
+    assert OPENAI.outcome("chat", {**body, "service_tier": "flex"}).service_tier == "flex"

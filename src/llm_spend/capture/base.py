@@ -250,7 +250,8 @@ def make_outcome(usage: Usage | None, model: object, response_id: object, tier: 
     """The `Outcome` of a response, with `text` of its model, id (200 characters at most) and service
     tier (64), in one call (a NamedTuple's own constructor costs twice as much). What every answer
     sends, ASCII without NUL that is not blank, is checked inline (`isascii` reads a flag; the search
-    for NUL is a `memchr`); anything else by `text`."""
+    for NUL is a `memchr`); anything else by `text`. A tier of "batch" is not believed: a call made
+    through the transport is a live one, and "batch" would price it at Batch API rates."""
     return _new_tuple(
         Outcome,
         (
@@ -265,8 +266,8 @@ def make_outcome(usage: Usage | None, model: object, response_id: object, tier: 
             else text(response_id, 200),
             tier
             if type(tier) is str and 0 < len(tier) <= 64 and tier.isascii() and "\x00" not in tier
-            and tier.strip()
-            else None if tier is None else text(tier, 64),
+            and tier.strip() and tier != "batch"
+            else None if tier is None or tier == "batch" else text(tier, 64),
         ),
     )  # fmt: skip
 
