@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 import httpx
 import httpx2
@@ -185,3 +186,5 @@ def test_the_edges_of_each_option_are_accepted_and_honoured() -> None:
             assert {len(piece) for piece in response.iter_raw()} == {1}
     with pytest.raises(ValueError, match="statuses"):
         FakeProviderTransport(statuses=(status for status in [429]))  # type: ignore[arg-type]
+    with httpx2.Client(transport=FakeProviderTransport(statuses=[HTTPStatus.TOO_MANY_REQUESTS])) as client:
+        assert client.post(CHAT, json={"model": "m"}).status_code == 429  # an HTTPStatus is a status

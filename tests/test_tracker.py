@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from http import HTTPStatus
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -692,6 +693,7 @@ async def test_reads_outside_the_trackers_lifetime_leave_no_connection_open(pg_u
         ),
         pytest.param({"spool_path": ""}, "spool_path must be the path of a file", id="spool-empty"),
         pytest.param({"spool_path": 123}, "spool_path must be the path of a file", id="spool-int"),
+        pytest.param({"spool_path": "a\x00b"}, "spool_path must be the path of a file", id="spool-nul"),
         pytest.param({"auto_migrate": "false"}, "auto_migrate must be True or False", id="auto-migrate-str"),
         pytest.param({"clamp_max_tokens": "no"}, "clamp_max_tokens must be True or False", id="clamp-str"),
         pytest.param({"max_batch": True}, "max_batch must be a positive integer", id="max-batch-bool"),
@@ -741,6 +743,7 @@ def test_a_short_reservation_ttl_has_streams_renew_their_lease_in_time(sqlite_ur
         None,
         Path("ledger.db"),
         "sqlite+aiosqlite:///no/such/folder/ledger.db",
+        "sqlite+aiosqlite:///ledger\x00.db",
     ],
 )
 def test_a_url_the_tracker_cannot_use_raises_naming_url(url: Any) -> None:
@@ -794,6 +797,33 @@ async def test_an_errored_stream_with_50_tags_is_recorded_with_its_error_as_a_51
     [row] = await query(sqlite_url, "SELECT tags, output_tokens FROM llm_calls")
     assert row["output_tokens"] == 1000
     assert json.loads(row["tags"]) == {**tags, "stream_errored": "true"}
+
+
+async def test_manual_streams_name_what_is_wrong_with_an_event_or_totals(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """An event that is no JSON object (tuple keys, a lone surrogate) or totals with an unknown
+    keyword raise ValueError; the stream is still recorded when its block ends."""
+    tracker = await tracker_factory(sqlite_url)
+    async with tracker.track_stream(provider="openai", model="gpt-4o-mini") as s:
+        with pytest.raises(ValueError, match="event must be a JSON object"):
+            s.event({"type": "\ud800"})
+        with pytest.raises(ValueError, match="event must be a JSON object"):
+            s.event({(1, 2): 3})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match=r"usage takes the token counts .*; got 'bogus'"):
+            s.usage(bogus=3)
+        s.usage(input_tokens=10, output_tokens=2)
+    [row] = await query(sqlite_url, "SELECT input_tokens, output_tokens FROM llm_calls")
+    assert row == {"input_tokens": 10, "output_tokens": 2}
+
+
+async def test_a_latency_that_is_an_int_subclass_is_stored_as_its_number(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """As token counts are: an IntEnum member is its int."""
+    tracker = await tracker_factory(sqlite_url)
+    record = await tracker.track(**VALID, latency_ms=HTTPStatus.OK)
+    assert type(record.latency_ms) is int and record.latency_ms == 200
 
 
 RECORD_FIELDS = [

@@ -184,14 +184,14 @@ def _statuses(statuses: object) -> list[int]:
     if not isinstance(statuses, Sequence) or isinstance(statuses, str | bytes | bytearray):
         raise ValueError(f"statuses must be a sequence of HTTP statuses such as [429], got {statuses!r}")
     for status in statuses:
-        if type(status) is not int or not 100 <= status <= 599:
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
             raise ValueError(f"statuses must hold ints from 100 to 599, got {status!r} in {statuses!r}")
         if status < 300 and status != 200:
             raise ValueError(
                 f"statuses: {status} cannot be answered; use 200 for a normal answer or 300 to 599 for an"
                 f" error answer, got {statuses!r}"
             )
-    return list(statuses)
+    return [int(status) for status in statuses]  # an HTTPStatus as its number
 
 
 def _request_model(provider: str, path: str, request: dict[str, Any]) -> str:

@@ -59,7 +59,7 @@ _MAX_SECONDS: Final = 30 * 86400
 
 def _check_spool_path(path: object) -> None:
     """A spool path names a file: replay renames it aside, which must never move a directory."""
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path) or "\x00" in str(os.fspath(path)):
         raise ValueError(f"spool_path must be the path of a file, got {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"spool_path must be the path of a file, not of a directory: {os.fspath(path)!r}")

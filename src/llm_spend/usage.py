@@ -75,6 +75,8 @@ def check_latency(latency_ms: object) -> int | None:
     """None, or a latency in milliseconds the ledger can store; raises ValueError naming it."""
     if latency_ms is None or (type(latency_ms) is int and 0 <= latency_ms <= MAX_LATENCY_MS):
         return latency_ms
+    if isinstance(latency_ms, int) and not isinstance(latency_ms, bool) and 0 <= latency_ms <= MAX_LATENCY_MS:
+        return int(latency_ms)  # an int subclass (an IntEnum) as a plain int
     raise ValueError(
         f"latency_ms must be None or an integer from 0 to {MAX_LATENCY_MS:,} (milliseconds), "
         f"got {latency_ms!r}"

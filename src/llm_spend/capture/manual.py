@@ -46,8 +46,12 @@ class ManualStream:
             if adapter is openai.ADAPTER and isinstance(kind_of, str) and kind_of.startswith("response."):
                 kind = "responses"
             self._accumulator = adapter.accumulator(kind)
-        name = kind_of.encode() if isinstance(kind_of, str) else b""
-        self._accumulator(name, json.dumps(payload, default=str).encode())
+        try:
+            name = kind_of.encode() if isinstance(kind_of, str) else b""
+            data = json.dumps(payload, default=str).encode()
+        except (TypeError, ValueError) as exc:  # keys that are not strings, text no JSON holds
+            raise ValueError(f"event must be a JSON object of the provider's event: {exc}") from None
+        self._accumulator(name, data)
         self.events += 1
 
     def usage(self, usage: Usage | None = None, **tokens: int) -> None:
@@ -56,6 +60,8 @@ class ManualStream:
             raise ValueError("give either a Usage or token keywords, not both")
         if usage is not None and not isinstance(usage, Usage):
             raise ValueError(f"usage must be a llm_spend.Usage, got {type(usage).__name__}")
+        if unknown := sorted(set(tokens) - set(Usage.__slots__)):
+            raise ValueError(f"usage takes the token counts {', '.join(Usage.__slots__)}; got {unknown[0]!r}")
         self._usage = usage if usage is not None else Usage(**tokens)
 
     def outcome(self) -> tuple[Outcome, bool]:

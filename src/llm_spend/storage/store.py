@@ -80,7 +80,7 @@ ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
 def parse_url(url: object) -> URL:
     """A SQLite or PostgreSQL URL with an async driver, parsed; ValueError naming `url` for anything
     else (a sync driver fails only when it first connects, or with a missing module, otherwise)."""
-    if not isinstance(url, str) or not url.strip():
+    if not isinstance(url, str) or not url.strip() or "\x00" in url:
         raise ValueError(f"url: not a URL string (expected {ASYNC_URLS}), got {url!r}")
     try:
         parsed = make_url(url)
