@@ -199,6 +199,15 @@ def test_budgets_against_limits_given_on_the_command_line(
 CLI = Path(sys.executable).with_name("llm-spend")
 
 
+def usage_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    """The last line a command that argparse refuses prints (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as bad:
+        main(args)
+    out, err = capsys.readouterr()
+    assert (bad.value.code, out) == (2, "") and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
 
@@ -276,11 +285,7 @@ def test_budgets_top_must_be_a_positive_whole_number(db_url: str, capsys: pytest
 
     asyncio.run(seed(db_url))
     for top in ("0", "-1", "two", "1000001", "9223372036854775808", "99999999999999999999999"):
-        with pytest.raises(SystemExit) as bad:
-            main(["budgets", "--url", db_url, "--top", top])
-        err = capsys.readouterr().err
-        assert bad.value.code == 2 and "Traceback" not in err
-        assert err.splitlines()[-1].endswith(
+        assert usage_error(capsys, ["budgets", "--url", db_url, "--top", top]).endswith(
             f"argument --top: must be a positive whole number up to 1000000, got {top!r}"
         )
     for top in ("1", "1000000"):  # beyond 2**63 - 1 was an OverflowError (SQLite), a failed query (asyncpg)
@@ -364,11 +369,7 @@ def test_prune_older_than_more_than_100_years_is_refused(
     """`prune --older-than 800000d` (a cutoff before year 1) or `99999999999d` (past timedelta) were
     OverflowError tracebacks: a usage error naming --older-than; 100 years still runs."""
     asyncio.run(seed_dated(sqlite_url, [1]))
-    with pytest.raises(SystemExit) as bad:
-        main(["prune", "--url", sqlite_url, "--older-than", age])
-    err = capsys.readouterr().err
-    assert bad.value.code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].endswith(
+    assert usage_error(capsys, ["prune", "--url", sqlite_url, "--older-than", age]).endswith(
         f"argument --older-than: must be at most 36500d (100 years), got {age!r}"
     )
     assert main(["prune", "--url", sqlite_url, "--older-than", "36500d"]) == 0
@@ -490,11 +491,9 @@ def test_prices_explain_names_the_option_of_a_bad_value(capsys: pytest.CaptureFi
     explain = ["prices", "explain", "--provider", "openai", "--model", "gpt-4o"]
     for flag in ("--provider", "--model"):
         for empty in ("", " "):
-            with pytest.raises(SystemExit) as bad:
-                main([*explain, flag, empty])
-            out, err = capsys.readouterr()
-            assert (bad.value.code, out) == (2, "")
-            assert err.splitlines()[-1].endswith(f"argument {flag}: must not be empty")
+            assert usage_error(capsys, [*explain, flag, empty]).endswith(
+                f"argument {flag}: must not be empty"
+            )
     for args, message in (
         (["--input", "-5"], "--input must not be negative, got -5"),
         (
