@@ -628,13 +628,57 @@ async def test_a_call_spooled_twice_gives_its_reservation_back_once(db_url: str,
     assert state["day"][0] == (record.cost_nanousd, 0, 1)
 
 
+def terminate_all(pg_url: str) -> int:
+    """End every session on the test's database but the asker's, from another thread while the
+    caller's loop waits, so that the tracker's connections have not yet seen their end when its next
+    statements go out (as after a server restart); how many were ended."""
+    import asyncpg
+
+    async def terminate() -> int:
+        admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+        try:
+            killed: int = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                make_url(pg_url).database,
+            )
+            return killed
+        finally:
+            await admin.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, terminate()).result()
+
+
+async def test_a_release_right_after_the_server_drops_its_connections_is_made_on_a_new_one(
+    pg_url: str,
+) -> None:
+    """A guarded call that fails gives its reservation back at once, and a long one renews its lease,
+    even on a connection the server has just dropped: made again on a new one, as reservations and
+    writes are. Before, the release failed and the budget stayed held until the lease ended."""
+    async with Tracker(pg_url, budgets=[Budget.daily("0.001", mode="block")]) as tracker:
+        for _ in range(2):
+            async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]  # the pool holds some
+                await call.record(Usage(input_tokens=100, output_tokens=10))
+        assert terminate_all(pg_url) >= 1
+        with pytest.raises(RuntimeError, match="provider call failed"):
+            async with tracker.guard(**CALL):  # type: ignore[arg-type]
+                raise RuntimeError("provider call failed")
+        assert (await ledger(pg_url))["reservations"] == 0
+        async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
+            assert terminate_all(pg_url) >= 1
+            await call.extend()
+            await call.record(Usage(input_tokens=100, output_tokens=10))
+    state = await ledger(pg_url)
+    assert (state["calls"], state["reservations"], state["day"][0][1]) == (3, 0, 0)
+
+
 async def test_calls_right_after_the_server_drops_every_connection_are_reserved_and_written(
     pg_url: str, tmp_path: Path
 ) -> None:
     """PostgreSQL: a restart (here every connection to the database terminated, the pool's idle ones
     too) costs no call its reservation or its write: the first statement on a lost connection is made
     again on a new one, so with fail_closed nothing fails and nothing goes to the spool."""
-    import asyncpg
 
     spool = tmp_path / "calls.spool"
     budgets = [Budget.daily(100, mode="block")]
@@ -643,25 +687,8 @@ async def test_calls_right_after_the_server_drops_every_connection_are_reserved_
             async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
                 await call.record(Usage(input_tokens=100, output_tokens=10))
         await tracker.report(start=datetime.now(UTC) - timedelta(days=1))
-
-        async def terminate() -> int:
-            admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
-            try:
-                killed: int = await admin.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                    make_url(pg_url).database,
-                )
-                return killed
-            finally:
-                await admin.close()
-
         for _ in range(2):
-            # Terminated from another thread while this loop waits, so that the tracker's connections
-            # have not yet seen their end when the next statements go out (as after a restart).
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                killed = pool.submit(asyncio.run, terminate()).result()
-            assert killed >= 2
+            assert terminate_all(pg_url) >= 2
             outcomes = []
             for _ in range(3):
                 async with tracker.guard(**CALL) as call:  # type: ignore[arg-type]
@@ -678,22 +705,11 @@ async def test_calls_right_after_the_server_drops_every_connection_are_reserved_
 async def test_after_the_server_drops_its_connections_an_exhausted_budget_still_refuses(pg_url: str) -> None:
     """PostgreSQL: a connection the server closed is not lent again, so with fail_open the first
     call after the drop is still checked against the budget instead of going out unreserved."""
-    import asyncpg
-
     budgets = [Budget.daily("0.0001", mode="block")]
     async with Tracker(pg_url, budgets=budgets, on_storage_error="fail_open") as tracker:
         with pytest.raises(BudgetExceeded):  # $0.00015: the whole budget, and more
             await tracker.track(provider="openai", model=MODEL, input_tokens=1000, output_tokens=0)
-        admin = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
-        try:
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                make_url(pg_url).database,
-            )
-        finally:
-            await admin.close()
-        assert killed >= 1
+        assert terminate_all(pg_url) >= 1
         await asyncio.sleep(0.3)
         outcomes = []
         for _ in range(3):

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, event, func, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -73,6 +74,9 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
+
+logger = logging.getLogger("llm_spend")
+T = TypeVar("T")
 
 ASYNC_URLS = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB"
 
@@ -305,23 +309,39 @@ class Store:
         """Give a reservation's money back to its windows; False if it was already settled or swept."""
         if self._file is not None:
             return bool(await self._file.release("id = ?", (reservation_id,)))
-        return bool(await self._release_where(reservations.c.id == reservation_id))
+        return bool(await self._again_if_lost(self._release_where, reservations.c.id == reservation_id))
 
     async def sweep(self, now: datetime) -> int:
         """Release every reservation that expired before `now` (its process died); returns how many."""
         if self._file is not None:
             return await self._file.release("expires_at < ?", (text_time(now),))
-        return await self._release_where(reservations.c.expires_at < now)
+        return await self._again_if_lost(self._release_where, reservations.c.expires_at < now)
 
     async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
         """Push a live reservation's expiry out (a long stream renews its lease)."""
         if self._file is not None:
             return await self._file.extend(reservation_id, expires_at)
+        return await self._again_if_lost(self._extend, reservation_id, expires_at)
+
+    async def _extend(self, reservation_id: str, expires_at: datetime) -> bool:
         async with self.transaction() as conn:
             result = await conn.execute(
                 update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
             )
         return bool(result.rowcount)
+
+    async def _again_if_lost(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`work(*args)`, once more on a new connection when the pool's was found lost (a server
+        restart, a terminated backend), as the lanes' writes are (`Drivers.run`): each of these is
+        safe to repeat, a release deleting the reservation it gives back."""
+        try:
+            return await work(*args)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            logger.warning("llm-spend: a PostgreSQL connection was lost (%s); trying on a new one", exc.orig)
+        await self.engine.dispose()  # the pool's other connections are likely gone too
+        return await work(*args)
 
     async def _release_where(self, condition: Any) -> int:
         async with self.transaction() as conn:
