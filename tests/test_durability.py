@@ -32,7 +32,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import PG_URL
-from llm_spend import Budget, StorageError, Tracker, Usage
+from llm_spend import Budget, BudgetExceeded, StorageError, Tracker, Usage
+from llm_spend.money import to_nanousd
 from llm_spend.storage.schema import calls, rollups
 from llm_spend.storage.spool import Spool
 from llm_spend.storage.store import PendingWrite
@@ -277,6 +278,43 @@ async def test_block_mode_in_an_outage_can_fail_open(sqlite_url: str) -> None:
         finally:
             set_sqlite_outage(sqlite_url, False, table="llm_spend_reservations")
     assert (await ledger(sqlite_url))["ids"] == [record.event_id]
+
+
+async def test_an_outage_longer_than_a_lease_never_frees_the_reservations_of_spooled_calls(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Guarded calls whose records are spooled in an outage keep their reservations until the replay
+    settles them, however long the outage: the sweep waits for the replay. Before, a sweep after
+    the lease freed them, other calls took their room, and the replay then took the window past its
+    limit. Here the lease is 1 s and the outage 2.5 s; the budget fits five calls' estimates."""
+    call = {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 1000, "max_output_tokens": 1000}
+    probe = Tracker(db_url, budgets=[Budget.daily(100, mode="block")], spool_path=tmp_path / "s")
+    async with probe, probe.guard(**call) as measured:  # type: ignore[arg-type]
+        estimate = measured.estimate  # and released: the probe records nothing
+    assert estimate is not None
+    budgets = [Budget.daily(estimate * 5, mode="block")]
+    tracker = Tracker(
+        db_url, budgets=budgets, reservation_ttl=1, sweep_interval=0.1, spool_path=tmp_path / "calls.spool"
+    )
+    async with tracker:
+        async with contextlib.AsyncExitStack() as open_calls:
+            guarded = [await open_calls.enter_async_context(tracker.guard(**call)) for _ in range(5)]  # type: ignore[arg-type]
+            async with outage(db_url):
+                for one in guarded:  # the provider answered, each call billed at its estimate
+                    one.record(Usage(input_tokens=1000, output_tokens=1000))
+                await open_calls.aclose()  # written, the writes failing: spooled
+                assert tracker.outage
+                await asyncio.sleep(2.5)  # the leases end, the sweeper runs
+        admitted = 0
+        for _ in range(5):  # the window is full until the replay settles the five calls, then has
+            # room for two: the estimates (0.00125 USD) bound the calls (0.00075) from above
+            with contextlib.suppress(BudgetExceeded, StorageError):
+                async with tracker.guard(**call) as one:  # type: ignore[arg-type]
+                    admitted += 1
+                    await one.record(Usage(input_tokens=1000, output_tokens=1000))
+        state = await wait_for_rows(db_url, 5 + admitted)
+    assert admitted <= 2
+    assert state["spent"] == state["day_spent"] <= to_nanousd(estimate * 5)  # 10 calls' spend, before
 
 
 def test_a_full_spool_logs_how_many_calls_are_lost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

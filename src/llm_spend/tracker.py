@@ -224,8 +224,8 @@ class Tracker:
         except Exception as exc:
             replayed = False
             logger.warning("llm-spend: replaying the spool %s failed: %s", self.spool.path, exc)
-        await self._sweep()
-        if replayed:
+        if replayed:  # else what the spool holds may settle reservations a sweep would free
+            await self._sweep()
             try:
                 await self.store.warm()
             except Exception as exc:  # the database failing now is the writer's to handle
@@ -255,10 +255,14 @@ class Tracker:
                 await self.store.close()
 
     async def _sweep_forever(self) -> None:
-        """Release reservations whose process died (expired leases), every `sweep_interval` seconds."""
+        """Release reservations whose process died (expired leases), every `sweep_interval` seconds;
+        not while calls this process spooled wait for replay, which settles their reservations (an
+        outage longer than a lease would otherwise free them, and their windows' room twice)."""
         while True:
             await asyncio.sleep(self.sweep_interval)
-            await self._sweep()
+            writer = self._recorder.writer
+            if writer is None or not writer.settling:
+                await self._sweep()
 
     async def _sweep(self) -> None:
         try:

@@ -84,6 +84,12 @@ class Writer:
         self._closing = False
         self._replaying = asyncio.Lock()
         self.outage = False
+        self.unreplayed = False
+        """Calls this writer spooled wait for the probe's replay."""
+        self._failing = False
+        """A batch's write failed and is being tried again."""
+        self._wake = asyncio.Event()
+        """Set when a write succeeds again: the probe replays at once, not after its backoff."""
         self._waiting = 0
         """Submissions waiting for room in the queue (they go in before the end of the queue)."""
         self._none_waiting = asyncio.Event()
@@ -258,6 +264,7 @@ class Writer:
             try:
                 results = await self._store.write(items)
             except Exception as exc:
+                self._failing = True
                 if attempt == len(delays):
                     logger.error("llm-spend: writing %d calls failed (%s); spooling them", len(items), exc)
                     await self._to_spool(batch)
@@ -266,6 +273,7 @@ class Writer:
                 logger.warning("llm-spend: writing %d calls failed (%s); retrying", len(items), exc)
                 await asyncio.sleep(delays[attempt])
             else:
+                self._failing = False
                 for (item, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
@@ -273,7 +281,8 @@ class Writer:
                         self._abandoned(item, result)
                 if self.outage:
                     self.outage = False
-                    self._start_probe()  # the database is back: replay what waited
+                    self._start_probe()  # the database is back: replay what waited, now
+                    self._wake.set()
                 return
 
     async def _identity(self) -> str:
@@ -289,13 +298,22 @@ class Writer:
         owner = self._database_id
         kept = await asyncio.to_thread(self._spool.append_or_drop, [item for item, _ in batch], owner)
         self.spooled += kept
+        self.unreplayed = self.unreplayed or kept > 0
         for _, future in batch:
             if not future.done():
                 future.set_result(SPOOLED)
         return kept
 
+    @property
+    def settling(self) -> bool:
+        """Whether calls wait to be written, their writes retried or spooled for the probe's replay:
+        those settle their reservations, so a sweep must not release them meanwhile, however long
+        the database failed (the leases may have ended)."""
+        return self._failing or self.unreplayed
+
     def enter_outage(self) -> None:
         self.outage = True
+        self.unreplayed = True  # at a start whose replay failed, too
         self._start_probe()
 
     async def _stop_probe(self) -> None:
@@ -314,7 +332,10 @@ class Writer:
     async def _probe_until_replayed(self) -> None:
         for attempt in itertools.count():
             if attempt:
-                await asyncio.sleep(_PROBE_DELAYS[min(attempt, len(_PROBE_DELAYS)) - 1])
+                with contextlib.suppress(TimeoutError):
+                    delay = _PROBE_DELAYS[min(attempt, len(_PROBE_DELAYS)) - 1]
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()  # a write that succeeds from now on wakes the next wait
             spooled = self.spooled
             try:
                 await self.replay()
@@ -323,5 +344,5 @@ class Writer:
             else:
                 if self.spooled != spooled:
                     continue  # calls were spooled while we replayed: replay them too
-                self.outage = False  # what is left in the spool, if anything, is another database's
+                self.outage = self.unreplayed = False  # what is left, if anything, is another database's
                 return
