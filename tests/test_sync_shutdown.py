@@ -40,6 +40,8 @@ ANSWER |= {
     "usage": USAGE,
 }
 BUDGETS = [Budget.daily(1, mode="block")]
+SHUTDOWN = 0.5
+"""The tracker's exit waits this long for guarded calls still out: these tests keep them out past it."""
 WAIT = 30  # a hang guard, not a timing assertion: each wait below ends in well under a second
 
 
@@ -96,7 +98,7 @@ def json_handler(held: threading.Event, answer: threading.Event, status: int = 2
 async def next_start(url: str, spool: Path) -> tuple[list[dict[str, Any]], int, list[BudgetStatus]]:
     """Start a tracker on the same database and spool, as the next run of the app does: the ledger's
     rows, the reservations left, and the budget's status."""
-    async with Tracker(url, budgets=BUDGETS, spool_path=spool) as tracker:
+    async with Tracker(url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN) as tracker:
         status = await tracker.budget_status()
     engine = create_async_engine(url)
     try:
@@ -144,7 +146,7 @@ def test_a_sync_sdk_call_outliving_asyncio_run_is_spooled_and_written_at_the_nex
         return httpx.Response(200, json=ANSWER)
 
     async def main() -> Caller:
-        async with Tracker(db_url, budgets=BUDGETS, spool_path=spool) as tracker:
+        async with Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN) as tracker:
             http = tracker.httpx_sync_client(transport=httpx.MockTransport(handler))
             client = openai.OpenAI(api_key="sk-test", max_retries=0, http_client=http)
             caller = Caller(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
@@ -172,7 +174,7 @@ def test_an_answer_that_comes_while_asyncio_run_shuts_down_is_kept(db_url: str, 
         callers[0].join(WAIT)
 
     async def main() -> None:
-        async with Tracker(db_url, budgets=BUDGETS, spool_path=spool) as tracker:
+        async with Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN) as tracker:
             http = tracker.httpx_sync_client(transport=httpx2.MockTransport(json_handler(asked, answer)))
             callers.append(
                 Caller(lambda: http.post(CHAT_URL, json={"model": "gpt-4o-mini", "messages": MESSAGES}))
@@ -195,7 +197,7 @@ def test_a_sync_call_whose_loop_stopped_returns_and_is_spooled(
     tracker closed first or left open: the call does not wait for the loop to run again, and its
     record goes to the spool. The loop, run again to close the tracker, records nothing twice."""
     asked, answer = threading.Event(), threading.Event()
-    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool)
+    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN)
     server.run(tracker.__aenter__())
     http = tracker.httpx_sync_client(transport=httpx2.MockTransport(json_handler(asked, answer)))
     caller = Caller(lambda: http.post(CHAT_URL, json={"model": "gpt-4o-mini", "messages": MESSAGES}))
@@ -234,7 +236,7 @@ def test_a_sync_stream_read_after_its_loop_closed_is_spooled_with_its_usage(
     """A sync stream half read when the tracker closes and its loop closes: the caller reads the rest,
     and the call, with the usage its last event carried, is written at the next start."""
     first, answer = threading.Event(), threading.Event()
-    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool)
+    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN)
     server.run(tracker.__aenter__())
     http = tracker.httpx_sync_client(
         transport=httpx2.MockTransport(
@@ -271,7 +273,7 @@ def test_a_sync_stream_dropped_unread_after_its_loop_closed_is_spooled(
     """A sync stream opened, then let go without being read or closed once the tracker and its loop
     closed: collected, it is recorded (with unknown usage, as nothing of it was read) by a thread of
     its own, and the next start writes it and settles its reservation."""
-    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool)
+    tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN)
     server.run(tracker.__aenter__())
     http = tracker.httpx_sync_client(
         transport=httpx2.MockTransport(
@@ -306,7 +308,7 @@ def test_a_failed_sync_call_after_the_tracker_closed_leaves_its_reservation_to_t
     """A sync call answered 503 after the tracker and its loop closed: the caller gets the 503, nothing
     is recorded, and its reservation, which no database can release now, waits for its lease to end."""
     asked, answer = threading.Event(), threading.Event()
-    tracker = Tracker(sqlite_url, budgets=BUDGETS, spool_path=spool)
+    tracker = Tracker(sqlite_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=SHUTDOWN)
     server.run(tracker.__aenter__())
     http = tracker.httpx_sync_client(transport=httpx2.MockTransport(json_handler(asked, answer, 503)))
     caller = Caller(lambda: http.post(CHAT_URL, json={"model": "gpt-4o-mini", "messages": MESSAGES}))

@@ -447,10 +447,11 @@ async def test_calls_in_flight_when_the_tracker_exits_are_written_or_refused(sql
 async def test_calls_still_open_when_the_tracker_closes_are_spooled_and_written_at_the_next_start(
     db_url: str, tmp_path: Path
 ) -> None:
-    """A guarded call and a stream still running when the lifespan ends were billed: recorded after the
-    close, they wait in the spool, and the next start writes them and settles the reservation."""
+    """A guarded call and a stream still running when the lifespan ends (after it waited its
+    shutdown_timeout for the guarded call) were billed: recorded after the close, they wait in the
+    spool, and the next start writes them and settles the reservation."""
     budgets, spool = [Budget.daily(1, mode="block")], tmp_path / "calls.spool"
-    tracker = Tracker(db_url, budgets=budgets, spool_path=spool)
+    tracker = Tracker(db_url, budgets=budgets, spool_path=spool, shutdown_timeout=0.5)
     await tracker.__aenter__()
     answered = asyncio.Event()
 
@@ -478,6 +479,31 @@ async def test_calls_still_open_when_the_tracker_closes_are_spooled_and_written_
     assert await count(db_url, "llm_calls") == 2
     assert await count(db_url, "llm_spend_reservations") == 0
     assert status[0].spent == 2 * record.cost and status[0].reserved == 0
+
+
+async def test_the_exit_waits_for_guarded_calls_still_out_and_settles_them_in_the_database(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A guarded call that ends within shutdown_timeout of the lifespan's exit is written and
+    settled then, not spooled: spooled, it would be settled only when this process next starts,
+    and if that is after its lease, another process's sweep would have freed its room meanwhile."""
+    spool = tmp_path / "calls.spool"
+    tracker = Tracker(db_url, budgets=[Budget.daily(1, mode="block")], spool_path=spool, shutdown_timeout=5)
+    await tracker.__aenter__()
+
+    async def guarded() -> CallRecord:
+        async with tracker.guard(
+            provider="openai", model="gpt-4o-mini", input_tokens=100, max_output_tokens=100
+        ) as call:
+            await asyncio.sleep(0.3)  # the provider answers while the tracker exits
+            return await call.record(Usage(input_tokens=100, output_tokens=10))
+
+    task = asyncio.create_task(guarded())
+    await asyncio.sleep(0.05)  # reserved
+    await tracker.__aexit__(None, None, None)
+    assert task.done() and (await task).cost is not None
+    assert (await count(db_url, "llm_calls"), await count(db_url, "llm_spend_reservations")) == (1, 0)
+    assert not spool.exists() or spool.stat().st_size == 0
 
 
 async def test_a_call_recorded_after_close_whose_spool_cannot_be_written_is_lost_loudly_not_raised(

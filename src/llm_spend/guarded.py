@@ -180,12 +180,19 @@ class Guarding:
     async def __aenter__(self) -> GuardedCall:
         if self._call is not None:
             raise RuntimeError("a tracker.guard(...) is entered once; call guard() again for another call")
-        self._call = await self._open(*self._args)
-        return self._call
+        self._call = call = await self._open(*self._args)
+        if call.reservation is not None:
+            call._recorder.holding.add(call)
+        return call
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         call = self._call
-        if call is not None and call._unfinished():
-            await asyncio.shield(call._finishing())
+        if call is None:
+            return
+        try:
+            if call._unfinished():
+                await asyncio.shield(call._finishing())
+        finally:
+            call._recorder.holding.discard(call)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,9 @@ class Recorder:
         """Once the tracker closed: (the database's id, if known), for calls recorded after (spooled)."""
         self._background: set[asyncio.Task[None]] = set()
         """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
+        self.holding: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Guarded calls inside their block with a reservation: the tracker's exit waits for them
+        (`Tracker.__aexit__`), as nothing of this process could settle them after it."""
 
     # -- where records go ---------------------------------------------------------------------------
 

@@ -242,6 +242,12 @@ class Tracker:
         async with self._lifecycle():
             self._entered -= 1
             if self._entered == 0 and self._recorder.writer is not None:
+                # Guarded calls still out are waited for, to be settled here rather than from the spool
+                # when this process next starts (another's sweep may have freed their room by then).
+                # Polled: they may end on other threads' loops, which an asyncio.Event cannot hear.
+                deadline = time.monotonic() + self.shutdown_timeout
+                while self._recorder.holding and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
                 if self._sweeper is not None:
                     self._sweeper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
