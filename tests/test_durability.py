@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -315,6 +315,43 @@ async def test_an_outage_longer_than_a_lease_never_frees_the_reservations_of_spo
         state = await wait_for_rows(db_url, 5 + admitted)
     assert admitted <= 2
     assert state["spent"] == state["day_spent"] <= to_nanousd(estimate * 5)  # 10 calls' spend, before
+
+
+async def test_once_an_outage_is_over_the_sweep_frees_expired_reservations_again(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The sweep waits while writes are retried or spooled, and only then: once the replay is done,
+    a reservation left to it (its release failed in the outage) is freed when its lease ends. A
+    review found the sweep left off for good after a failed write, the budget locked until restart."""
+    budgets = [Budget.daily(1, mode="block")]
+    tracker = Tracker(
+        sqlite_url, budgets=budgets, reservation_ttl=1, sweep_interval=0.1, spool_path=tmp_path / "s"
+    )
+    async with tracker:
+        no_release = "llm_spend_outage_release"
+        with closing(sqlite3.connect(sqlite_path(sqlite_url))) as conn:
+            conn.execute(f"CREATE TRIGGER {no_release} BEFORE DELETE ON llm_spend_reservations "
+                         "BEGIN SELECT RAISE(ABORT, 'injected outage'); END")  # fmt: skip
+            conn.commit()
+        set_sqlite_outage(sqlite_url, True)
+        async with tracker.guard(
+            provider="openai", model="gpt-4o", input_tokens=100_000, max_output_tokens=16_000
+        ) as call:
+            held = call.estimate  # left without a record: its release fails, left to the sweep
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=5)  # spooled
+        assert tracker.outage
+        set_sqlite_outage(sqlite_url, False)
+        with closing(sqlite3.connect(sqlite_path(sqlite_url))) as conn:
+            conn.execute(f"DROP TRIGGER {no_release}")
+            conn.commit()
+        for _ in range(100):  # the probe replays the spooled call
+            if not tracker.outage:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # the lease has ended; the sweeper runs every 0.1 s
+        [status] = await tracker.budget_status()
+    assert held is not None and held > 0
+    assert status.reserved == 0 and (await ledger(sqlite_url))["day_calls"] == 1
 
 
 def test_a_full_spool_logs_how_many_calls_are_lost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

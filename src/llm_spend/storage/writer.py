@@ -87,7 +87,7 @@ class Writer:
         self.unreplayed = False
         """Calls this writer spooled wait for the probe's replay."""
         self._failing = False
-        """A batch's write failed and is being tried again."""
+        """A batch's write failed and is being tried again (until it is written or spooled)."""
         self._wake = asyncio.Event()
         """Set when a write succeeds again: the probe replays at once, not after its backoff."""
         self._waiting = 0
@@ -258,6 +258,12 @@ class Writer:
             raise
 
     async def _try_commit(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
+        try:
+            await self._commit_or_spool(batch)
+        finally:
+            self._failing = False  # retried no more: written, or spooled (then `unreplayed`)
+
+    async def _commit_or_spool(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> None:
         items = [item for item, _ in batch]
         delays = () if self.outage else _RETRY_DELAYS
         for attempt in range(len(delays) + 1):
@@ -273,7 +279,6 @@ class Writer:
                 logger.warning("llm-spend: writing %d calls failed (%s); retrying", len(items), exc)
                 await asyncio.sleep(delays[attempt])
             else:
-                self._failing = False
                 for (item, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
