@@ -172,6 +172,21 @@ async def test_filters_narrow_and_links_stay_under_the_mount(
     assert hrefs and all(h.startswith("/spend/") for h in hrefs)
 
 
+async def test_a_secret_looking_tag_is_filtered_by_its_redacted_value(db_url: str) -> None:
+    """The tags page of a secret-looking key links its one value, [REDACTED]; that link lists the
+    calls (it was a 500 while a report refused such keys), and a real secret finds none."""
+    async with Tracker(db_url) as tracker:
+        await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1,
+                            tags={"auth_method": "oauth"})  # fmt: skip
+        app = create_app(tracker, authorize=allow)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers={"x-key": "yes"}) as c:
+            listed = await c.get("/calls", params={"tag": "auth_method=[REDACTED]"})
+            secret = await c.get("/calls", params={"tag": "auth_method=oauth"})
+    assert (listed.status_code, len(cells(listed.text, "calls"))) == (200, 1)
+    assert (secret.status_code, cells(secret.text, "calls")) == (200, [["No calls match."]])
+
+
 async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, list[CallRecord]]) -> None:
     """A tag value <script>alert(1)</script> appears escaped on every page that shows it, never raw."""
     c, _ = client

@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, case, cast, func, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 
 from .budgets import Budget, BudgetRule, describe, window_bounds
-from .context import REDACTED, is_secret_key, storable, stored_value
+from .context import is_secret_key, storable, stored_value
 from .money import from_nanousd
 from .storage.schema import UTCDateTime, calls, rollups
 from .storage.store import Store
@@ -161,8 +161,6 @@ def check_where(where: Mapping[str, str], option: str = "where") -> None:
     for key in where:
         if key not in _COLUMNS and not (isinstance(key, str) and _TAG_KEY.fullmatch(key)):
             raise ValueError(f"{option} key {key!r} must be model, provider or a tag key")
-        if key not in _COLUMNS and is_secret_key(key):
-            raise ValueError(f"{option} key {key!r} looks like a secret: its values are stored as {REDACTED}")
 
 
 def ledger_conditions(
@@ -248,6 +246,8 @@ def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[boo
         value = str(value)
         if key in _COLUMNS:
             conditions.append(calls.c[key] == storable(value))
+        elif is_secret_key(key):  # stored as REDACTED: only that matches (the dashboard links it)
+            tags[key] = value
         else:  # a tag key (`check_where`), its value as a tag's is stored
             tags[key] = stored_value(key, value)
     if tags and postgres:
