@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .budgets import describe
-from .storage.store import HEAD_REVISION
+from .storage.store import HEAD_REVISION, Store
 
 if TYPE_CHECKING:
     from .tracker import Tracker
@@ -73,10 +73,13 @@ class Health:
         }
 
 
-async def check_health(tracker: Tracker, *, database_timeout: float = 5.0) -> Health:
+async def check_health(
+    tracker: Tracker, *, database_timeout: float = 5.0, store: Store | None = None
+) -> Health:
     """What `Tracker.health()` reports. The database checks together take at most `database_timeout`
     seconds: a server that accepts connections but never answers is reported as timed out, not waited
-    on for the driver's minute. (Not named `timeout`: it bounds the database checks, not the call.)"""
+    on for the driver's minute. (Not named `timeout`: it bounds the database checks, not the call.)
+    `store`: the database to check, when not the tracker's own (a tracker not open reads on its own)."""
     timeout = database_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ValueError(f"database_timeout must be a positive number of seconds, got {timeout!r}")
@@ -89,7 +92,7 @@ async def check_health(tracker: Tracker, *, database_timeout: float = 5.0) -> He
     deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
-            revision, held, unknown = await _database(tracker)
+            revision, held, unknown = await _database(tracker.store if store is None else store)
     except Exception as exc:
         expired = isinstance(exc, TimeoutError) and deadline.expired()
         error = f"timed out after {timeout:g} s" if expired else f"{type(exc).__name__}: {exc}"
@@ -122,12 +125,12 @@ async def check_health(tracker: Tracker, *, database_timeout: float = 5.0) -> He
     )
 
 
-async def _database(tracker: Tracker) -> tuple[str | None, int | None, int | None]:
+async def _database(store: Store) -> tuple[str | None, int | None, int | None]:
     """(schema revision, reservations outstanding, unknown-model calls in the last day). The counts
     need the current schema's tables: a database never migrated (or migrated by an older version) is
     reachable, and reported as such, with no counts."""
-    revision = await tracker.store.revision()
+    revision = await store.revision()
     if revision != HEAD_REVISION:
         return revision, None, None
-    held, unknown = await tracker.store.counts(datetime.now(UTC) - timedelta(days=1))
+    held, unknown = await store.counts(datetime.now(UTC) - timedelta(days=1))
     return revision, held, unknown

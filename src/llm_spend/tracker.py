@@ -172,7 +172,6 @@ class Tracker:
         self._sweeper: asyncio.Task[None] | None = None
         self._max_batch, self._max_queue = max_batch, max_queue
         self._entered = 0
-        self._unopened_work = 0  # database work under way while the tracker is not open
         self._lifecycles: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         """Held while the tracker starts or stops: tasks entering it together start it once (one
         lock per event loop, as a lock belongs to one: a tracker may be entered again under another
@@ -288,7 +287,7 @@ class Tracker:
     async def migrate(self) -> None:
         """Bring the database schema to the newest migration (idempotent)."""
         if self._recorder.writer is None:
-            await self._unopened(self.store.migrate())
+            await self._unopened(Store.migrate)
         else:
             await self.store.migrate()
 
@@ -407,36 +406,35 @@ class Tracker:
         """Explicit tags over the context's (with_tags over the middleware's)."""
         return current_tags() if tags is None else merge_tags(current_tags(), normalize_tags(tags))
 
-    async def _read(self, reading: Coroutine[Any, Any, _T]) -> _T:
-        """A read of the database made on another running loop is made on the tracker's, which holds
+    async def _read(self, reading: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
+        """`reading(store)`. Made on another running loop, it is made on the tracker's, which holds
         the connections (a PostgreSQL connection serves the loop that made it); RuntimeError if
         that loop is not running, stops before the read, or does not take it in time."""
+        if self._recorder.writer is None:
+            return await self._unopened(reading)
         loop = self._recorder.abroad()
         if loop is not None:
-            read: _T = await hop(loop, reading, here=False)
+            read: _T = await hop(loop, reading(self.store), here=False)
             return read
         if self._recorder.stranded():
-            reading.close()
             raise RuntimeError(
                 "llm-spend: the tracker's database cannot be read on this event loop while the "
                 "tracker's own is not running"
             )
-        if self._recorder.writer is None:
-            return await self._unopened(reading)
-        return await reading
+        return await reading(self.store)
 
-    async def _unopened(self, work: Coroutine[Any, Any, _T]) -> _T:
-        """Database work while the tracker is not open (a read, a migration): the store's connections
-        are closed after it, as nothing else would close them (a PostgreSQL connection left in the
-        pool outlives its event loop)."""
-        self._unopened_work += 1
+    async def _unopened(self, work: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
+        """Database work while the tracker is not open (a read, a migration), on a store of its own
+        that is closed after it: the tracker's belongs to its lifetime, which may begin meanwhile,
+        on another loop, and a PostgreSQL connection left in a pool outlives its event loop. A
+        database in memory is the tracker's store's own connection: it is used as it is."""
+        if self.store.dialect == "sqlite" and self.store.path is None:
+            return await work(self.store)
+        store = Store(self.url)
         try:
-            return await work
+            return await work(store)
         finally:
-            self._unopened_work -= 1
-            async with self._lifecycle():  # not while the tracker starts or stops
-                if self._entered == 0 and self._unopened_work == 0:
-                    await self.store.close()
+            await store.close()
 
     # -- health -------------------------------------------------------------------------------------
 
@@ -444,7 +442,9 @@ class Tracker:
         """Schema revision, database reachability, spool backlog, reservations outstanding, unknown
         models in the last day, and whether each budget is enforced now. Never raises for a down
         database: that is what it reports; the database checks give up after `database_timeout` s."""
-        return await self._read(check_health(self, database_timeout=database_timeout))
+        return await self._read(
+            lambda store: check_health(self, database_timeout=database_timeout, store=store)
+        )
 
     # -- reports ------------------------------------------------------------------------------------
 
@@ -461,7 +461,7 @@ class Tracker:
         ({"model": ..., "provider": ..., tag: value}). Groups are sorted by their key."""
         end = datetime.now(UTC) if end is None else end
         return await self._read(
-            report(self.store, self.timezone, start=start, end=end, group_by=group_by, where=where)
+            lambda store: report(store, self.timezone, start=start, end=end, group_by=group_by, where=where)
         )
 
     async def total(
@@ -476,7 +476,9 @@ class Tracker:
         window end and a linear projection to it; per-tag budgets list their `top` windows by spend."""
         now = datetime.now(UTC)
         rules = self.budget_guard.rules
-        return await self._read(budget_status(self.store, rules, self.budget_guard.bounds, now=now, top=top))
+        return await self._read(
+            lambda store: budget_status(store, rules, self.budget_guard.bounds, now=now, top=top)
+        )
 
     # -- capture ------------------------------------------------------------------------------------
 
