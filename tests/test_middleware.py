@@ -243,6 +243,24 @@ async def test_failing_tags_callable_is_a_500(sqlite_url: str, tracker_factory: 
     assert dict(current_tags()) == {}
 
 
+async def test_a_tag_value_that_cannot_be_kept_is_left_out_and_the_request_served(
+    sqlite_url: str, tracker_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value with no string of its own (an ORM object, bytes) is logged once and left out; the
+    other tags stay, and the endpoint runs: the app's own request path does not fail for it."""
+    tracker = await tracker_factory(sqlite_url)
+    app = build_app(
+        tracker,
+        [Route("/", track_endpoint(tracker))],
+        tags=lambda request: {"user": object(), "feature": "chat"},
+    )
+    async with client_for(app) as client:
+        responses = [await client.get("/") for _ in range(2)]
+    assert [r.status_code for r in responses] == [200, 200]
+    assert [row["tags"] for row in await ledger(sqlite_url)] == [{"feature": "chat"}] * 2
+    assert caplog.text.count("tags callable gave a tag that cannot be kept (tag 'user'") == 1
+
+
 async def test_failing_async_tags_callable_is_a_500(sqlite_url: str, tracker_factory: Factory) -> None:
     """An async tags callable that raises gives a 500 too."""
     tracker = await tracker_factory(sqlite_url)

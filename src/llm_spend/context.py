@@ -96,6 +96,14 @@ def is_secret_key(key: str) -> bool:
     return _key_kind(key) is True
 
 
+class UnusableTagValue(ValueError):
+    """A tag value with no string to keep (bytes, an object whose string is its address)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _value(key: str, value: object, secret: bool) -> str:
     if secret:
         return REDACTED
@@ -105,10 +113,14 @@ def _value(key: str, value: object, secret: bool) -> str:
         try:
             text = str(value)
         except Exception as exc:  # a __str__ that fails; an int of more than 4,300 digits
-            raise ValueError(f"tag {key!r} has no string: {exc}") from None
+            raise UnusableTagValue(key, f"tag {key!r} has no string: {exc}") from None
         if isinstance(value, bytes | bytearray | memoryview) or _ADDRESS.search(text):
             # "b'...'", or "<function f at 0x...>": a new value, and a new window, per object
-            raise ValueError(f"tag {key!r} must be a string or a number, got {type(value).__name__}")
+            raise UnusableTagValue(
+                key,
+                f"tag {key!r} must be a string, or a value with a string of its own (a number, a "
+                f"UUID), got {type(value).__name__}",
+            )
     text = storable(text)
     if len(text) * 4 <= MAX_VALUE_BYTES:  # fast path: cannot exceed the byte limit
         return text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -23,11 +24,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .context import normalize_tags, reset_request_scope, set_request_scope
+from .context import UnusableTagValue, normalize_tags, reset_request_scope, set_request_scope
 from .exceptions import BudgetExceeded, budget_error
 from .tracker import Tracker
 
 __all__ = ["SpendMiddleware"]
+
+logger = logging.getLogger("llm_spend")
 
 TagsCallable = Callable[[Request], Mapping[str, object] | Awaitable[Mapping[str, object]]]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,200}")
@@ -70,6 +73,15 @@ class SpendMiddleware:
         # Generated ids: a random per-instance prefix and a counter (uuid4 costs ~5 µs here).
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count(1)
+        self._logged: set[str] = set()
+
+    def _unusable(self, exc: UnusableTagValue) -> None:
+        """Log, once per problem, a tag value the tags callable gave that cannot be kept."""
+        problem = str(exc)
+        if problem not in self._logged and len(self._logged) < 100:
+            self._logged.add(problem)
+            logger.error("llm-spend: the middleware's tags callable gave a tag that cannot be kept (%s); "
+                         "requests with it are tracked without that tag", problem)  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +92,13 @@ class SpendMiddleware:
             found: Any = self.tags(Request(scope))
             if type(found) is not dict:  # the common case skips the slower checks
                 found = await self._awaited_mapping(found)
-            tags = normalize_tags(found)
+            while True:
+                try:
+                    tags = normalize_tags(found)
+                    break
+                except UnusableTagValue as exc:  # the request goes on, that tag left out
+                    self._unusable(exc)
+                    found = {key: value for key, value in found.items() if key != exc.key}
         # The id is worked out only when a call is recorded: from the header, else from a number
         # drawn now (so every call of the request gets the same id).
         request_id = (self._request_id, scope["headers"], next(self._id_counter))
