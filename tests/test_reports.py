@@ -285,3 +285,12 @@ async def test_where_values_match_tag_values_as_they_are_stored(db_url: str) -> 
                             tags={"api_key": "sk-1"})  # fmt: skip
         assert (await tracker.total(start=START, where={"api_key": "sk-1"})).calls == 0
         assert (await tracker.total(start=START, where={"api_key": "[REDACTED]"})).calls == 1
+
+
+async def test_group_by_takes_any_iterable_of_keys(sqlite_url: str) -> None:
+    """A set or a dict's keys, as a tuple or a list (a review found them refused)."""
+    async with Tracker(sqlite_url) as tracker:
+        await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1)
+        by_set = await tracker.report(start=START, group_by={"model"})
+        by_keys = await tracker.report(start=START, group_by={"model": 1}.keys())
+    assert [row.group for row in by_set] == [row.group for row in by_keys] == [{"model": "gpt-4o-mini"}]

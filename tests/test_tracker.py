@@ -768,15 +768,35 @@ def test_a_short_reservation_ttl_has_streams_renew_their_lease_in_time(sqlite_ur
         "not a url",
         None,
         Path("ledger.db"),
-        "sqlite+aiosqlite:///no/such/folder/ledger.db",
         "sqlite+aiosqlite:///ledger\x00.db",
     ],
 )
 def test_a_url_the_tracker_cannot_use_raises_naming_url(url: Any) -> None:
     """A sync driver (which would fail at its first connection, or import a missing module), another
-    database, something not a URL string, or a SQLite file in a folder that does not exist."""
+    database, something not a URL string."""
     with pytest.raises(ValueError, match=r"^url"):
         Tracker(url)
+
+
+async def test_a_sqlite_folder_is_needed_when_the_tracker_starts_not_when_it_is_built(tmp_path: Path) -> None:
+    """An app may build the tracker at import and make the data folder in its lifespan; entering
+    without it names the folder (it was an OperationalError, "unable to open database file")."""
+    folder = tmp_path / "data"
+    tracker = Tracker(f"sqlite+aiosqlite:///{folder / 'ledger.db'}", spool_path=tmp_path / "s")
+    with pytest.raises(
+        ValueError, match=r"^url: the folder of the SQLite database file, '.*data', does not exist"
+    ):
+        await tracker.__aenter__()
+    folder.mkdir()
+    async with tracker:
+        await tracker.track(**VALID)
+    assert await count(f"sqlite+aiosqlite:///{folder / 'ledger.db'}", "llm_calls") == 1
+
+
+def test_flags_and_counts_take_their_usual_python_spellings(sqlite_url: str) -> None:
+    """0 and 1 for a flag, an IntEnum for a count; a string never (it was taken for its truth)."""
+    tracker = Tracker(sqlite_url, auto_migrate=0, clamp_max_tokens=1, max_batch=HTTPStatus.OK)
+    assert tracker.auto_migrate is False
 
 
 async def test_replay_never_moves_a_directory_found_where_the_spool_file_goes(

@@ -191,8 +191,10 @@ class Guarding:
         call = self._call
         if call is None:
             return
-        try:
-            if call._unfinished():
-                await asyncio.shield(call._finishing())
-        finally:
-            call._recorder.holding.discard(call)
+        holding = call._recorder.holding
+        if not call._unfinished():
+            holding.discard(call)
+            return
+        finishing = asyncio.ensure_future(call._finishing())
+        finishing.add_done_callback(lambda _: holding.discard(call))  # done, even if we are cancelled
+        await asyncio.shield(finishing)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -143,7 +143,7 @@ def _check_top(top: int) -> None:
 def group_keys(group_by: str | Sequence[str], option: str = "group_by") -> tuple[str, ...]:
     """The keys a report groups by, checked: ValueError naming `option` (the argument, or the CLI's
     option) for one that is not day, month, model, provider or a tag key, or given twice."""
-    if not isinstance(group_by, str | Sequence):
+    if not isinstance(group_by, str | Iterable):
         raise ValueError(f"{option} must be a key or a sequence of keys, got {group_by!r}")
     names = (group_by,) if isinstance(group_by, str) else tuple(group_by)
     for at, name in enumerate(names):

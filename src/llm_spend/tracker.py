@@ -103,10 +103,10 @@ class Tracker:
     ) -> None:
         _callable("on_exceeded", on_exceeded)
         for name, number in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if type(number) is not int or number < 1:
+            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise ValueError(f"{name} must be a positive integer, got {number!r}")
         for name, flag in (("auto_migrate", auto_migrate), ("clamp_max_tokens", clamp_max_tokens)):
-            if type(flag) is not bool:
+            if not isinstance(flag, int) or flag not in (0, 1):  # a bool, or 0 / 1; never "false"
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         if unknown_price not in ("refuse", "allow"):
             raise ValueError(f"unknown_price must be 'refuse' or 'allow', got {unknown_price!r}")
@@ -137,7 +137,7 @@ class Tracker:
             raise ValueError(f"prices_file must be a path, got {prices_file!r}")
         self.url = url
         self.timezone = _zone(timezone)
-        self.auto_migrate = auto_migrate
+        self.auto_migrate = bool(auto_migrate)
         self.lease = timedelta(seconds=reservation_ttl)
         self.sweep_interval = float(sweep_interval)
         self.shutdown_timeout = float(shutdown_timeout)
@@ -148,9 +148,6 @@ class Tracker:
             lease_renewal=min(60.0, reservation_ttl / 2),  # renewed well before the lease ends
         )
         self.store = Store(url)
-        folder = None if self.store.path is None else os.path.dirname(self.store.path) or "."
-        if folder is not None and not os.path.isdir(folder):
-            raise ValueError(f"url: the folder of the SQLite database file, {folder!r}, does not exist")
         self.spool = Spool(
             spool_path if spool_path is not None else default_spool_path(self.store), url_key=url_key(url)
         )
@@ -206,8 +203,16 @@ class Tracker:
             self._lifecycles = {loop: (lock := asyncio.Lock())}  # the lock of a loop gone is dropped
         return lock
 
+    def _check_folder(self) -> None:
+        """The SQLite file's folder exists (checked at the start, not when built: an app may make
+        the folder in between, in its lifespan)."""
+        folder = None if self.store.path is None else os.path.dirname(self.store.path) or "."
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"url: the folder of the SQLite database file, {folder!r}, does not exist")
+
     async def _start(self) -> None:
         """Migrate, replay the spool, sweep, and start the writer and the sweeper (first entry)."""
+        self._check_folder()
         if self.auto_migrate:
             await self.store.migrate()
         writer = Writer(
