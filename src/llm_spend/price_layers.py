@@ -32,6 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from .context import storable
 from .exceptions import PricesFileError
 from .money import usd
 from .usage import Usage
@@ -101,7 +102,7 @@ SOURCE_MAX = 300
 def stamp(source: str) -> str:
     """A price source the ledger can store: no NUL or lone surrogate, at most SOURCE_MAX characters
     (a long one keeps its start and its end, where a prices file's hash is)."""
-    text = source.replace("\x00", "?").encode(errors="replace").decode()
+    text = storable(source)
     if len(text) <= SOURCE_MAX:
         return text
     return f"{text[:100]}…{text[len(text) - (SOURCE_MAX - 101) :]}"
