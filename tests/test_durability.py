@@ -354,6 +354,23 @@ async def test_once_an_outage_is_over_the_sweep_frees_expired_reservations_again
     assert status.reserved == 0 and (await ledger(sqlite_url))["day_calls"] == 1
 
 
+async def test_a_damaged_spool_file_is_skipped_not_an_endless_outage(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not UTF-8 in a spool file (a torn write, a disk error) are a damaged line,
+    skipped and logged, as any damaged line is; they failed the whole replay at every try, and the
+    tracker stayed in outage."""
+    spool = tmp_path / "calls.spool"
+    async with Tracker(sqlite_url, spool_path=spool) as tracker:
+        pass
+    (tmp_path / "calls.spool.replay-damaged").write_bytes(b"\xff\xfe{not json\n")
+    async with Tracker(sqlite_url, spool_path=spool) as tracker:
+        assert not tracker.outage
+        await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1)
+    assert "skipping a damaged spool line" in caplog.text
+    assert len((await ledger(sqlite_url))["ids"]) == 1
+
+
 def test_a_full_spool_logs_how_many_calls_are_lost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The spool is bounded: what does not fit is counted and logged as LOST, never silently."""
     spool = Spool(tmp_path / "s.spool", max_bytes=2_000)

@@ -285,6 +285,8 @@ async def test_where_values_match_tag_values_as_they_are_stored(db_url: str) -> 
                             tags={"api_key": "sk-1"})  # fmt: skip
         assert (await tracker.total(start=START, where={"api_key": "sk-1"})).calls == 0
         assert (await tracker.total(start=START, where={"api_key": "[REDACTED]"})).calls == 1
+        for odd in ("a\x00b", "\ud800"):  # refused by both databases as a value, before
+            assert (await tracker.total(start=START, where={"api_key": odd})).calls == 0
 
 
 async def test_group_by_takes_any_iterable_of_keys(sqlite_url: str) -> None:

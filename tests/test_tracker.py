@@ -506,6 +506,59 @@ async def test_the_exit_waits_for_guarded_calls_still_out_and_settles_them_in_th
     assert not spool.exists() or spool.stat().st_size == 0
 
 
+async def test_the_exit_does_not_wait_for_a_call_that_cannot_end_meanwhile(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guard entered by the very task that exits the tracker, or by a task that has ended (a
+    stream never closed), cannot end while the exit waits: it is not waited for (the exit took its
+    whole shutdown_timeout), and the call is spooled as before."""
+    budgets = [Budget.daily(1, mode="block")]
+    tracker = Tracker(sqlite_url, budgets=budgets, spool_path=tmp_path / "s", shutdown_timeout=60)
+    await tracker.__aenter__()
+    guard = tracker.guard(provider="openai", model="gpt-4o-mini", input_tokens=100, max_output_tokens=100)
+    call = await guard.__aenter__()
+
+    async def abandoned() -> None:  # enters a guard and ends without leaving it
+        await tracker.guard(
+            provider="openai", model="gpt-4o-mini", input_tokens=1, max_output_tokens=1
+        ).__aenter__()
+
+    await asyncio.create_task(abandoned())
+    async with asyncio.timeout(10):  # not its 60 s (a timeout in this task: wait_for makes another)
+        await tracker.__aexit__(None, None, None)
+    assert "guarded calls still out" not in caplog.text
+    call.record(Usage(input_tokens=100, output_tokens=10))
+    await guard.__aexit__(None, None, None)
+    assert tracker.spool.backlog()[0] == 1
+
+
+async def test_an_exit_cancelled_while_it_waits_still_closes_the_tracker(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Cancelled (a lifespan's own deadline) while it waits for a guarded call, the exit still stops
+    the writer and the sweeper and closes the store: entering again starts them once, and the
+    last exit leaves none running."""
+    tracker = Tracker(sqlite_url, budgets=[Budget.daily(1, mode="block")], spool_path=tmp_path / "s")
+    await tracker.__aenter__()
+    release = asyncio.Event()
+
+    async def out() -> None:
+        async with tracker.guard(provider="openai", model="gpt-4o-mini", input_tokens=1, max_output_tokens=1):
+            await release.wait()
+
+    task = asyncio.create_task(out())
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tracker.__aexit__(None, None, None), 0.2)
+    release.set()
+    await task
+    async with tracker:
+        await tracker.track(**VALID)
+    names = [t.get_name() for t in asyncio.all_tasks()]
+    assert "llm-spend-writer" not in names and "llm-spend-sweeper" not in names
+    assert await count(sqlite_url, "llm_calls") == 1
+
+
 async def test_a_call_recorded_after_close_whose_spool_cannot_be_written_is_lost_loudly_not_raised(
     sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

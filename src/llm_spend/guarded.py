@@ -49,6 +49,8 @@ class GuardedCall:
         self.reservation = reservation
         self._recorder, self._reserver = recorder, reserver
         self._pending: _Recording | None = None
+        self.task: asyncio.Task[Any] | None = None
+        """The task that entered the guard, while its call holds a reservation."""
         self.max_output_tokens: int | None = None
         """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
         request's; the capture transport lowers the request to this."""
@@ -181,7 +183,8 @@ class Guarding:
         if self._call is not None:
             raise RuntimeError("a tracker.guard(...) is entered once; call guard() again for another call")
         self._call = call = await self._open(*self._args)
-        if call.reservation is not None:
+        if call.reservation is not None and (task := asyncio.current_task()) is not None:
+            call.task = task
             call._recorder.holding.add(call)
         return call
 

@@ -247,7 +247,7 @@ def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[boo
         if key in _COLUMNS:
             conditions.append(calls.c[key] == storable(value))
         elif is_secret_key(key):  # stored as REDACTED: only that matches (the dashboard links it)
-            tags[key] = value
+            tags[key] = storable(value)
         else:  # a tag key (`check_where`), its value as a tag's is stored
             tags[key] = stored_value(key, value)
     if tags and postgres:

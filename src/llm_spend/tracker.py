@@ -246,23 +246,44 @@ class Tracker:
         async with self._lifecycle():
             self._entered -= 1
             if self._entered == 0 and self._recorder.writer is not None:
-                # Guarded calls still out are waited for, to be settled here rather than from the spool
-                # when this process next starts (another's sweep may have freed their room by then).
-                # Polled: they may end on other threads' loops, which an asyncio.Event cannot hear.
-                deadline = time.monotonic() + self.shutdown_timeout
-                while self._recorder.holding and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                if self._sweeper is not None:
-                    self._sweeper.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await self._sweeper
-                writer = self._recorder.detach()  # a call recorded from now on goes to the spool
-                assert writer is not None
                 try:
-                    await writer.close(self.shutdown_timeout)
-                finally:
-                    self._recorder.loop = None  # from now on nothing releases or renews in the database
-                await self.store.close()
+                    await self._outstanding()
+                finally:  # cancelled while waiting, it closes all the same
+                    await self._close()
+
+    async def _outstanding(self) -> None:
+        """Wait, up to `shutdown_timeout`, for guarded calls still out with a reservation, to settle
+        them here rather than from the spool when this process next starts (another's sweep may
+        have freed their room by then). Not for a call of this very task, or of a task that has
+        ended (a stream never closed): they cannot end now. Polled: they may end on other threads'
+        loops, which an asyncio.Event cannot hear."""
+        me = asyncio.current_task()
+
+        def out() -> list[GuardedCall]:
+            return [c for c in list(self._recorder.holding) if c.task is not me and not c.task.done()]
+
+        if not (calls := out()):
+            return
+        logger.warning(
+            "llm-spend: waiting up to %s s for %d guarded calls still out", self.shutdown_timeout, len(calls)
+        )
+        deadline = time.monotonic() + self.shutdown_timeout
+        while out() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    async def _close(self) -> None:
+        """Stop the sweeper, drain the writer, close the store (the last exit)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        writer = self._recorder.detach()  # a call recorded from now on goes to the spool
+        assert writer is not None
+        try:
+            await writer.close(self.shutdown_timeout)
+        finally:
+            self._recorder.loop = None  # from now on nothing releases or renews in the database
+        await self.store.close()
 
     async def _sweep_forever(self) -> None:
         """Release reservations whose process died (expired leases), every `sweep_interval` seconds;
@@ -270,13 +291,12 @@ class Tracker:
         outage longer than a lease would otherwise free them, and their windows' room twice)."""
         while True:
             await asyncio.sleep(self.sweep_interval)
-            writer = self._recorder.writer
-            if writer is None or not writer.settling:
-                await self._sweep()
+            writer, now = self._recorder.writer, datetime.now(UTC)
+            await self._sweep(now if writer is None else writer.sweep_before(now))
 
-    async def _sweep(self) -> None:
+    async def _sweep(self, before: datetime | None = None) -> None:
         try:
-            released = await self.store.sweep(datetime.now(UTC))
+            released = await self.store.sweep(datetime.now(UTC) if before is None else before)
         except Exception as exc:  # e.g. auto_migrate=False and no schema yet: not fatal
             logger.warning("llm-spend: sweeping expired reservations failed: %s", exc)
         else:

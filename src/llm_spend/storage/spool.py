@@ -167,7 +167,7 @@ class Spool:
         """The items of `path` for this database, in order, and the lines that belong elsewhere."""
         items: list[PendingWrite] = []
         foreign: list[str] = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().decode(errors="replace").splitlines():  # ASCII, unless damaged
             if not line.strip():
                 continue
             try:

@@ -337,8 +337,8 @@ class Store:
         try:
             return await work(*args)
         except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
+            if not exc.connection_invalidated or self.dialect != "postgresql":  # (a database in memory
+                raise  # is its one connection: disposing of it would drop the database)
             logger.warning("llm-spend: a PostgreSQL connection was lost (%s); trying on a new one", exc.orig)
         await self.engine.dispose()  # the pool's other connections are likely gone too
         return await work(*args)

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .spool import Spool
@@ -88,6 +89,7 @@ class Writer:
         """Calls this writer spooled wait for the probe's replay."""
         self._failing = False
         """A batch's write failed and is being tried again (until it is written or spooled)."""
+        self._settling_since: datetime | None = None
         self._wake = asyncio.Event()
         """Set when a write succeeds again: the probe replays at once, not after its backoff."""
         self._waiting = 0
@@ -271,6 +273,7 @@ class Writer:
                 results = await self._store.write(items)
             except Exception as exc:
                 self._failing = True
+                self._settle_later()
                 if attempt == len(delays):
                     logger.error("llm-spend: writing %d calls failed (%s); spooling them", len(items), exc)
                     await self._to_spool(batch)
@@ -316,9 +319,25 @@ class Writer:
         the database failed (the leases may have ended)."""
         return self._failing or self.unreplayed
 
+    def sweep_before(self, now: datetime) -> datetime:
+        """Until when expired reservations may be swept: now, or while settling, the moment it
+        began: a reservation whose settlement waits here expired after that (its lease was alive
+        when its call was recorded), and those of dead processes expired before are freed all the
+        same, however long a replay keeps failing."""
+        if not self.settling:
+            self._settling_since = None
+            return now
+        return self._settling_since or now
+
+    def _settle_later(self) -> None:
+        """A write failed: settling begins now, unless it had begun already."""
+        if self._settling_since is None:
+            self._settling_since = datetime.now(UTC)
+
     def enter_outage(self) -> None:
         self.outage = True
         self.unreplayed = True  # at a start whose replay failed, too
+        self._settle_later()
         self._start_probe()
 
     async def _stop_probe(self) -> None:
