@@ -312,19 +312,13 @@ class Writer:
                 future.set_result(SPOOLED)
         return kept
 
-    @property
-    def settling(self) -> bool:
-        """Whether calls wait to be written, their writes retried or spooled for the probe's replay:
-        those settle their reservations, so a sweep must not release them meanwhile, however long
-        the database failed (the leases may have ended)."""
-        return self._failing or self.unreplayed
-
     def sweep_before(self, now: datetime) -> datetime:
-        """Until when expired reservations may be swept: now, or while settling, the moment it
-        began: a reservation whose settlement waits here expired after that (its lease was alive
-        when its call was recorded), and those of dead processes expired before are freed all the
-        same, however long a replay keeps failing."""
-        if not self.settling:
+        """Until when expired reservations may be swept: now, or while calls are settling (their
+        writes retried, or spooled for the probe's replay), the moment that began. Those settle
+        their reservations, whose leases may have ended meanwhile, but were alive when the calls
+        were recorded; a dead process's that expired before are freed all the same, however long
+        a replay keeps failing."""
+        if not (self._failing or self.unreplayed):
             self._settling_since = None
             return now
         return self._settling_since or now
