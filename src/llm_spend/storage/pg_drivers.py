@@ -86,18 +86,38 @@ class Drivers:
             return
         held.busy = True
         try:
-            async with _invalidating(held.conn, held.driver):
-                yield held.driver
-        except BaseException:
-            if held.driver.is_closed() or held.conn.invalidated:
-                await self._drop(lane, held)
+            yield held.driver
+        except BaseException as exc:
+            await self._failed(lane, held, exc)
             raise
         finally:
             held.busy = False
 
     async def run(self, lane: str, work: Work[T]) -> T:
         """`await work(connection)` on the lane's connection; once more on a new connection when that
-        one was lost (see the module docstring). A failure to connect at all is raised at once."""
+        one was lost (see the module docstring). A failure to connect at all is raised at once.
+
+        The lane's own connection, free and alive, is used without `lend`'s two context managers
+        (what they do on a failure, `_failed` does): this runs before every hot statement, and the
+        Python between a lane's statements adds to every guarded call's wait (docs/performance.md)."""
+        held = self._lanes.get(lane)
+        if (
+            held is not None
+            and not held.busy
+            and held.loop is asyncio.get_running_loop()
+            and not held.driver.is_closed()
+        ):
+            held.busy = True
+            try:
+                return await work(held.driver)
+            except BaseException as exc:
+                await self._failed(lane, held, exc)
+                if not isinstance(exc, Exception) or not _lost(exc, held.driver):
+                    raise
+                logger.warning("llm-spend: a PostgreSQL connection was lost (%s); trying on a new one", exc)
+            finally:
+                held.busy = False
+            return await self._again(lane, work)
         lent: Any = None
         try:
             async with self.lend(lane) as conn:
@@ -107,9 +127,23 @@ class Drivers:
             if lent is None or not _lost(exc, lent):
                 raise
             logger.warning("llm-spend: a PostgreSQL connection was lost (%s); trying on a new one", exc)
+        return await self._again(lane, work)
+
+    async def _again(self, lane: str, work: Work[T]) -> T:
+        """The second try of `run`'s work, on a new connection of an emptied pool."""
         await self._engine.dispose()  # the pool's other connections are likely gone too
         async with self.lend(lane) as conn:
             return await work(conn)
+
+    async def _failed(self, lane: str | None, held: _Lane, exc: BaseException) -> None:
+        """What `lend` and `_invalidating` do when work on a lane's connection failed: a connection
+        that broke is invalidated (the pool replaces it), and the lane lets it go."""
+        import asyncpg
+
+        if held.driver.is_closed() or not isinstance(exc, asyncpg.PostgresError):
+            await asyncio.shield(held.conn.invalidate(exc if isinstance(exc, Exception) else None))
+        if held.driver.is_closed() or held.conn.invalidated:
+            await self._drop(lane, held)
 
     async def _drop(self, lane: str | None, held: _Lane) -> None:
         if lane is not None and self._lanes.get(lane) is held:

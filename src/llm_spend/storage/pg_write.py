@@ -54,7 +54,7 @@ _N = len(CALL_COLUMNS)
 @functools.cache
 def _sql() -> str:
     fields = ", ".join(
-        f"(r ->> {i})::{_CALL_TYPES.get(c, 'text')} AS {c}" if c != "tags" else f"(r ->> {i})::jsonb AS tags"
+        f"(r ->> {i})::{_CALL_TYPES.get(c, 'text')} AS {c}" if c != "tags" else f"r -> {i} AS tags"
         for i, c in enumerate(CALL_COLUMNS)
     )
     columns = ", ".join(CALL_COLUMNS)
@@ -102,15 +102,12 @@ bumped AS (
 )
 SELECT 'n' AS kind, event_id AS id, NULL::text, NULL::timestamptz, NULL::text, NULL::text, NULL::bigint
     FROM new
-UNION ALL SELECT 'c', id, NULL, NULL, NULL, NULL, NULL FROM claimed
 UNION ALL SELECT 'b', NULL, {_KEY}, spent_nanousd FROM bumped
 """
 
 
-async def write_batch(
-    conn: Any, batch: Sequence[PendingWrite]
-) -> tuple[set[str], set[str], dict[WindowKey, int]]:
-    """Write the batch; returns (event ids inserted, reservations settled, windows' spent after)."""
+async def write_batch(conn: Any, batch: Sequence[PendingWrite]) -> tuple[set[str], dict[WindowKey, int]]:
+    """Write the batch; returns (event ids inserted, windows' spent after)."""
     windows: dict[WindowKey, int] = {}
     last: object = None
     for item in batch:
@@ -122,7 +119,9 @@ async def write_batch(
     ordered = sorted(windows)
     for index, key in enumerate(ordered, 1):
         windows[key] = index
-    rows, tags, tags_json = [], None, ""
+    rows: list[tuple[Any, ...]] = []
+    tags: object = None
+    tags_doc: dict[str, str] = {}
     last, indexes = None, []
     ids, release_ids, release_windows, release_amounts = [], [], [], []
     released: set[str] = set()
@@ -131,13 +130,13 @@ async def write_batch(
         if item.windows is not last:
             last, indexes = item.windows, [windows[key] for key in item.windows]
         if record.tags is not tags:  # calls of one scope share its (never mutated) tags mapping
-            tags, tags_json = record.tags, json.dumps(dict(record.tags))
+            tags, tags_doc = record.tags, dict(record.tags)  # an object in the document
         rows.append((
             record.event_id, record.occurred_at, record.provider, record.model,
             usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
             usage.cache_write_1h_tokens, usage.reasoning_tokens, record.cost_nanousd, record.pricing_status,
             record.price_source, record.usage_source, record.stream, record.latency_ms,
-            record.service_tier, record.provider_response_id, record.request_id, tags_json, indexes,
+            record.service_tier, record.provider_response_id, record.request_id, tags_doc, indexes,
         ))  # fmt: skip
         if item.reservation_id and item.reservation_id not in released:  # given back once (rows.py)
             released.add(item.reservation_id)
@@ -148,12 +147,10 @@ async def write_batch(
                 release_amounts.append(amount)
     keys = list(zip(*ordered, strict=True)) if ordered else [(), (), (), ()]
     args = [_dumps(rows), *keys, ids, release_ids, release_windows, release_amounts]
-    inserted, settled, totals = set(), set(), {}
+    inserted, totals = set(), {}
     for kind, value, period, start, scope_key, scope_value, spent in await conn.fetch(_sql(), *args):
         if kind == "n":
             inserted.add(value)
-        elif kind == "c":
-            settled.add(value)
         else:
             totals[WindowKey(period, start, scope_key, scope_value)] = spent
-    return inserted, settled, totals
+    return inserted, totals

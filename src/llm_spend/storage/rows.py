@@ -156,15 +156,23 @@ def rollup_deltas(
 
 
 def spent_after(
-    batch: Sequence[PendingWrite],
-    inserted: set[str],
-    deltas: dict[WindowKey, dict[str, int]],
-    totals: dict[WindowKey, int],
+    batch: Sequence[PendingWrite], inserted: set[str], totals: dict[WindowKey, int]
 ) -> list[dict[WindowKey, int] | None]:
-    """Replay the batch in order from each window's total before it, giving each item's view."""
-    running = {key: totals[key] - d["spent_nanousd"] for key, d in deltas.items() if key in totals}
-    results: list[dict[WindowKey, int] | None] = []
+    """Replay the batch in order from each window's total before it, giving each item's view.
+
+    `totals`: each window's spent right after the batch. A call counts once (its first copy in the
+    batch, and only if `inserted`), as `rollup_deltas` counts it."""
+    running = dict(totals)
     seen: set[str] = set()
+    for item in batch:  # back to the totals before the batch
+        event_id = item.record.event_id
+        if event_id in inserted and event_id not in seen:
+            seen.add(event_id)
+            cost = item.record.cost_nanousd or 0
+            for key in item.windows:
+                running[key] -= cost
+    results: list[dict[WindowKey, int] | None] = []
+    seen.clear()
     for item in batch:
         event_id = item.record.event_id
         if event_id not in inserted or event_id in seen:  # a second copy in one batch is a duplicate

@@ -398,4 +398,4 @@ def _write(conn: sqlite3.Connection, batch: Sequence[PendingWrite]) -> list[dict
         key: conn.execute(_BUMP, (*_key(key), *(sums[n] for n in SUMS))).fetchone()[0]
         for key, sums in sorted(deltas.items())
     }
-    return spent_after(batch, inserted, deltas, totals)
+    return spent_after(batch, inserted, totals)

@@ -199,10 +199,8 @@ class Store:
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
-            inserted, settled, totals = await self._drivers.run(
-                "writes", functools.partial(write_batch, batch=batch)
-            )
-            return spent_after(batch, inserted, rollup_deltas(batch, inserted, settled), totals)
+            inserted, totals = await self._drivers.run("writes", functools.partial(write_batch, batch=batch))
+            return spent_after(batch, inserted, totals)
         try:
             return await self._write(batch, fast=self.dialect == "sqlite")
         except _Duplicates:  # a replay or retry: redo the batch, asking which rows are new
@@ -215,7 +213,7 @@ class Store:
             settled = await self._claim(conn, [i.reservation_id for i in batch if i.reservation_id])
             deltas = rollup_deltas(batch, inserted, settled)
             totals = await self._bump(conn, deltas) if deltas else {}
-        return spent_after(batch, inserted, deltas, totals)
+        return spent_after(batch, inserted, totals)
 
     async def _claim(self, conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
         """Delete these reservations; the ones actually deleted are this transaction's to release.
