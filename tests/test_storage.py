@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -390,6 +390,33 @@ async def test_same_event_twice_in_one_batch_is_counted_once(db_url: str, store:
     calls, rollups = await _snapshot(db_url)
     assert len(calls) == 2
     assert {(r[0], r[3], r[5]) for r in rollups} == {("day", 6_001_000, 2), ("month", 6_001_000, 2)}
+
+
+async def test_a_batch_settles_a_held_reservation_and_one_a_sweep_freed_each_once(
+    db_url: str, store: Store
+) -> None:
+    """Two calls written together, one whose reservation is still held and one whose reservation the
+    sweep freed while it ran (its lease ended): each is counted once, the held reservation is given
+    back once, and the freed one is not given back twice (reserved ends at 0, not below). On
+    PostgreSQL this is the batch whose quick statement finds a reservation gone and is undone."""
+    now = datetime.now(UTC)
+    held, freed = _record(), _record(cost_nanousd=1_000)
+    windows = _windows(held)
+    amounts = [(key, 9_000_000, 10**15) for key in windows]
+    assert await store.reserve("held", amounts, now=now, expires_at=now + timedelta(minutes=10)) is None
+    assert await store.reserve("freed", amounts, now=now, expires_at=now - timedelta(seconds=1)) is None
+    assert await store.sweep(now) == 1
+    release = tuple((key, 9_000_000) for key in windows)
+    results = await store.write(
+        [PendingWrite(held, windows, "held", release), PendingWrite(freed, windows, "freed", release)]
+    )
+    calls, rollups = await _snapshot(db_url)
+    assert len(calls) == 2
+    assert {r[:6] for r in rollups} == {("day", "", "", 6_001_000, 0, 2), ("month", "", "", 6_001_000, 0, 2)}
+    day = windows[0]
+    assert [view[day] for view in results if view is not None] == [6_000_000, 6_001_000]
+    assert await store.write([PendingWrite(held, windows, "held", release)]) == [None]  # recorded once
+    assert await _snapshot(db_url) == (calls, rollups)
 
 
 async def test_write_returns_each_items_running_spend(db_url: str, store: Store) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from .pg_drivers import Drivers
 from .pg_reserve import Pending, PostgresReservations
+from .pg_write import warm as warm_writes
 from .pg_write import write_batch
 from .rows import (
     CALL_COLUMNS,
@@ -140,7 +141,7 @@ class Store:
         """Ready the connections and statements of the hot writes before the first call needs them."""
         if self._pg is not None:
             await self._pg.warm()
-            await self._drivers.run("writes", functools.partial(write_batch, batch=[]))
+            await self._drivers.run("writes", warm_writes)
 
     async def close(self) -> None:
         if self._file is not None:
