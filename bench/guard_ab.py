@@ -1,0 +1,98 @@
+"""Guarded calls on PostgreSQL, this checkout against another, in interleaved rounds (issue 8, target 4).
+
+Each round runs `bench/guard.py`'s load (16 calls in flight, a provider call of 10-30 ms, 1,600
+calls, a global and a per-user daily block-mode budget) once with each source tree, in an order that
+alternates, each in a fresh process and a fresh database, after a first wave that warms the process.
+It prints, per tree, the medians over the rounds of: the p50 of what the guard adds (reservation
+plus settlement), the p50 of each phase, and the CPU time per call of the process. A change to the
+PostgreSQL lanes moves p50 by tenths of a millisecond, less than the hour-to-hour noise of
+`make bench`; interleaved rounds are what tell such a change apart.
+
+Run: .venv/bin/python bench/guard_ab.py OTHER_SRC [rounds]
+     (OTHER_SRC: a `src` folder, e.g. of `git worktree add /tmp/old <commit>`: /tmp/old/src)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = r"""
+import asyncio, json, random, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import guard
+from llm_spend import Budget, Tracker, Usage
+
+
+async def run(url):
+    budgets = [Budget.daily(1_000_000, mode="block"), Budget.daily(1_000, per="user_id", mode="block")]
+    reserve, settle = [], []
+    rng = random.Random(7)
+    async with Tracker(url, budgets=budgets) as tracker:
+
+        async def worker(n):
+            for i in range(guard.CALLS // guard.CONCURRENCY):
+                wait = rng.uniform(0.010, 0.030)
+                started = time.perf_counter()
+                async with tracker.guard(
+                    provider="openai", model="gpt-4o-mini", input_tokens=400, max_output_tokens=200,
+                    tags={"user_id": f"u{(n * 7 + i) % 50}"},
+                ) as call:
+                    reserved = time.perf_counter()
+                    await asyncio.sleep(wait)
+                    answered = time.perf_counter()
+                    await call.record(Usage(input_tokens=300, output_tokens=100))
+                reserve.append(reserved - started)
+                settle.append(time.perf_counter() - answered)
+
+        await asyncio.gather(*(worker(n) for n in range(guard.CONCURRENCY)))  # warms the process
+        reserve.clear(), settle.clear()
+        cpu = time.process_time()
+        await asyncio.gather(*(worker(n) for n in range(guard.CONCURRENCY)))
+        cpu = (time.process_time() - cpu) / guard.CALLS
+    both = [a + b for a, b in zip(reserve, settle)]
+    return [statistics.median(v) * 1e3 for v in (both, reserve, settle)] + [cpu * 1e6]
+
+
+pg = asyncio.run(guard.pg_database())
+if pg is None:
+    raise SystemExit("no PostgreSQL server answers")
+try:
+    print(json.dumps(asyncio.run(run(pg[0]))))
+finally:
+    asyncio.run(guard.drop(pg[1]))
+"""
+
+
+def main(other: str, rounds: int) -> None:
+    trees = {"this checkout": str(HERE.parent / "src"), "other": other}
+    figures: dict[str, list[list[float]]] = {name: [] for name in trees}
+    print(f"guarded calls on PostgreSQL, 16 in flight, provider 10-30 ms; other = {other}")
+    print(f"  {'round':<7}" + "".join(f"{name + ' p50 ms':>22}" for name in trees))
+    for n in range(rounds):
+        for name in list(trees) if n % 2 == 0 else list(trees)[::-1]:
+            env = {**os.environ, "PYTHONPATH": trees[name]}
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(HERE)], env=env, capture_output=True, text=True, check=False
+            )
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            figures[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {n + 1:<7}" + "".join(f"{figures[name][-1][0]:>22.2f}" for name in trees), flush=True)
+    print("  medians of the rounds:")
+    print(f"  {'tree':<16}{'p50 ms':>8}{'reserve':>9}{'settle':>8}{'CPU µs/call':>13}")
+    for name, rows in figures.items():
+        total, reserve, settle, cpu = (statistics.median(column) for column in zip(*rows, strict=True))
+        print(f"  {name:<16}{total:>8.2f}{reserve:>9.2f}{settle:>8.2f}{cpu:>13.0f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 6)
