@@ -419,6 +419,91 @@ async def test_a_batch_settles_a_held_reservation_and_one_a_sweep_freed_each_onc
     assert await _snapshot(db_url) == (calls, rollups)
 
 
+async def _driver(url: str) -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+
+
+async def test_a_write_settling_a_reservation_a_sweep_is_releasing_waits_and_is_exact(pg_url: str) -> None:
+    """PostgreSQL: a sweep deletes an expired reservation and then gives its windows back, in one
+    transaction; a write settling that reservation meanwhile must not lock the windows first (the two
+    would deadlock). It waits for the sweep, finds the reservation gone, and is written exactly: the
+    call counted, its reservation given back once (by the sweep)."""
+    store = Store(pg_url)
+    await store.migrate()
+    sweep = await _driver(pg_url)
+    try:
+        now = datetime.now(UTC)
+        record = _record()
+        windows = _windows(record)
+        amounts = [(key, 9_000_000, 10**15) for key in windows]
+        assert await store.reserve("r", amounts, now=now, expires_at=now + timedelta(minutes=10)) is None
+        async with sweep.transaction():
+            await sweep.execute("DELETE FROM llm_spend_reservations WHERE id = 'r'")
+            write = asyncio.ensure_future(
+                store.write([PendingWrite(record, windows, "r", tuple((key, 9_000_000) for key in windows))])
+            )
+            await asyncio.sleep(0.5)  # the write waits for the reservation's row
+            assert not write.done()
+            await sweep.execute(
+                "UPDATE llm_spend_rollups SET reserved_nanousd = reserved_nanousd - 9000000"
+            )  # times out here if the write locked the windows
+        (view,) = await asyncio.wait_for(write, 30)
+        assert view is not None and view[windows[0]] == 6_000_000
+        calls, rollups = await _snapshot(pg_url)
+        assert len(calls) == 1
+        expected = {("day", "", "", 6_000_000, 0, 1), ("month", "", "", 6_000_000, 0, 1)}
+        assert {r[:6] for r in rollups} == expected
+    finally:
+        await sweep.close()
+        await store.close()
+
+
+async def test_a_guarded_call_under_a_per_call_budget_alone_is_written_at_once(pg_url: str) -> None:
+    """PostgreSQL: a call guarded by a per-call budget alone has a reservation id but no reservation
+    row (no window holds anything); its write is made by the quick statement, not undone and made
+    again (which cost a second round trip and an error line in the server's log per call)."""
+    from llm_spend.storage import pg_write
+
+    store = Store(pg_url)
+    await store.migrate()
+    conn = await _driver(pg_url)
+    try:
+        record = _record()
+        item = PendingWrite(record, _windows(record), "r", ())  # as such a guard's record is
+        inserted, totals = await pg_write._write_fresh(conn, [item])
+        assert inserted == {record.event_id}
+        assert sorted(totals.values()) == [6_000_000, 6_000_000]
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_a_batch_whose_totals_pass_64_bits_is_refused_as_data_and_keeps_the_connection(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL: calls whose costs fit a bigint each but not summed in a window are the data's fault
+    (a data error, which the writer sets aside), not a lost connection: the writes' connection is
+    kept, nothing is written, and no "connection was lost" is logged."""
+    store = Store(pg_url)
+    await store.migrate()
+    try:
+        records = [_record(cost_nanousd=2**63 - 1) for _ in range(3)]
+        await store.write([PendingWrite(_record(), _windows(_record()))])  # the writes' lane is made
+        lane = store._drivers._lanes["writes"].driver
+        with pytest.raises(OverflowError) as raised:
+            await store.write([PendingWrite(record, _windows(record)) for record in records])
+        from llm_spend.storage.writer import _data_error
+
+        assert _data_error(raised.value)  # so the writer sets the batch aside, not spools it forever
+        assert store._drivers._lanes["writes"].driver is lane and not lane.is_closed()
+        assert "connection was lost" not in caplog.text
+        assert len((await _snapshot(pg_url))[0]) == 1
+    finally:
+        await store.close()
+
+
 async def test_write_returns_each_items_running_spend(db_url: str, store: Store) -> None:
     """write() returns, per item in batch order, each window's spent total right after that item."""
     a, b = _record(cost_nanousd=100), _record(cost_nanousd=250)

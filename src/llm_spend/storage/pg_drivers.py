@@ -13,7 +13,8 @@ another loop while its own runs, in another thread, it is forgotten and the othe
 SQLAlchemy's pool does not tell loops apart, so a store serves one running loop at a time.)
 
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
-mid-statement, an error that is not the server's answer) is invalidated here, so the pool replaces
+mid-statement, an error that is neither the server's answer nor a value refused before it was sent)
+is invalidated here, so the pool replaces
 it instead of lending it again, and a lane holding it takes a new one next time.
 
 A server that restarted, or closed idle connections, leaves every connection of the pool dead, and
@@ -138,9 +139,7 @@ class Drivers:
     async def _failed(self, lane: str | None, held: _Lane, exc: BaseException) -> None:
         """What `lend` and `_invalidating` do when work on a lane's connection failed: a connection
         that broke is invalidated (the pool replaces it), and the lane lets it go."""
-        import asyncpg
-
-        if held.driver.is_closed() or not isinstance(exc, asyncpg.PostgresError):
+        if _broke(exc, held.driver):
             await asyncio.shield(held.conn.invalidate(exc if isinstance(exc, Exception) else None))
         if held.driver.is_closed() or held.conn.invalidated:
             await self._drop(lane, held)
@@ -202,13 +201,22 @@ def _lost(exc: Exception, driver: Any) -> bool:
     )
 
 
-@asynccontextmanager
-async def _invalidating(conn: AsyncConnection, driver: Any) -> AsyncIterator[None]:
+def _broke(exc: BaseException, driver: Any) -> bool:
+    """Whether work that raised `exc` may have left the connection unusable: anything but the server's
+    answer, or a value refused before anything was sent (asyncpg's encoding of an argument, or ours of
+    a document: text or an integer no database stores)."""
     import asyncpg
 
+    return driver.is_closed() or not isinstance(
+        exc, (asyncpg.PostgresError, asyncpg.DataError, UnicodeError, OverflowError)
+    )
+
+
+@asynccontextmanager
+async def _invalidating(conn: AsyncConnection, driver: Any) -> AsyncIterator[None]:
     try:
         yield
     except BaseException as exc:
-        if driver.is_closed() or not isinstance(exc, asyncpg.PostgresError):
+        if _broke(exc, driver):
             await asyncio.shield(conn.invalidate(exc if isinstance(exc, Exception) else None))
         raise
