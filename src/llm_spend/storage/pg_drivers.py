@@ -14,8 +14,8 @@ SQLAlchemy's pool does not tell loops apart, so a store serves one running loop 
 
 SQLAlchemy does not see what fails on a driver connection: one that broke (closed, cancelled
 mid-statement, an error that is neither the server's answer nor a value refused before it was sent)
-is invalidated here, so the pool replaces
-it instead of lending it again, and a lane holding it takes a new one next time.
+is invalidated here, so the pool replaces it instead of lending it again, and a lane holding it
+takes a new one next time.
 
 A server that restarted, or closed idle connections, leaves every connection of the pool dead, and
 the first statement on each would fail. `run` therefore tries its work once more when the connection
