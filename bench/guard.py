@@ -48,29 +48,38 @@ PG_URL = os.environ.get("LLM_SPEND_TEST_PG_URL", "postgresql+asyncpg://postgres@
 LOADS = {"provider 10-30 ms": (0.010, 0.030), "back to back": (0.0, 0.0)}
 
 
+def budgets() -> list[Budget]:
+    """The load's block-mode budgets: a global and a per-user daily one, neither ever reached."""
+    return [Budget.daily(1_000_000, mode="block"), Budget.daily(1_000, per="user_id", mode="block")]
+
+
+async def guarded_call(tracker: Tracker, n: int, i: int, wait: float) -> tuple[float, float]:
+    """Worker n's i-th guarded call, its provider call a sleep of `wait` seconds: the seconds the
+    guard took to enter (the reservation) and from the record to leaving it (the settlement)."""
+    started = time.perf_counter()
+    async with tracker.guard(
+        provider="openai",
+        model="gpt-4o-mini",
+        input_tokens=400,
+        max_output_tokens=200,
+        tags={"user_id": f"u{(n * 7 + i) % 50}"},
+    ) as call:
+        reserved = time.perf_counter()
+        await asyncio.sleep(wait)
+        answered = time.perf_counter()
+        await call.record(Usage(input_tokens=300, output_tokens=100))
+    return reserved - started, time.perf_counter() - answered
+
+
 async def guard_times(url: str, provider: tuple[float, float]) -> tuple[list[float], float]:
     """Seconds the guard added to each call, and calls/s, with CONCURRENCY calls in flight."""
-    budgets = [Budget.daily(1_000_000, mode="block"), Budget.daily(1_000, per="user_id", mode="block")]
     added: list[float] = []
     rng = random.Random(7)
-    async with Tracker(url, budgets=budgets) as tracker:
+    async with Tracker(url, budgets=budgets()) as tracker:
 
         async def worker(n: int) -> None:
             for i in range(CALLS // CONCURRENCY):
-                wait = rng.uniform(*provider)
-                started = time.perf_counter()
-                async with tracker.guard(
-                    provider="openai",
-                    model="gpt-4o-mini",
-                    input_tokens=400,
-                    max_output_tokens=200,
-                    tags={"user_id": f"u{(n * 7 + i) % 50}"},
-                ) as call:
-                    reserved = time.perf_counter()
-                    await asyncio.sleep(wait)
-                    answered = time.perf_counter()
-                    await call.record(Usage(input_tokens=300, output_tokens=100))
-                added.append((reserved - started) + (time.perf_counter() - answered))
+                added.append(sum(await guarded_call(tracker, n, i, rng.uniform(*provider))))
 
         began = time.perf_counter()
         await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))

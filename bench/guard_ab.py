@@ -27,29 +27,19 @@ CHILD = r"""
 import asyncio, json, random, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import guard
-from llm_spend import Budget, Tracker, Usage
+from llm_spend import Tracker
 
 
 async def run(url):
-    budgets = [Budget.daily(1_000_000, mode="block"), Budget.daily(1_000, per="user_id", mode="block")]
     reserve, settle = [], []
     rng = random.Random(7)
-    async with Tracker(url, budgets=budgets) as tracker:
+    async with Tracker(url, budgets=guard.budgets()) as tracker:
 
         async def worker(n):
             for i in range(guard.CALLS // guard.CONCURRENCY):
-                wait = rng.uniform(0.010, 0.030)
-                started = time.perf_counter()
-                async with tracker.guard(
-                    provider="openai", model="gpt-4o-mini", input_tokens=400, max_output_tokens=200,
-                    tags={"user_id": f"u{(n * 7 + i) % 50}"},
-                ) as call:
-                    reserved = time.perf_counter()
-                    await asyncio.sleep(wait)
-                    answered = time.perf_counter()
-                    await call.record(Usage(input_tokens=300, output_tokens=100))
-                reserve.append(reserved - started)
-                settle.append(time.perf_counter() - answered)
+                took = await guard.guarded_call(tracker, n, i, rng.uniform(0.010, 0.030))
+                reserve.append(took[0])
+                settle.append(took[1])
 
         await asyncio.gather(*(worker(n) for n in range(guard.CONCURRENCY)))  # warms the process
         reserve.clear(), settle.clear()
