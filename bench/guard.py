@@ -20,7 +20,10 @@ asyncpg with no tracker at all ("raw 2 commits"): 16 calls in flight, each on it
 each locking the same rows (the global and the user's day window) as the guard does, in the same
 order, with two hand-written statements (reserve: lock, check, add, insert the reservation; settle:
 insert the ledger row, upsert the four rollups, delete the reservation). That is the floor under
-load: the row locks every call shares, held through each commit's flush.
+load: the row locks every call shares, held through each commit's flush. Under the first load, also
+"raw 2 lanes": the tracker's own shape (each stream of statements group-committed on one connection)
+made by raw asyncpg, as `bench/pg_cycles.py` makes it; that is the floor the tracker is held to
+(docs/performance.md, nineteenth session).
 Run: .venv/bin/python bench/guard.py
 """
 
@@ -278,6 +281,12 @@ def report() -> None:
             floor_times = asyncio.run(pg_raw_floor(pg[0], provider))
             p50, p99 = statistics.median(floor_times) * 1e3, percentile(floor_times, 0.99) * 1e3
             print(f"  {'PostgreSQL':<12}{'  raw 2 commits':<20}{p50:>9.2f}{p99:>9.2f}")
+            if load == "provider 10-30 ms":  # the tracker's own shape by raw asyncpg (pg_cycles.py)
+                from pg_cycles import cycle_times
+
+                lanes = asyncio.run(cycle_times(pg[0], "2 lanes"))
+                p50, p99 = statistics.median(lanes) * 1e3, percentile(lanes, 0.99) * 1e3
+                print(f"  {'PostgreSQL':<12}{'  raw 2 lanes':<20}{p50:>9.2f}{p99:>9.2f}")
             if load == "back to back":
                 floor = asyncio.run(pg_commit_floor(pg[0]))
                 print(f"  {'PostgreSQL':<12}{'floor: one commit':<20}{floor * 1e3:>9.2f}")
