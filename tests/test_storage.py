@@ -517,6 +517,22 @@ async def test_write_returns_each_items_running_spend(db_url: str, store: Store)
     assert result is not None and result[day] == 350
 
 
+async def test_an_empty_batch_writes_nothing_on_every_backend(db_url: str, store: Store) -> None:
+    """An empty batch is no write: no row, no error, on a file, on PostgreSQL and in memory (where
+    SQLite's executemany of no rows raised)."""
+    assert await store.write([]) == []
+    assert await _snapshot(db_url) == ([], [])
+    memory = Store("sqlite+aiosqlite:///:memory:")
+    await memory.migrate()
+    try:
+        assert await memory.write([]) == []
+        record = _record(cost_nanousd=100)
+        (result,) = await memory.write([PendingWrite(record, _windows(record))])
+        assert result is not None and result[_day_key(record)] == 100
+    finally:
+        await memory.close()
+
+
 async def test_stored_times_come_back_as_aware_utc(db_url: str, store: Store) -> None:
     """occurred_at and window_start are aware UTC datetimes when read back, on every backend."""
     from llm_spend.storage.schema import calls, rollups

@@ -196,7 +196,10 @@ class Store:
 
         Returns, per item, each window's spent nano-USD right after that item (items in batch
         order), or None for an item whose event_id was already recorded (nothing changed for it).
+        An empty batch writes nothing.
         """
+        if not batch:
+            return []
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
