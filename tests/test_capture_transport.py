@@ -12,7 +12,7 @@ import pickle
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,6 +42,7 @@ from llm_spend.capture import (
 )
 from llm_spend.capture.clients import bind
 from llm_spend.capture.handback import identity_response
+from llm_spend.money import from_nanousd
 from llm_spend.storage.schema import calls, reservations, rollups
 from llm_spend.testing import FakeProviderTransport, openai_chat_usage
 
@@ -67,6 +68,16 @@ async def table(tracker: Tracker, which: sa.Table = calls) -> list[dict[str, Any
             return [dict(row) for row in (await connection.execute(sa.select(which))).mappings()]
     finally:
         await engine.dispose()
+
+
+async def assert_held_until_the_day_ends(tracker: Tracker) -> None:
+    """A billed call of unknown cost keeps its reservation, and the daily window the estimate,
+    until the window ends (UTC midnight): it never counts $0 against the budget."""
+    [held] = await table(tracker, reservations)
+    tomorrow = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    assert held["expires_at"] == tomorrow and held["amount_nanousd"] > 0
+    [status] = await tracker.budget_status()
+    assert (status.spent, status.reserved) == (0, from_nanousd(held["amount_nanousd"]))
 
 
 async def recorded(tracker: Tracker, count: int = 1) -> list[dict[str, Any]]:
@@ -266,7 +277,7 @@ async def test_a_2xx_answer_that_cannot_be_read_is_returned_and_recorded_with_un
     url: str, answer: bytes
 ) -> None:
     """A billed call whose body is no JSON capture can read still reaches the caller as it came, is
-    recorded once (usage unknown, never $0), and leaves no reservation behind."""
+    recorded once (usage unknown, never $0), and its reservation is held until the window ends."""
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, content=answer, headers={"content-type": "application/json"})
@@ -280,7 +291,7 @@ async def test_a_2xx_answer_that_cannot_be_read_is_returned_and_recorded_with_un
         assert [(row["usage_source"], row["pricing_status"], row["cost_nanousd"]) for row in rows] == [
             ("unknown", "unknown_usage", None)
         ]
-        assert await table(tracker, reservations) == []
+        await assert_held_until_the_day_ends(tracker)
 
 
 class _ExitFails:
@@ -1412,8 +1423,9 @@ async def test_an_answer_to_a_request_for_no_stream_cut_short_is_recorded_with_w
     url: str, answer: str, sync: bool
 ) -> None:
     """A read error partway through an answer to a request for no stream reaches the caller, and
-    the billed call is recorded once, its reservation settled: with the usage an SSE stream sent
-    unasked had shown before the cut, with unknown usage for JSON cut short."""
+    the billed call is recorded once: with the usage an SSE stream sent unasked had shown before
+    the cut, its reservation settled; with unknown usage for JSON cut short, its reservation held
+    until the window ends."""
     content_type = "application/json" if answer == "json" else "text/event-stream"
 
     def handler(request: httpx2.Request) -> httpx2.Response:
@@ -1434,6 +1446,8 @@ async def test_an_answer_to_a_request_for_no_stream_cut_short_is_recorded_with_w
             assert (row["usage_source"], row["pricing_status"], row["stream"]) == (
                 "unknown", "unknown_usage", False,
             )  # fmt: skip
+            await assert_held_until_the_day_ends(tracker)
+            return
         assert await table(tracker, reservations) == []
 
 

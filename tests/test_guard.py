@@ -275,6 +275,72 @@ async def test_cost_above_estimate_is_recorded_in_full(sqlite_url: str) -> None:
     assert state["spent"] == record.cost_nanousd and state["day"][0][1] == 0
 
 
+async def test_a_guarded_call_of_unknown_cost_holds_its_estimate_until_its_windows_end(db_url: str) -> None:
+    """A billed call whose usage never arrived (a stream cut short) has no cost to settle, but cost
+    at most its estimate: every window it reserved in keeps the estimate reserved until the last of
+    them ends, so cutting calls short never takes a user past a block-mode budget. Another user's
+    window is their own, and once the windows end the sweep gives the money back."""
+    size: dict[str, Any] = {
+        "provider": "openai",
+        "model": MODEL,
+        "input_tokens": 1000,
+        "max_output_tokens": 500,
+    }
+    sizing = Tracker("sqlite+aiosqlite:///:memory:", budgets=[Budget.daily(1, mode="block")])
+    async with sizing, sizing.guard(**size) as call:
+        estimate = call.estimate
+    assert estimate is not None
+    budgets = [Budget.daily(estimate * 3 / 2, per="user_id", mode="block"), Budget.monthly(1, mode="block")]
+    async with Tracker(db_url, budgets=budgets) as tracker:
+        async with tracker.guard(**size, tags={"user_id": "u1"}) as call:
+            record = await call.record(None)
+        assert (record.cost, record.pricing_status) == (None, "unknown_usage")
+        with pytest.raises(BudgetExceeded) as refused:
+            async with tracker.guard(**size, tags={"user_id": "u1"}):
+                pytest.fail("a second call of the same size does not fit beside the held estimate")
+        assert (refused.value.stage, refused.value.spent, refused.value.reserved) == (
+            "preflight",
+            0,
+            estimate,
+        )
+        async with tracker.guard(**size, tags={"user_id": "u2"}) as other:
+            paid = await other.record(Usage(input_tokens=800, output_tokens=300))
+        now = datetime.now(UTC)
+        month_end = (
+            now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)
+        ).replace(day=1)
+        held, windows = await held_and_windows(db_url)
+        assert held == [month_end]  # the month's window outlasts the user's day
+        held_nanousd = int(estimate * 10**9)
+        assert windows[("day", "u1")] == (0, held_nanousd)
+        assert windows[("day", "u2")] == (paid.cost_nanousd, 0)
+        assert windows[("month", "")] == (paid.cost_nanousd, held_nanousd)
+        assert await tracker.store.sweep(month_end + timedelta(seconds=1)) == 1
+        held, windows = await held_and_windows(db_url)
+        assert held == [] and windows[("month", "")] == (paid.cost_nanousd, 0)
+
+
+async def held_and_windows(url: str) -> tuple[list[datetime], dict[tuple[str, str], tuple[int, int]]]:
+    """The reservations' expiries, and each rollup's (spent, reserved) by (period, scope value)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            held = list((await conn.execute(select(reservations.c.expires_at))).scalars())
+            rows = (
+                await conn.execute(
+                    select(
+                        rollups.c.period,
+                        rollups.c.scope_value,
+                        rollups.c.spent_nanousd,
+                        rollups.c.reserved_nanousd,
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    return held, {(period, scope): (spent, reserved) for period, scope, spent, reserved in rows}
+
+
 async def test_unrecorded_record_is_awaited_on_exit(sqlite_url: str) -> None:
     """`call.record(usage)` without await is completed when the block exits."""
     async with Tracker(sqlite_url, budgets=[Budget.daily(10, mode="block")]) as tracker:

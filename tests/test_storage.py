@@ -419,6 +419,51 @@ async def test_a_batch_settles_a_held_reservation_and_one_a_sweep_freed_each_onc
     assert await _snapshot(db_url) == (calls, rollups)
 
 
+async def test_a_batch_holds_the_reservation_of_a_call_of_unknown_cost_until_its_windows_end(
+    db_url: str, store: Store
+) -> None:
+    """A call of unknown cost (its usage never arrived) written with `hold_until`: its row is
+    inserted, its reservation is kept, expiring then, and its windows keep the money reserved; the
+    call settled in the same batch is settled as ever; written again (a replay), nothing changes;
+    once the windows have ended, the sweep gives the held money back."""
+    now = datetime.now(UTC)
+    unknown, known = _record(cost_nanousd=None), _record(cost_nanousd=1_000)
+    windows = _windows(unknown)
+    amounts = [(key, 9_000_000, 10**15) for key in windows]
+    for reservation_id in ("unknown", "known"):
+        expires = now + timedelta(minutes=10)
+        assert await store.reserve(reservation_id, amounts, now=now, expires_at=expires) is None
+    release = tuple((key, 9_000_000) for key in windows)
+    month_end = window_bounds("month", now, UTC)[1]
+    batch = [
+        PendingWrite(unknown, windows, "unknown", release, hold_until=month_end),
+        PendingWrite(known, windows, "known", release),
+    ]
+    results = await store.write(batch)
+    assert [view[windows[0]] for view in results if view is not None] == [0, 1_000]
+    calls, rollups = await _snapshot(db_url)
+    assert sorted(c[1] is None for c in calls) == [False, True]
+    assert {r[:6] for r in rollups} == {
+        ("day", "", "", 1_000, 9_000_000, 2),
+        ("month", "", "", 1_000, 9_000_000, 2),
+    }
+    held = await scalar_rows(db_url, "SELECT id, expires_at FROM llm_spend_reservations")
+    assert [(i, _aware(at)) for i, at in held] == [("unknown", month_end)]
+    assert await store.write(batch) == [None, None]  # a replay: recorded once, held once
+    assert await _snapshot(db_url) == (calls, rollups)
+    assert await store.sweep(now + timedelta(hours=1)) == 0  # its lease would have ended: still held
+    assert await store.sweep(month_end + timedelta(seconds=1)) == 1
+    _, rollups = await _snapshot(db_url)
+    assert {r[:6] for r in rollups} == {("day", "", "", 1_000, 0, 2), ("month", "", "", 1_000, 0, 2)}
+
+
+def _aware(value: Any) -> datetime:
+    """A timestamp as read back raw: aware on PostgreSQL, naive UTC text on SQLite."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 async def _driver(url: str) -> Any:
     import asyncpg
 

@@ -74,7 +74,9 @@ class GuardedCall:
         """Record the call and settle its reservation in the same transaction.
 
         Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
-        `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost).
+        `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost): its
+        reservation is then kept, the estimate held in its windows until they end (the call cost
+        at most that).
         `model` overrides the requested model, e.g. with the dated snapshot the response names.
         """
         if self._pending is not None:
@@ -103,9 +105,15 @@ class GuardedCall:
                 "llm-spend: %s/%s cost %s, above its reserved estimate %s; recorded in full",
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
-        written = recorder.submit(
-            record, reservation.estimate, reservation_id=reservation.id, release=reservation.windows
-        )
+        settle: dict[str, Any] = {"reservation_id": reservation.id, "release": reservation.windows}
+        if record.cost_nanousd is None and reservation.windows:
+            # Billed, at a cost nobody knows but at most the estimate: the windows keep it reserved
+            # until they end, so that a call cut short never counts $0 against a block-mode budget.
+            bounds = recorder.budget_guard.bounds
+            settle["hold_until"] = max(
+                bounds(key.period, reservation.at)[1] for key, _ in reservation.windows
+            )
+        written = recorder.submit(record, reservation.estimate, **settle)
         self._pending = _Recording(recorder, record, written, reservation.estimate)
         return self._pending
 

@@ -58,6 +58,9 @@ class PendingWrite(NamedTuple):
     windows: tuple[WindowKey, ...]
     reservation_id: str | None = None
     release: tuple[tuple[WindowKey, int], ...] = ()
+    hold_until: datetime | None = None
+    """Instead of settling `reservation_id`, keep it, and its money reserved in its windows, until
+    then (the end of its windows): a billed call whose cost is unknown, at most what it reserved."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,6 +246,7 @@ def _encode(item: PendingWrite, database_id: str | None, url: str | None) -> dic
         "windows": [_key(k) for k in item.windows],
         "reservation_id": item.reservation_id,
         "release": [[*_key(k), amount] for k, amount in item.release],
+        "hold_until": None if item.hold_until is None else item.hold_until.isoformat(),
     }
 
 
@@ -284,4 +285,5 @@ def _decode(data: dict[str, Any]) -> PendingWrite:
         tuple(_window(k) for k in data["windows"]),
         data["reservation_id"],
         tuple((_window(k[:4]), int(k[4])) for k in data["release"]),
+        None if (until := data.get("hold_until")) is None else datetime.fromisoformat(until),
     )

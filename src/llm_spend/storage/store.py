@@ -200,6 +200,8 @@ class Store:
         """
         if not batch:
             return []
+        if any(item.hold_until is not None for item in batch):
+            batch = await self._hold(batch)
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
@@ -209,6 +211,19 @@ class Store:
             return await self._write(batch, fast=self.dialect == "sqlite")
         except _Duplicates:  # a replay or retry: redo the batch, asking which rows are new
             return await self._write(batch, fast=False)
+
+    async def _hold(self, batch: Sequence[PendingWrite]) -> list[PendingWrite]:
+        """Push out the expiry of the reservations the batch holds (`PendingWrite.hold_until`), then
+        return the batch with those calls as plain records. Before the write, and safe to repeat: a
+        write that fails after leaves them held, and its retry or replay holds them again."""
+        plain = []
+        for item in batch:
+            if item.hold_until is not None:
+                if item.reservation_id is not None:
+                    await self.extend(item.reservation_id, item.hold_until)
+                item = item._replace(reservation_id=None, release=(), hold_until=None)
+            plain.append(item)
+        return plain
 
     async def _write(self, batch: Sequence[PendingWrite], *, fast: bool) -> list[dict[WindowKey, int] | None]:
         async with self.transaction() as conn:
