@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -533,6 +534,75 @@ async def test_client_disconnect_in_a_streaming_response_is_recorded(
     [row] = await recorded(tracker)
     assert_unknown_usage(row)
     assert fake.calls == 1
+
+
+async def test_a_user_who_drops_every_stream_before_its_usage_is_still_held_to_the_budget(
+    db_url: str,
+) -> None:
+    """An app relays the real OpenAI SDK's stream in a StreamingResponse; one user leaves every
+    response after its first words, before the usage chunk. Each such call is billed at a cost
+    nobody knows, so each keeps its estimate reserved in the user's window: after a few, the
+    user's next call is refused before it reaches the provider, not let through for ever at $0."""
+    limit = Decimal("0.0002")  # a few calls' estimates (max_tokens=100)
+    async with Tracker(db_url, budgets=[Budget.daily(limit, per="user", mode="block")]) as tracker:
+        fake = FakeProviderTransport(usage=USAGE, delay=0.05, text="a b c d e f g h")
+        client = openai_client(tracker, fake)
+        app = FastAPI()
+
+        @app.get("/chat")
+        async def chat() -> StreamingResponse:
+            chunks = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=100
+            )  # type: ignore[arg-type]
+
+            async def body() -> AsyncIterator[str]:
+                async for chunk in chunks:
+                    yield chunk.choices[0].delta.content or "" if chunk.choices else ""
+
+            return StreamingResponse(body(), media_type="text/plain")
+
+        async def leave_after_the_first_words() -> None:
+            requested, first_body = False, asyncio.Event()
+
+            async def receive() -> dict[str, Any]:
+                nonlocal requested
+                if not requested:
+                    requested = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                await first_body.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.body" and message.get("body"):
+                    first_body.set()
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                "scheme": "http", "path": "/chat", "raw_path": b"/chat", "query_string": b"", "headers": [],
+                "server": ("test", 80), "client": ("test", 1234), "root_path": "",
+            }  # fmt: skip
+            with with_tags(user="mallory"):
+                await app(scope, receive, send)
+
+        refused = None
+        for _ in range(20):
+            try:
+                await leave_after_the_first_words()
+            except BudgetExceeded as exc:
+                refused = exc
+                break
+            await recorded(tracker, fake.calls)
+        assert refused is not None and refused.stage == "preflight" and refused.scope_value == "mallory"
+        rows = await table(tracker)
+        assert 1 <= fake.calls == len(rows) <= 3
+        assert all(row["pricing_status"] == "unknown_usage" for row in rows)
+        held = await table(tracker, reservations)
+        assert len(held) == len(rows)
+        assert (
+            sum(from_nanousd(r["amount_nanousd"]) for r in held)
+            <= limit
+            < refused.requested + sum(from_nanousd(r["amount_nanousd"]) for r in held)
+        )
 
 
 async def test_block_budget_refuses_before_the_provider_is_reached(url: str) -> None:
