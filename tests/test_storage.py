@@ -30,7 +30,7 @@ from conftest import pg_sessions
 from llm_spend import CallRecord, Tracker, Usage
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd
-from llm_spend.storage.store import PendingWrite, Store, WindowKey
+from llm_spend.storage.store import SWEEP_CHUNK, PendingWrite, Store, WindowKey
 from llm_spend.usage import new_event_id
 
 CLI = Path(sys.executable).with_name("llm-spend")
@@ -455,6 +455,69 @@ async def test_a_batch_holds_the_reservation_of_a_call_of_unknown_cost_until_its
     assert await store.sweep(month_end + timedelta(seconds=1)) == 1
     _, rollups = await _snapshot(db_url)
     assert {r[:6] for r in rollups} == {("day", "", "", 1_000, 0, 2), ("month", "", "", 1_000, 0, 2)}
+
+
+async def test_a_sweep_frees_any_number_of_expired_reservations_a_chunk_at_a_time(
+    db_url: str, store: Store
+) -> None:
+    """Estimates held until their windows end all expire at the same instant: a sweep frees more
+    than `SWEEP_CHUNK` of them (one transaction per chunk), gives every window back exactly what
+    was reserved in it, and leaves a live reservation alone. On PostgreSQL, a reservation another
+    transaction has locked (a settlement deleting it) is skipped, not waited for, and freed by the
+    next sweep once the lock is gone."""
+    now = datetime.now(UTC)
+    month_end = window_bounds("month", now, UTC)[1]
+    day, month = (window_bounds(period, now, UTC)[0] for period in ("day", "month"))
+
+    def amounts(user: str) -> list[tuple[WindowKey, int, int]]:
+        keys = [WindowKey(p, start, k, v) for p, start in (("day", day), ("month", month))
+                for k, v in (("", ""), ("user_id", user))]  # fmt: skip
+        return [(key, 1_000, 10**15) for key in keys]
+
+    expired = 2 * SWEEP_CHUNK + 1
+    granted = await asyncio.gather(*(
+        store.reserve(f"held-{i}", amounts(f"u{i % 7}"), now=now, expires_at=month_end)
+        for i in range(expired)
+    ))  # fmt: skip
+    assert granted == [None] * expired
+    live = month_end + timedelta(days=1)
+    assert await store.reserve("live", amounts("u0"), now=now, expires_at=live) is None
+    after = month_end + timedelta(seconds=1)
+    if db_url.startswith("postgresql"):
+        settling = await _driver(db_url)
+        try:
+            async with settling.transaction():
+                await settling.execute("SELECT 1 FROM llm_spend_reservations WHERE id = 'held-0' FOR UPDATE")
+                assert await asyncio.wait_for(store.sweep(after), 30) == expired - 1
+        finally:
+            await settling.close()
+        assert await store.sweep(after) == 1
+    else:
+        assert await store.sweep(after) == expired
+    assert await scalar_rows(db_url, "SELECT id FROM llm_spend_reservations") == [("live",)]
+    rows = await scalar_rows(
+        db_url, "SELECT period, scope_value, reserved_nanousd FROM llm_spend_rollups WHERE calls = 0"
+    )
+    assert sorted(rows) == sorted(
+        [("day", "", 1_000), ("month", "", 1_000), ("day", "u0", 1_000), ("month", "u0", 1_000)]
+        + [(period, f"u{u}", 0) for period in ("day", "month") for u in range(1, 7)]
+    )
+
+
+async def test_a_sweep_in_memory_frees_more_than_a_chunk() -> None:
+    """The same sweep on an in-memory database (SQLAlchemy's path, where SQLite has no row locks)."""
+    memory = Store("sqlite+aiosqlite:///:memory:")
+    await memory.migrate()
+    try:
+        now = datetime.now(UTC)
+        key = WindowKey("month", window_bounds("month", now, UTC)[0], "", "")
+        expires = now + timedelta(minutes=1)
+        for i in range(SWEEP_CHUNK + 1):
+            assert await memory.reserve(f"r{i}", [(key, 1_000, 10**15)], now=now, expires_at=expires) is None
+        assert await memory.sweep(expires + timedelta(seconds=1)) == SWEEP_CHUNK + 1
+        assert await memory.counts(now) == (0, 0)
+    finally:
+        await memory.close()
 
 
 def _aware(value: Any) -> datetime:

@@ -286,9 +286,10 @@ class Tracker:
         await self.store.close()
 
     async def _sweep_forever(self) -> None:
-        """Release reservations whose process died (expired leases), every `sweep_interval` seconds;
-        not while calls this process spooled wait for replay, which settles their reservations (an
-        outage longer than a lease would otherwise free them, and their windows' room twice)."""
+        """Release expired reservations (of processes that died, or held until their windows
+        ended) every `sweep_interval` seconds; not while calls this process spooled wait for
+        replay, which settles their reservations (an outage longer than a lease would otherwise
+        free them, and their windows' room twice)."""
         while True:
             await asyncio.sleep(self.sweep_interval)
             writer, now = self._recorder.writer, datetime.now(UTC)
@@ -301,7 +302,11 @@ class Tracker:
             logger.warning("llm-spend: sweeping expired reservations failed: %s", exc)
         else:
             if released:
-                logger.warning("llm-spend: released %d expired reservations", released)
+                logger.warning(
+                    "llm-spend: released %d expired reservations (of calls whose process ended before"
+                    " settling them, or estimates of calls of unknown cost held until their windows ended)",
+                    released,
+                )
 
     @asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:

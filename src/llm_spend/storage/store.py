@@ -54,6 +54,11 @@ HEAD_REVISION = "0002"
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+SWEEP_CHUNK = 500
+"""Expired reservations a sweep frees per transaction: estimates held until their windows end all
+expire at the same instant (a month's calls of unknown cost at its end), and one transaction for all
+of them would hold the write lock, and their rows in memory, for as long as they are many."""
+
 _WRITE = "llm_spend_write"
 """The execution option of write transactions: BEGIN IMMEDIATE on SQLite (`Store.transaction`)."""
 
@@ -329,10 +334,25 @@ class Store:
         return bool(await self._again_if_lost(self._release_where, reservations.c.id == reservation_id))
 
     async def sweep(self, now: datetime) -> int:
-        """Release every reservation that expired before `now` (its process died); returns how many."""
+        """Release every reservation that expired before `now` (its process died, or the windows a
+        call of unknown cost held its estimate in ended); returns how many. `SWEEP_CHUNK` at a time,
+        each chunk a transaction of its own, so that other writes go on between them; on PostgreSQL
+        a reservation another transaction has locked (a settlement deleting it, another process's
+        sweep) is skipped, not waited for."""
         if self._file is not None:
-            return await self._file.release("expires_at < ?", (text_time(now),))
-        return await self._again_if_lost(self._release_where, reservations.c.expires_at < now)
+            where = "id IN (SELECT id FROM llm_spend_reservations WHERE expires_at < ? LIMIT ?)"
+            params = (text_time(now), SWEEP_CHUNK)
+            release = functools.partial(self._file.release, where, params)
+        else:
+            expired = select(reservations.c.id).where(reservations.c.expires_at < now).limit(SWEEP_CHUNK)
+            condition = reservations.c.id.in_(expired.with_for_update(skip_locked=True).scalar_subquery())
+            release = functools.partial(self._again_if_lost, self._release_where, condition)
+        released = 0
+        while True:
+            chunk = await release()
+            released += chunk
+            if chunk < SWEEP_CHUNK:
+                return released
 
     async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
         """Push a live reservation's expiry out (a long stream renews its lease)."""
