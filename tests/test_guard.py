@@ -320,6 +320,43 @@ async def test_a_guarded_call_of_unknown_cost_holds_its_estimate_until_its_windo
         assert held == [] and windows[("month", "")] == (paid.cost_nanousd, 0)
 
 
+SMALL: dict[str, Any] = {"provider": "openai", "model": MODEL, "input_tokens": 100, "max_output_tokens": 50}
+
+
+async def test_a_lease_renewal_after_the_hold_leaves_the_estimate_held(db_url: str) -> None:
+    """A stream's lease renewal can land after the call was recorded with no usage (a heartbeat
+    not yet cancelled, a chunk arriving while another task closes the stream): the call's own
+    `extend()` then does nothing, and a renewal already under way never brings the expiry in, so
+    the sweep after a lease leaves the held estimate alone."""
+    async with Tracker(db_url, budgets=[Budget.monthly(1, mode="block")]) as tracker:
+        async with tracker.guard(**SMALL) as call:
+            await call.record(None)
+            await call.extend()
+        assert call.reservation is not None
+        lease_end = datetime.now(UTC) + timedelta(minutes=10)
+        assert await tracker.store.extend(call.reservation.id, lease_end)  # found, and left as it was
+        month_end = (datetime.now(UTC).replace(day=1) + timedelta(days=32)).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        held, windows = await held_and_windows(db_url)
+        assert held == [month_end]
+        assert await tracker.store.sweep(lease_end + timedelta(seconds=1)) == 0
+        assert windows[("month", "")] == (0, call.reservation.estimate)
+
+
+async def test_a_guarded_call_of_a_model_with_no_price_is_settled_not_held(db_url: str) -> None:
+    """Only a call whose usage never arrived is held. A call whose answer names a model the price
+    table does not know (its cost unknown, its usage known) gives its reservation back as before:
+    `reprice` adds its cost once the price is known, which a held estimate would then double."""
+    async with Tracker(db_url, budgets=[Budget.monthly(1, mode="block")]) as tracker:
+        async with tracker.guard(**SMALL) as call:
+            usage = Usage(input_tokens=80, output_tokens=20)
+            record = await call.record(usage, model="gpt-4o-mini-2099-01-01")
+        assert (record.cost, record.pricing_status) == (None, "unknown_model")
+        held, windows = await held_and_windows(db_url)
+        assert held == [] and windows[("month", "")] == (0, 0)
+
+
 async def held_and_windows(url: str) -> tuple[list[datetime], dict[tuple[str, str], tuple[int, int]]]:
     """The reservations' expiries, and each rollup's (spent, reserved) by (period, scope value)."""
     engine = create_async_engine(url)

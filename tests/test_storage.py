@@ -457,6 +457,48 @@ async def test_a_batch_holds_the_reservation_of_a_call_of_unknown_cost_until_its
     assert {r[:6] for r in rollups} == {("day", "", "", 1_000, 0, 2), ("month", "", "", 1_000, 0, 2)}
 
 
+async def test_a_batch_holds_many_reservations_and_a_renewal_never_brings_one_in(db_url: str) -> None:
+    """A batch of many calls of unknown cost holds every one of their reservations until the windows
+    end (one transaction for all of them); a lease renewal afterwards finds each and leaves it held,
+    and a renewal past the hold still pushes it out."""
+    await _holds_many(db_url)
+
+
+async def test_a_batch_holds_many_reservations_in_memory() -> None:
+    """The same on an in-memory database (SQLAlchemy's path)."""
+    await _holds_many("sqlite+aiosqlite:///:memory:")
+
+
+async def _holds_many(url: str) -> None:
+    store = Store(url)
+    await store.migrate()
+    try:
+        now = datetime.now(UTC)
+        records = [_record(cost_nanousd=None) for _ in range(20)]
+        windows = _windows(records[0])
+        amounts = [(key, 1_000, 10**15) for key in windows]
+        lease = now + timedelta(minutes=10)
+        for i in range(20):
+            assert await store.reserve(f"r{i}", amounts, now=now, expires_at=lease) is None
+        month_end = window_bounds("month", now, UTC)[1]
+        release = tuple((key, 1_000) for key in windows)
+        batch = [
+            PendingWrite(record, windows, f"r{i}", release, hold_until=month_end)
+            for i, record in enumerate(records)
+        ]
+        assert [view is not None for view in await store.write(batch)] == [True] * 20
+        assert await store.extend("r0", lease) and await store.extend("r1", lease)  # found, not shortened
+        assert await store.sweep(lease + timedelta(seconds=1)) == 0
+        later = month_end + timedelta(days=3)
+        assert await store.extend("r2", later)
+        assert not await store.extend("gone", later)
+        assert await store.sweep(month_end + timedelta(seconds=1)) == 19
+        assert await store.sweep(later + timedelta(seconds=1)) == 1
+        assert await store.counts(now) == (0, 20)
+    finally:
+        await store.close()
+
+
 async def test_a_sweep_frees_any_number_of_expired_reservations_a_chunk_at_a_time(
     db_url: str, store: Store
 ) -> None:

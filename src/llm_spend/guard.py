@@ -3,8 +3,10 @@
 Block mode reserves an upper bound of a call's cost in every window that applies, all or nothing,
 with one conditional UPDATE per window in one transaction; so spend cannot pass a limit however
 many tasks, processes and hosts share the database. After the call, settlement (reserved -= estimate,
-spent += actual) rides in the ledger write's transaction. The Guard also remembers which block-mode
-windows are known exhausted, so the middleware can refuse without a database read.
+spent += actual) rides in the ledger write's transaction; a call whose usage never arrived keeps its
+estimate reserved until its windows end instead (`PendingWrite.hold_until`). The Guard also
+remembers which block-mode windows are known exhausted, so the middleware can refuse without a
+database read.
 """
 
 from __future__ import annotations

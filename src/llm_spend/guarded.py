@@ -71,7 +71,8 @@ class GuardedCall:
         service_tier: str | None = None,
         provider_response_id: str | None = None,
     ) -> _Recording:
-        """Record the call and settle its reservation in the same transaction.
+        """Record the call and settle its reservation in the same transaction (or, with no usage,
+        hold it until its windows end).
 
         Returns an awaitable: `await` it for the CallRecord; if not awaited, leaving the block does.
         `usage=None` records a billed call whose usage never arrived (unknown usage, NULL cost): its
@@ -106,9 +107,10 @@ class GuardedCall:
                 self.provider, self.model, record.cost, from_nanousd(reservation.estimate),
             )  # fmt: skip
         settle: dict[str, Any] = {"reservation_id": reservation.id, "release": reservation.windows}
-        if record.cost_nanousd is None and reservation.windows:
+        if record.pricing_status == "unknown_usage" and reservation.windows:
             # Billed, at a cost nobody knows but at most the estimate: the windows keep it reserved
             # until they end, so that a call cut short never counts $0 against a block-mode budget.
+            # (A model with no price is settled at $0 as before: `reprice` adds its cost later.)
             bounds = recorder.budget_guard.bounds
             settle["hold_until"] = max(
                 bounds(key.period, reservation.at)[1] for key, _ in reservation.windows
@@ -118,8 +120,9 @@ class GuardedCall:
         return self._pending
 
     async def extend(self) -> None:
-        """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone)."""
-        if self.reservation is not None:
+        """Renew the reservation's lease (a long stream calls this so the sweep leaves it alone);
+        nothing once the call is recorded (its write settles or holds the reservation)."""
+        if self.reservation is not None and self._pending is None:
             await self._at_home(self._extend)
 
     async def _extend(self, reservation: Reservation) -> None:

@@ -556,7 +556,8 @@ class Tracker:
         """Reserve an upper bound of a call's cost in every block-mode window, then make the call inside.
 
         Raises BudgetExceeded(stage="preflight") before the call when any window refuses (nothing
-        stays reserved). Inside, `await call.record(usage)` settles; leaving without a record releases.
+        stays reserved). Inside, `await call.record(usage)` settles (`record(None)`, usage that never
+        arrived, holds the estimate until its windows end); leaving without a record releases.
         `input_tokens` must bound the input from above (UTF-8 bytes of the text do); without
         `max_output_tokens` the bound is the model's context window minus the input.
         """

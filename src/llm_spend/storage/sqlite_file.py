@@ -369,12 +369,15 @@ class SQLiteFile:
 
         return await self._run(body, small=where == "id = ?")
 
-    async def extend(self, reservation_id: str, expires: datetime) -> bool:
-        def body(conn: sqlite3.Connection) -> bool:
-            sql = "UPDATE llm_spend_reservations SET expires_at = ? WHERE id = ?"
-            return conn.execute(sql, (text_time(expires), reservation_id)).rowcount == 1
+    def push_out(self, expiries: Sequence[tuple[str, datetime]]) -> asyncio.Future[int]:
+        """Push each (reservation, expiry) out to that expiry, never in; how many were found."""
+        params = [(text_time(expires), reservation_id) for reservation_id, expires in expiries]
 
-        return await self._run(body)
+        def body(conn: sqlite3.Connection) -> int:
+            sql = "UPDATE llm_spend_reservations SET expires_at = max(expires_at, ?) WHERE id = ?"
+            return conn.executemany(sql, params).rowcount
+
+        return self._run(body, small=len(params) <= 16)
 
 
 def _write(conn: sqlite3.Connection, batch: Sequence[PendingWrite]) -> list[dict[WindowKey, int] | None]:

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, bindparam, delete, event, func, select, text, update
+from sqlalchemy import Connection, bindparam, case, delete, event, func, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
@@ -218,17 +218,21 @@ class Store:
             return await self._write(batch, fast=False)
 
     async def _hold(self, batch: Sequence[PendingWrite]) -> list[PendingWrite]:
-        """Push out the expiry of the reservations the batch holds (`PendingWrite.hold_until`), then
-        return the batch with those calls as plain records. Before the write, and safe to repeat: a
-        write that fails after leaves them held, and its retry or replay holds them again."""
-        plain = []
-        for item in batch:
-            if item.hold_until is not None:
-                if item.reservation_id is not None:
-                    await self.extend(item.reservation_id, item.hold_until)
-                item = item._replace(reservation_id=None, release=(), hold_until=None)
-            plain.append(item)
-        return plain
+        """Push out the expiry of the reservations the batch holds (`PendingWrite.hold_until`), all
+        in one transaction, then return the batch with those calls as plain records. Before the
+        write, and safe to repeat: a write that fails after leaves them held, and its retry or
+        replay holds them again."""
+        held = [
+            (item.reservation_id, item.hold_until)
+            for item in batch
+            if item.hold_until is not None and item.reservation_id is not None
+        ]
+        if held:
+            await self._push_out(held)
+        return [
+            item if item.hold_until is None else PendingWrite(item.record, item.windows)  # a plain record
+            for item in batch
+        ]
 
     async def _write(self, batch: Sequence[PendingWrite], *, fast: bool) -> list[dict[WindowKey, int] | None]:
         async with self.transaction() as conn:
@@ -355,17 +359,32 @@ class Store:
                 return released
 
     async def extend(self, reservation_id: str, expires_at: datetime) -> bool:
-        """Push a live reservation's expiry out (a long stream renews its lease)."""
-        if self._file is not None:
-            return await self._file.extend(reservation_id, expires_at)
-        return await self._again_if_lost(self._extend, reservation_id, expires_at)
+        """Push a live reservation's expiry out to `expires_at` (a long stream renews its lease);
+        False if it is gone. Never in: a renewal that lands after a hold (`PendingWrite.hold_until`)
+        leaves the reservation held until its windows end."""
+        return await self._push_out([(reservation_id, expires_at)]) == 1
 
-    async def _extend(self, reservation_id: str, expires_at: datetime) -> bool:
+    async def _push_out(self, expiries: Sequence[tuple[str, datetime]]) -> int:
+        """Push each (reservation, expiry) out to that expiry, never in, in one transaction; how
+        many reservations were found."""
+        if self._file is not None:
+            return await self._file.push_out(expiries)
+        params = [{"reservation_id": reservation_id, "until": until} for reservation_id, until in expiries]
+        return await self._again_if_lost(self._push_out_rows, params)
+
+    async def _push_out_rows(self, params: list[dict[str, Any]]) -> int:
+        until = bindparam("until", type_=reservations.c.expires_at.type)
+        expires_at = case((reservations.c.expires_at < until, until), else_=reservations.c.expires_at)
+        statement = (
+            update(reservations)
+            .where(reservations.c.id == bindparam("reservation_id"))
+            .values(expires_at=expires_at)
+        )
         async with self.transaction() as conn:
-            result = await conn.execute(
-                update(reservations).where(reservations.c.id == reservation_id).values(expires_at=expires_at)
-            )
-        return bool(result.rowcount)
+            if len(params) == 1:  # one row: its count (an executemany's is not every driver's)
+                return (await conn.execute(statement, params[0])).rowcount
+            await conn.execute(statement, params)
+        return len(params)
 
     async def _again_if_lost(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`work(*args)`, once more on a new connection when the pool's was found lost (a server
