@@ -489,18 +489,15 @@ async def test_cancellation_mid_stream_is_recorded_once(tracker: Tracker) -> Non
     assert_unknown_usage(row)
 
 
-@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
-async def test_client_disconnect_in_a_streaming_response_is_recorded(
-    tracker: Tracker, spec_version: str
-) -> None:
-    """A FastAPI StreamingResponse proxying an LLM stream: the client leaves mid-stream; it is recorded."""
-    fake = FakeProviderTransport(usage=USAGE, delay=0.2, text="a b c d e f g h")
-    client = openai_client(tracker, fake)
+def relay_app(client: openai.AsyncOpenAI, **create: Any) -> FastAPI:
+    """A FastAPI app whose `GET /chat` relays an OpenAI chat stream's text in a StreamingResponse."""
     app = FastAPI()
 
     @app.get("/chat")
     async def chat() -> StreamingResponse:
-        chunks = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        chunks = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, **create
+        )  # type: ignore[call-overload]
 
         async def body() -> AsyncIterator[str]:
             async for chunk in chunks:
@@ -508,6 +505,12 @@ async def test_client_disconnect_in_a_streaming_response_is_recorded(
 
         return StreamingResponse(body(), media_type="text/plain")
 
+    return app
+
+
+async def leave_after_the_first_words(app: FastAPI, spec_version: str = "2.0") -> None:
+    """`GET /chat` from a client that leaves once the first part of the body arrived: its receive
+    reports the disconnect, and on ASGI 2.4 a send after it raises, as such servers report it."""
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
         "method": "GET", "scheme": "http", "path": "/chat", "raw_path": b"/chat", "query_string": b"",
@@ -526,11 +529,21 @@ async def test_client_disconnect_in_a_streaming_response_is_recorded(
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             if first_body.is_set() and spec_version == "2.4":
-                raise OSError("client went away")  # how ASGI 2.4 servers report a disconnect
+                raise OSError("client went away")
             first_body.set()
 
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+async def test_client_disconnect_in_a_streaming_response_is_recorded(
+    tracker: Tracker, spec_version: str
+) -> None:
+    """A FastAPI StreamingResponse proxying an LLM stream: the client leaves mid-stream; it is recorded."""
+    fake = FakeProviderTransport(usage=USAGE, delay=0.2, text="a b c d e f g h")
+    app = relay_app(openai_client(tracker, fake))
     with contextlib.suppress(Exception):  # Starlette's ClientDisconnect, on 2.4
-        await app(scope, receive, send)
+        await leave_after_the_first_words(app, spec_version)
     [row] = await recorded(tracker)
     assert_unknown_usage(row)
     assert fake.calls == 1
@@ -546,48 +559,12 @@ async def test_a_user_who_drops_every_stream_before_its_usage_is_still_held_to_t
     limit = Decimal("0.0002")  # a few calls' estimates (max_tokens=100)
     async with Tracker(db_url, budgets=[Budget.daily(limit, per="user", mode="block")]) as tracker:
         fake = FakeProviderTransport(usage=USAGE, delay=0.05, text="a b c d e f g h")
-        client = openai_client(tracker, fake)
-        app = FastAPI()
-
-        @app.get("/chat")
-        async def chat() -> StreamingResponse:
-            chunks = await client.chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=100
-            )  # type: ignore[arg-type]
-
-            async def body() -> AsyncIterator[str]:
-                async for chunk in chunks:
-                    yield chunk.choices[0].delta.content or "" if chunk.choices else ""
-
-            return StreamingResponse(body(), media_type="text/plain")
-
-        async def leave_after_the_first_words() -> None:
-            requested, first_body = False, asyncio.Event()
-
-            async def receive() -> dict[str, Any]:
-                nonlocal requested
-                if not requested:
-                    requested = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-                await first_body.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.body" and message.get("body"):
-                    first_body.set()
-
-            scope = {
-                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                "scheme": "http", "path": "/chat", "raw_path": b"/chat", "query_string": b"", "headers": [],
-                "server": ("test", 80), "client": ("test", 1234), "root_path": "",
-            }  # fmt: skip
-            with with_tags(user="mallory"):
-                await app(scope, receive, send)
-
+        app = relay_app(openai_client(tracker, fake), max_tokens=100)
         refused = None
         for _ in range(20):
             try:
-                await leave_after_the_first_words()
+                with with_tags(user="mallory"):
+                    await leave_after_the_first_words(app)
             except BudgetExceeded as exc:
                 refused = exc
                 break
