@@ -1,5 +1,5 @@
 """The sweep of many expired reservations at once: estimates of calls of unknown cost are held until
-their windows end, so a month's of them expire together (docs/decisions.md §15).
+their windows end, so a month's worth of them expire together (docs/decisions.md §15).
 
 Reserves N reservations through `Store.reserve` (a global and a per-user window, day and month, 1,000
 users), all expiring at the end of the month, then times `Store.sweep` just after, with the RSS and the
