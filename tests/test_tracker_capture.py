@@ -10,6 +10,7 @@ import anthropic
 import openai
 import pytest
 import sqlalchemy as sa
+from google.genai import types
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llm_spend import Budget, BudgetExceeded, Tracker, Usage, with_tags
@@ -168,6 +169,45 @@ async def test_track_stream_reads_provider_events(tmp_path: Path) -> None:
     assert (chat["model"], chat["input_tokens"], chat["output_tokens"]) == ("gpt-4o-mini-2024-07-18", 100, 20)
     assert chat["stream"] and chat["usage_source"] == "stream" and chat["cost_nanousd"]
     assert (claude["input_tokens"], claude["cache_read_tokens"], claude["output_tokens"]) == (15, 5, 30)
+
+
+async def test_track_stream_reads_gemini_chunks_dumped_by_google_genai(tmp_path: Path) -> None:
+    """google-genai's `chunk.model_dump()` names the fields the Python way (`usage_metadata`,
+    `prompt_token_count`, `finish_reason`): read as the wire's camelCase, with or without aliases."""
+
+    def chunk(text: str, prompt: int, out: int, finish: str | None) -> types.GenerateContentResponse:
+        return types.GenerateContentResponse(
+            candidates=[
+                types.Candidate(
+                    content=types.Content(role="model", parts=[types.Part(text=text)]), finish_reason=finish
+                )
+            ],
+            usage_metadata=types.GenerateContentResponseUsageMetadata(
+                prompt_token_count=prompt,
+                candidates_token_count=out,
+                thoughts_token_count=4,
+                cached_content_token_count=20,
+            ),
+            model_version="gemini-2.5-flash",
+            response_id="r1",
+        )
+
+    chunks = [chunk("Hel", 100, 1, None), chunk("lo", 100, 9, "STOP")]
+    async with Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}") as tracker:
+        for dump in ({}, {"by_alias": True, "mode": "json"}, {"exclude_none": True}):
+            async with tracker.track_stream(provider="google", model="gemini-2.5-flash") as s:
+                for c in chunks:
+                    s.event(c.model_dump(**dump))  # type: ignore[arg-type]
+        async with tracker.track_stream(provider="google", model="gemini-2.5-flash") as s:
+            s.event(chunks[0].model_dump())  # the stream stopped before its last chunk
+    *whole, cut = await recorded(tracker.url)
+    for row in whole:
+        assert (row["model"], row["provider_response_id"]) == ("gemini-2.5-flash", "r1")
+        assert (row["input_tokens"], row["output_tokens"]) == (100, 13)
+        assert (row["cache_read_tokens"], row["reasoning_tokens"]) == (20, 4)
+        assert row["pricing_status"] == "priced" and row["cost_nanousd"]
+    assert len({row["cost_nanousd"] for row in whole}) == 1
+    assert cut["pricing_status"] == "unknown_usage" and cut["cost_nanousd"] is None
 
 
 async def test_track_stream_with_totals_and_with_an_error(tmp_path: Path) -> None:

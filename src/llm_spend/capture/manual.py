@@ -4,6 +4,10 @@
 (`s.event(chunk.model_dump())`): the same accumulators as the transport read them, so the same rules
 hold (OpenAI's final usage chunk, Anthropic's last cumulative message_delta, Gemini's last
 usageMetadata). Or give the totals with `s.usage(...)`, which win over events.
+
+google-genai's `chunk.model_dump()` names fields the Python way (`usage_metadata`,
+`prompt_token_count`), not as the wire does (`usageMetadata`): a Gemini event's keys are read in
+either spelling.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class ManualStream:
             if adapter is openai.ADAPTER and isinstance(kind_of, str) and kind_of.startswith("response."):
                 kind = "responses"
             self._accumulator = adapter.accumulator(kind)
+        if self._accumulator.__class__ is gemini.GenerateStream:
+            payload = _camel_keys(payload)
         try:
             name = kind_of.encode() if isinstance(kind_of, str) else b""
             data = json.dumps(payload, default=str).encode()
@@ -71,3 +77,23 @@ class ManualStream:
         if self._accumulator is not None:
             return self._accumulator.outcome(), False
         return Outcome(), False
+
+
+def _camel_keys(value: Any) -> Any:
+    """`value` as the Gemini API's JSON has it: every mapping's snake_case keys in camelCase
+    (``usage_metadata`` -> ``usageMetadata``), and no key whose value is None (a dump names every
+    field, the API none it did not set: a chunk's ``finish_reason=None`` is no finish)."""
+    if isinstance(value, Mapping):
+        return {
+            _camel(key) if isinstance(key, str) else key: _camel_keys(item)
+            for key, item in value.items()
+            if item is not None
+        }
+    if isinstance(value, list | tuple):
+        return [_camel_keys(item) for item in value]
+    return value
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest) if rest and head else key
