@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import gc
 import gzip
 import json
@@ -949,6 +950,29 @@ async def test_sync_client_refuses_to_deadlock_on_the_trackers_loop(tracker: Tra
     with pytest.raises(RuntimeError, match="not running"):
         await asyncio.to_thread(stopped.chat.completions.create, model="gpt-4o-mini", messages=MESSAGES)
     assert fake.calls == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_async_client_refuses_a_call_before_the_tracker_is_entered(
+    tmp_path: Path, stream: bool
+) -> None:
+    """Before the tracker is first entered (an app whose lifespan never ran), a captured call
+    raises RuntimeError unsent, as a sync client's does: made, it would be billed and recorded
+    nowhere. Once the tracker runs, the same client records."""
+    fake = FakeProviderTransport(usage=USAGE)
+    tracker = Tracker(f"sqlite+aiosqlite:///{tmp_path / 'l.db'}")
+    client = openai.AsyncOpenAI(api_key="test", http_client=tracker.httpx_client(transport=fake))
+    create = functools.partial(client.chat.completions.create, model="gpt-4o-mini", messages=MESSAGES)
+    with pytest.raises(RuntimeError, match="the tracker is not running"):
+        await create(stream=stream)  # type: ignore[call-overload]
+    assert fake.calls == 0
+    async with tracker:
+        answer = await create(stream=stream)  # type: ignore[call-overload]
+        if stream:
+            async for _ in answer:
+                pass
+        report = await tracker.report(start=datetime(2000, 1, 1, tzinfo=UTC))
+    assert fake.calls == 1 and [row.calls for row in report] == [1]
 
 
 async def test_sync_stream_dropped_early_is_recorded(tracker: Tracker) -> None:

@@ -729,23 +729,26 @@ async def test_migrate_twice_is_fine(db_url: str) -> None:
 
 
 async def test_a_guarded_call_under_a_block_budget_needs_the_tracker_open(db_url: str) -> None:
-    """Before the tracker is entered and after it exits, a guarded call under a block-mode budget
-    raises RuntimeError before its body runs, reserving nothing: no one would release what it
-    reserved, which would hold the budget until its lease ended. A guarded call that no block-mode
-    budget applies to needs no reservation and goes on."""
+    """Before the tracker is entered, every guarded call raises RuntimeError before its body runs:
+    the call would be made and billed, and recorded nowhere. After it exits, one under a block-mode
+    budget raises too, reserving nothing (no one would release what it reserved, which would hold
+    the budget until its lease ended); one that no block-mode budget applies to needs no
+    reservation and goes on, its record spooled for the next start."""
     tracker = Tracker(db_url, budgets=[Budget.daily("1.00", per="user_id", mode="block")])
     await tracker.migrate()  # the table a reservation would be held in exists from the start
     call = {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 10, "max_output_tokens": 10}
-    for moment in ("before the tracker is entered", "after it exits"):
-        if moment == "after it exits":
-            async with tracker:
-                pass
-        with pytest.raises(RuntimeError, match=r"block-mode budget needs the tracker open"):
-            async with tracker.guard(**call, tags={"user_id": "u1"}):
-                pytest.fail(f"a guarded call ran {moment}")
-        async with tracker.guard(**call) as unguarded:  # no user_id: no window applies
-            assert unguarded.estimate is None
-        assert await count(db_url, "llm_spend_reservations") == 0, moment
+    for tags in ({"user_id": "u1"}, {}):
+        with pytest.raises(RuntimeError, match=r"the tracker is not running; enter it"):
+            async with tracker.guard(**call, tags=tags):
+                pytest.fail(f"a guarded call with tags {tags} ran before the tracker was entered")
+    async with tracker:
+        pass
+    with pytest.raises(RuntimeError, match=r"block-mode budget needs the tracker open"):
+        async with tracker.guard(**call, tags={"user_id": "u1"}):
+            pytest.fail("a guarded call ran after the tracker exited")
+    async with tracker.guard(**call) as unguarded:  # no user_id: no window applies
+        assert unguarded.estimate is None
+    assert await count(db_url, "llm_spend_reservations") == 0
 
 
 async def test_reads_outside_the_trackers_lifetime_leave_no_connection_open(pg_url: str) -> None:

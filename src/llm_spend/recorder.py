@@ -83,6 +83,11 @@ class Recorder:
             self._closed = (writer.database_id,)
         return writer
 
+    def never_started(self) -> bool:
+        """Whether the tracker was never entered: a call would then be recorded nowhere (not even
+        in the spool, which belongs to a database not yet known)."""
+        return self.writer is None and self._closed is None
+
     def running_loop(self) -> asyncio.AbstractEventLoop | None:
         """The tracker's event loop while records go to its writer, else None."""
         return self.loop if self.writer is not None else None
