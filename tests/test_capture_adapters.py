@@ -110,6 +110,8 @@ def test_openai_request_facts() -> None:
     body = {"model": "gpt-4o", "stream": True, "max_completion_tokens": 100, "max_tokens": 5, "n": 3}
     info = OPENAI.call_info("chat", "/v1/chat/completions", body)
     assert (info.model, info.stream, info.max_output_tokens) == ("gpt-4o", True, 300)
+    unbounded = OPENAI.call_info("chat", "/v1/chat/completions", {"model": "gpt-4o", "n": 3})
+    assert (unbounded.max_output_tokens, unbounded.choices) == (None, 3)  # each may fill the window
     azure = OPENAI.call_info("chat", "/openai/deployments/prod-4o/chat/completions", {"max_tokens": 9})
     assert (azure.model, azure.max_output_tokens) == ("prod-4o", 9)
     assert OPENAI.call_info("responses", "/v1/responses", {"max_output_tokens": 7}).max_output_tokens == 7
@@ -297,6 +299,8 @@ def test_gemini_model_and_stream_come_from_the_path() -> None:
         "generate", path, {"generationConfig": {"maxOutputTokens": 10, "candidateCount": 2}}
     )
     assert (info.model, info.stream, info.max_output_tokens) == ("gemini-2.0-flash", True, 20)
+    unbounded = GEMINI.call_info("generate", path, {"generationConfig": {"candidateCount": 4}})
+    assert (unbounded.max_output_tokens, unbounded.choices) == (None, 4)
     assert GEMINI.kind("POST", "/v1beta/models/gemini-2.0-flash:countTokens") is None
 
 

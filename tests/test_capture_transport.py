@@ -615,6 +615,23 @@ async def test_block_budget_refuses_before_the_provider_is_reached(url: str) -> 
         assert await table(tracker) == [] and await table(tracker, reservations) == []
 
 
+async def test_a_request_for_several_answers_and_no_max_is_bounded_for_all_of_them(url: str) -> None:
+    """OpenAI's `n` with no max tokens: each answer may fill the context window, and the provider
+    bills them all, so the bound reserved (the refusal's `requested`) is n times one answer's
+    output; nothing is sent."""
+    async with Tracker(url, budgets=[Budget.per_call("0.000001")], mode="block") as tracker:
+        fake = FakeProviderTransport()
+        client = openai_client(tracker, fake)
+        requested = []
+        for n in (1, 4):
+            with pytest.raises(BudgetExceeded) as refused:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, n=n)  # type: ignore[arg-type]
+            requested.append(refused.value.requested)
+        one, four = requested
+        assert Decimal("3.99") * one < four < 4 * one  # the input, a few bytes, is counted once
+        assert fake.calls == 0
+
+
 async def test_anthropic_without_the_middleware_wraps_and_retries_the_refusal(url: str) -> None:
     """anthropic wraps a transport error in APIConnectionError and retries it: every attempt is refused.
 

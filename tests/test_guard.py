@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -548,6 +549,30 @@ async def test_unknown_context_window_needs_a_max_or_a_configured_cap(sqlite_url
             "google", model, input_tokens=100, output_tokens=8192, at=call.reservation.at
         )
         assert call.reservation is not None and call.reservation.estimate == expected.nanousd
+
+
+async def test_a_call_asking_for_several_answers_with_no_max_reserves_a_window_for_each(
+    sqlite_url: str,
+) -> None:
+    """`choices=n` (OpenAI's `n`, Gemini's `candidateCount`) with no max output tokens: each answer
+    may run to the context window less the input, and the bound covers all n; a max output bounds
+    them together. A choices that is not a positive int is refused, naming it."""
+    model = "gpt-4o-mini"
+    async with Tracker(sqlite_url, budgets=[Budget.daily(1000, mode="block")]) as tracker:
+        window = tracker.pricer.context_window("openai", model)
+        assert window is not None
+        guard = functools.partial(tracker.guard, provider="openai", model=model, input_tokens=1000)
+        async with guard(choices=3) as three, guard(max_output_tokens=3 * (window - 1000)) as same:
+            assert three.estimate == same.estimate
+            async with guard() as one:
+                assert one.estimate is not None and three.estimate is not None
+                assert one.estimate < three.estimate
+        async with guard(max_output_tokens=500, choices=3) as bounded, guard(max_output_tokens=500) as alone:
+            assert bounded.estimate == alone.estimate
+        for bad in (0, -2, 1.5, "3", True):
+            with pytest.raises(ValueError, match="choices must be a positive int"):
+                async with guard(choices=bad):
+                    pytest.fail("should not be reached")
 
 
 async def test_a_refusal_reports_the_locked_totals_and_reserves_nothing_anywhere(db_url: str) -> None:

@@ -61,6 +61,7 @@ class Reserver:
         input_tokens: int,
         max_output_tokens: int | None,
         tags: Mapping[str, str],
+        choices: int = 1,
     ) -> tuple[Reservation | None, int | None]:
         """Reserve for a call with these (merged) tags: (its reservation, or None when no block-mode
         window applies, the price is unknown and allowed, or fail_open let it go unreserved; the
@@ -68,7 +69,7 @@ class Reserver:
         UnknownPriceError for a model without a price (unless `unknown_price="allow"`)."""
         if not self.guard.blocking(tags):
             return None, None
-        estimate = self.estimate(provider, model, input_tokens, max_output_tokens)
+        estimate = self.estimate(provider, model, input_tokens, max_output_tokens, choices)
         if estimate is None:
             if self.unknown_price == "refuse":
                 raise UnknownPriceError(provider, model)
@@ -137,15 +138,17 @@ class Reserver:
         return granted if granted >= self.clamp_min_output_tokens else None
 
     def estimate(
-        self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None
+        self, provider: str, model: str, input_tokens: int, max_output_tokens: int | None, choices: int = 1
     ) -> int | None:
-        """An upper bound of the call's cost in nano-USD, or None when the model has no price."""
+        """An upper bound of the call's cost in nano-USD, or None when the model has no price.
+        `max_output_tokens` bounds all the `choices` answers together; without it, each answer is
+        bounded by the context window less the input (or `default_max_output_tokens`)."""
         if max_output_tokens is None:
             window = self.pricer.context_window(provider, model)
             if window is not None:
-                max_output_tokens = max(window - input_tokens, 0)
+                max_output_tokens = max(window - input_tokens, 0) * choices
             elif self.default_max_output_tokens is not None:
-                max_output_tokens = self.default_max_output_tokens
+                max_output_tokens = self.default_max_output_tokens * choices
             elif self._bound(provider, model, input_tokens, 0) is None:
                 return None  # no price either: `unknown_price` decides, as for any unpriced model
             else:

@@ -552,16 +552,19 @@ class Tracker:
         input_tokens: int,
         max_output_tokens: int | None = None,
         tags: Mapping[str, object] | None = None,
+        choices: int = 1,
     ) -> Guarding:
         """Reserve an upper bound of a call's cost in every block-mode window, then make the call inside.
 
         Raises BudgetExceeded(stage="preflight") before the call when any window refuses (nothing
         stays reserved). Inside, `await call.record(usage)` settles (`record(None)`, usage that never
         arrived, holds the estimate until its windows end); leaving without a record releases.
-        `input_tokens` must bound the input from above (UTF-8 bytes of the text do); without
-        `max_output_tokens` the bound is the model's context window minus the input.
+        `input_tokens` must bound the input from above (UTF-8 bytes of the text do);
+        `max_output_tokens` bounds the output of all the answers together; without it the bound is
+        the model's context window minus the input, for each of the `choices` answers the request
+        asks for (OpenAI's `n`, Gemini's `candidateCount`).
         """
-        return Guarding(self._open, provider, model, input_tokens, max_output_tokens, tags)
+        return Guarding(self._open, provider, model, input_tokens, max_output_tokens, tags, choices)
 
     async def _open(
         self,
@@ -570,12 +573,15 @@ class Tracker:
         input_tokens: int,
         max_output_tokens: int | None,
         tags: Mapping[str, object] | None,
+        choices: int,
     ) -> GuardedCall:
         """Entering `guard()`: validate, reserve (block mode), and hand out the call."""
         provider, model = check_text("provider", provider, 64), check_text("model", model, 200)
         check_tokens("input_tokens", input_tokens)
+        if type(choices) is not int or choices < 1:
+            raise ValueError(f"choices must be a positive int, got {choices!r}")
         merged = self._tags(tags)
-        reserving = self._reserver.reserve(provider, model, input_tokens, max_output_tokens, merged)
+        reserving = self._reserver.reserve(provider, model, input_tokens, max_output_tokens, merged, choices)
         recorder = self._recorder
         if not recorder.home() and recorder.never_started():
             reserving.close()  # the call would be made, billed, and recorded nowhere

@@ -89,6 +89,9 @@ class CallInfo(NamedTuple):
     stream: bool
     max_output_tokens: int | None
     """All choices together; None when the request sets no limit."""
+    choices: int = 1
+    """How many answers the request asks for (OpenAI's ``n``, Gemini's ``candidateCount``): with no
+    limit set, each may run to the context window."""
 
 
 class Outcome(NamedTuple):

@@ -71,6 +71,7 @@ class TrackerLike(Protocol):
         input_tokens: int,
         max_output_tokens: int | None = None,
         tags: Mapping[str, object] | None = None,
+        choices: int = 1,
     ) -> AbstractAsyncContextManager[GuardedCallLike]: ...
 
 
@@ -92,6 +93,8 @@ class Plan:
     """The parsed JSON body, when it parsed (for rewrites)."""
     rewritten: bytes | None = None
     """The body to send instead of the caller's, when it was changed."""
+    choices: int = 1
+    """How many answers the request asks for (`CallInfo.choices`)."""
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -128,6 +131,7 @@ def plan_call(
         0 if media_allowance is None else input_bound(raw, body or _EMPTY, media_allowance),
         info.max_output_tokens,
         body,
+        choices=info.choices,
     )
     if body is not None and include_stream_usage and info.stream and adapter.with_stream_usage(kind, body):
         plan.rewritten = encode(body)

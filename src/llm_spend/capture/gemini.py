@@ -80,10 +80,11 @@ class GeminiAdapter:
         config = config if isinstance(config, dict) else {}
         most = limit(config.get("maxOutputTokens", config.get("max_output_tokens")))
         candidates = config.get("candidateCount", config.get("candidate_count"))
-        if most is not None and type(candidates) is int and candidates > 1:
-            most *= candidates
+        choices = candidates if type(candidates) is int and candidates > 1 else 1
+        if most is not None:
+            most *= choices
         stream = found is not None and found.group(2) == "streamGenerateContent"
-        return CallInfo(text(found.group(1)) if found else None, stream, most)
+        return CallInfo(text(found.group(1)) if found else None, stream, most, choices)
 
     def with_stream_usage(self, kind: str, body: dict[str, Any]) -> bool:
         return False  # every chunk carries usageMetadata

@@ -106,7 +106,9 @@ class OpenAIAdapter:
             if most is None:
                 most = limit(body.get("max_tokens"))
             choices = body.get("n")
-            if most is not None and type(choices) is int and choices > 1:
+            if type(choices) is int and choices > 1:
+                if most is None:
+                    return CallInfo(model, body.get("stream") is True, None, choices)
                 most *= choices
         else:
             most = limit(body.get("max_output_tokens"))

@@ -185,6 +185,7 @@ class _Base:
             model=plan.model or "unknown",  # None: not read, nor needed before the answer
             input_tokens=plan.input_bound,
             max_output_tokens=plan.max_output_tokens,
+            choices=plan.choices,
         )
 
     def _finisher(
