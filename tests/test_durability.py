@@ -453,6 +453,39 @@ async def test_another_databases_spool_lines_do_not_keep_a_tracker_in_outage(tmp
     assert sorted((await ledger(url_a))["ids"]) == sorted(r.event_id for r in foreign)
 
 
+def spooled_lines(spool: Path) -> list[dict[str, Any]]:
+    """Every line of a spool, in its files (the one appended to, those claimed for a replay)."""
+    return [json.loads(line) for path in spool.parent.glob(f"{spool.name}*") for line in path.open()]
+
+
+@pytest.mark.timeout(120)
+async def test_a_database_replaced_at_the_same_url_gets_none_of_the_old_ones_spooled_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls spooled during an outage belong to the database the tracker started with. If another
+    takes its place at the same URL meanwhile (dropped and created again: a new id), the running
+    tracker's replay keeps them for the old one instead of writing them into the new one."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
+    async with Tracker(url) as tracker:
+        set_sqlite_outage(url, True)
+        spooled = await track_wave(tracker, 5)
+        assert tracker.outage
+        with sqlite3.connect(sqlite_path(url)) as conn:  # the new database's id
+            conn.execute("UPDATE llm_spend_meta SET value = 'replaced' WHERE key = 'database_id'")
+        set_sqlite_outage(url, False)
+        for _ in range(200):  # the probe's first retries come within a few seconds
+            if not tracker.outage:
+                break
+            await asyncio.sleep(0.1)
+        assert not tracker.outage
+        after = await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1)
+    assert (await ledger(url))["ids"] == [after.event_id]
+    assert any("its id changed" in r.getMessage() for r in caplog.records)
+    lines = spooled_lines(tracker.spool.path)
+    assert sorted(line["call"]["event_id"] for line in lines) == sorted(r.event_id for r in spooled)
+    assert {line["db"] for line in lines} != {"replaced"}
+
+
 def test_a_torn_last_line_does_not_swallow_the_next_call(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

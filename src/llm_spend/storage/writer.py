@@ -294,10 +294,18 @@ class Writer:
                 return
 
     async def _identity(self) -> str:
-        """The database's id (cached); it raises while the database is unreachable."""
-        if self._database_id is None:
-            self._database_id = await self._store.identity()
-        return self._database_id
+        """The database's id, read anew at every replay (a database dropped and created again at
+        the same URL while this process ran has a new one, and gets none of the old one's calls);
+        it raises while the database is unreachable."""
+        found = await self._store.identity()
+        if self._database_id is not None and found != self._database_id:
+            logger.error(
+                "llm-spend: the database at this URL is not the one this tracker started with (its id "
+                "changed from %s to %s); calls spooled for the old one are kept, never written here",
+                self._database_id, found,
+            )  # fmt: skip
+        self._database_id = found
+        return found
 
     async def _to_spool(self, batch: Sequence[tuple[PendingWrite, asyncio.Future[Result]]]) -> int:
         if not batch:
