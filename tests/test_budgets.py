@@ -453,6 +453,18 @@ async def test_spent_equal_to_limit_is_not_exceeded(sqlite_url: str, tracker_fac
     assert [e.spent for e in seen] == [Decimal("0.018")]
 
 
+async def test_a_limit_finer_than_a_nano_dollar_is_enforced_rounded_down(
+    sqlite_url: str, tracker_factory: Factory
+) -> None:
+    """The ledger counts whole nano-USD: a limit half a nano-dollar under a call's cost is passed by
+    that call (rounded to the nearest, it would have been the cost itself, and never exceeded)."""
+    limit = CALL_COST - Decimal("0.0000000005")
+    tracker = await tracker_factory(sqlite_url, budgets=[Budget.daily(limit, mode="raise")])
+    with pytest.raises(BudgetExceeded) as raised:
+        await tracker.track(**CALL)
+    assert (raised.value.limit, raised.value.spent, raised.value.stage) == (limit, CALL_COST, "post")
+
+
 @pytest.mark.parametrize("is_async", _sync_and_async())
 async def test_notify_again_once_in_a_different_per_tag_window(
     db_url: str, tracker_factory: Factory, is_async: bool

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from .context import is_secret_key
 from .exceptions import BudgetExceeded
-from .money import format_usd, from_nanousd, to_nanousd, usd
+from .money import format_usd, from_nanousd, limit_nanousd, usd
 from .storage.store import WindowKey
 
 __all__ = [
@@ -157,7 +157,7 @@ def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetR
         if not isinstance(budget, Budget):
             raise ValueError(f"budgets must be Budget objects, got {budget!r}")
         mode = budget.mode or default_mode
-        rules.append(BudgetRule(budget, mode, to_nanousd(budget.limit)))
+        rules.append(BudgetRule(budget, mode, limit_nanousd(budget.limit)))
     return tuple(rules)
 
 

@@ -1,14 +1,15 @@
 """Money: `Decimal` USD in Python, integer nano-USD (1e-9 USD) in the database.
 
 SQLite has no decimal type and floats drift, so every amount that is stored or summed by the
-database is an integer count of nano-dollars. Conversions round half-even at the ninth decimal.
+database is an integer count of nano-dollars. Conversions round half-even at the ninth decimal,
+except limits, which round down.
 """
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
-__all__ = ["NANO", "format_usd", "from_nanousd", "to_nanousd", "usd"]
+__all__ = ["NANO", "format_usd", "from_nanousd", "limit_nanousd", "to_nanousd", "usd"]
 
 NANO = Decimal("1e-9")
 _PER_USD = Decimal(1_000_000_000)
@@ -33,6 +34,12 @@ def usd(value: int | float | str | Decimal, *, field: str = "amount") -> Decimal
 def to_nanousd(amount: Decimal) -> int:
     """`Decimal` USD -> integer nano-USD, rounded half-even."""
     return int((amount * _PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def limit_nanousd(limit: Decimal) -> int:
+    """A limit in USD -> the whole nano-USD it allows, rounded down: the database counts whole
+    nano-USD, and a limit of 1.5 nano-USD is passed by a spend of 2."""
+    return int((limit * _PER_USD).to_integral_value(rounding=ROUND_FLOOR))
 
 
 def from_nanousd(nanousd: int) -> Decimal:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from .exceptions import BudgetExceeded, LLMSpendError, StorageError, UnknownPriceError
 from .guard import Guard, Reservation
-from .money import to_nanousd
+from .money import limit_nanousd
 from .pricing import Pricer
 from .usage import check_tokens, new_event_id
 
@@ -121,7 +121,7 @@ class Reserver:
         at least `clamp_min_output_tokens`; else None (the refusal stands)."""
         if not self.clamp_max_tokens:
             return None
-        room = to_nanousd(refused.limit - refused.spent - refused.reserved)
+        room = limit_nanousd(refused.limit - refused.spent - refused.reserved)
         now = datetime.now(UTC)
         base = self.pricer.bound(provider, model, input_tokens=input_tokens, output_tokens=0, at=now).nanousd
         per_million = self.pricer.bound(provider, model, input_tokens=0, output_tokens=10**6, at=now).nanousd
