@@ -518,6 +518,28 @@ async def test_a_late_settlement_in_yesterdays_window_keeps_todays_exhaustion(sq
         assert known is not None and known.window_end is not None and known.window_end > datetime.now(UTC)
 
 
+async def test_preflight_normalizes_its_tags_and_answers_a_new_error_each_time(sqlite_url: str) -> None:
+    """`tracker.preflight(tags)` takes tags as `with_tags` does (42 is "42"), and each refusal is a
+    new BudgetExceeded whose `retry_after` counts from the moment it is asked for."""
+    tracker = Tracker(sqlite_url, budgets=[Budget.daily("0.01", per="user_id", mode="block")])
+    gpt_4o = {"provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300}
+    async with tracker:
+        with with_tags(user_id=42):
+            await tracker.track(**gpt_4o)
+            with pytest.raises(BudgetExceeded):
+                await tracker.track(**gpt_4o)
+        first = tracker.preflight({"user_id": 42})
+        assert first is not None and first.scope_value == "42" and first.spent == Decimal("0.012")
+        await asyncio.sleep(1.1)
+        second = tracker.preflight({"user_id": "42"})
+        assert second is not None and second is not first
+        assert first.retry_after is not None and second.retry_after is not None
+        assert second.retry_after < first.retry_after
+        assert tracker.preflight({"user_id": 43}) is None and tracker.preflight({"user_id": None}) is None
+        with pytest.raises(ValueError, match="tag"):
+            tracker.preflight({"": "x"})
+
+
 async def test_a_records_cost_is_what_the_ledger_stores(sqlite_url: str) -> None:
     """`record.cost` is the stored nano-USD amount (rounded half-even), so sums of records, the ledger
     and reports agree: $0.0375 per million input tokens is 37.5 nano-USD a token, stored as 38."""

@@ -55,7 +55,8 @@ class Guard:
         self._block_scopes = tuple((i, r.budget.per) for i, r in self._block)
         """(rule index, tag key or None for global) of each block-mode rule, for `refusal`."""
         self._bounds: dict[str, tuple[datetime, datetime]] = {}
-        self._exhausted: dict[tuple[int, str], tuple[datetime, BudgetExceeded]] = {}
+        self._exhausted: dict[tuple[int, str], tuple[datetime, datetime, int]] = {}
+        """(rule index, scope value) -> (window start, window end, spent when found exhausted)."""
         self.excess_calls = 0
         """Guarded calls whose actual cost came out above their estimate (recorded in full anyway)."""
 
@@ -127,7 +128,7 @@ class Guard:
                     # Settled spend alone reached the limit: no call fits until the window ends, so
                     # remember it as exhausted. A refusal for the size of this call, or caused by
                     # concurrent reservations (whose money may come back), is not remembered.
-                    self._mark_exhausted(index, refusal.key.scope_value, window, refusal.spent, at)
+                    self._mark_exhausted(index, refusal.key.scope_value, window, refusal.spent)
                 raise self.rules[index].exceeded(
                     window=window, scope_value=refusal.key.scope_value, spent=refusal.spent,
                     reserved=refusal.reserved, requested=estimate, stage="preflight", now=at,
@@ -185,7 +186,7 @@ class Guard:
             else:
                 spent = spent_after.get(WindowKey(rule.budget.period, window[0], rule.scope_key, value))
                 if spent is not None and rule.mode == "block" and spent >= rule.limit_nanousd:
-                    self._mark_exhausted(index, value, window, spent, now)
+                    self._mark_exhausted(index, value, window, spent)
             if spent is None or spent <= rule.limit_nanousd:
                 continue
             exc = rule.exceeded(
@@ -199,21 +200,18 @@ class Guard:
                 to_raise = exc
         return to_raise, to_notify
 
-    def _mark_exhausted(
-        self, index: int, value: str, window: tuple[datetime, datetime], spent: int, now: datetime
-    ) -> None:
-        exc = self.rules[index].exceeded(
-            window=window, scope_value=value, spent=spent, reserved=0, requested=0, stage="preflight", now=now
-        )
+    def _mark_exhausted(self, index: int, value: str, window: tuple[datetime, datetime], spent: int) -> None:
         known = self._exhausted.get((index, value))
-        if known is not None and known[0] >= window[1]:  # a call settled late in an earlier window
+        if known is not None and known[1] >= window[1]:  # a call settled late in an earlier window
             return
         if len(self._exhausted) >= _MAX_EXHAUSTED:
             self._exhausted.pop(next(iter(self._exhausted)))
-        self._exhausted[(index, value)] = (window[1], exc)
+        self._exhausted[(index, value)] = (window[0], window[1], spent)
 
     def refusal(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
-        """A block-mode window that applies to `tags` and is known exhausted, from memory only."""
+        """A block-mode window that applies to `tags` and is known exhausted, from memory only: a
+        new BudgetExceeded each time (its `retry_after` counted from now; `spent` as it was when
+        the window was found exhausted)."""
         exhausted = self._exhausted
         if not exhausted:
             return None
@@ -224,7 +222,11 @@ class Guard:
             entry = exhausted.get((index, value))
             if entry is None:
                 continue
-            if datetime.now(UTC) < entry[0]:
-                return entry[1]
+            now = datetime.now(UTC)
+            if now < entry[1]:
+                return self.rules[index].exceeded(
+                    window=entry[:2], scope_value=value, spent=entry[2], reserved=0, requested=0,
+                    stage="preflight", now=now,
+                )  # fmt: skip
             del exhausted[(index, value)]
         return None

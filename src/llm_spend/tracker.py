@@ -540,9 +540,11 @@ class Tracker:
         `input_tokens`); capture skips working out the input bound when it does not."""
         return self.budget_guard.reserves
 
-    def preflight(self, tags: Mapping[str, str]) -> BudgetExceeded | None:
-        """A block-mode window applying to `tags` known to be exhausted (memory only, no I/O)."""
-        return self.budget_guard.refusal(tags)
+    def preflight(self, tags: Mapping[str, object]) -> BudgetExceeded | None:
+        """A block-mode window applying to `tags` (normalized as `with_tags` does) known to be
+        exhausted (memory only, no I/O)."""
+        normalized = normalize_tags(tags)
+        return self.budget_guard.refusal({k: v for k, v in normalized.items() if v is not None})
 
     def guard(
         self,
