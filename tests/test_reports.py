@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -229,13 +230,16 @@ async def test_calls_without_the_tag_sort_last_on_every_backend(db_url: str) -> 
 
 
 async def test_more_bad_arguments(sqlite_url: str) -> None:
-    """A key grouped twice, a non-string where value, and a budget_status top below 1 or above a
-    million (a count past 64 bits failed in the database) are refused."""
+    """A key grouped twice, a where value no tag takes (bytes; a float for a column), and a
+    budget_status top below 1 or above a million (a count past 64 bits failed in the database)
+    are refused."""
     async with Tracker(sqlite_url) as tracker:
         with pytest.raises(ValueError, match="group_by names 'model' twice"):
             await tracker.report(start=START, end=END, group_by=["model", "model"])
-        with pytest.raises(ValueError, match=r"where\['user_id'\] must be a string"):
-            await tracker.report(start=START, end=END, where={"user_id": 4.2})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match=r"where\['user_id'\]: tag 'user_id' must be a string"):
+            await tracker.report(start=START, end=END, where={"user_id": b"4.2"})
+        with pytest.raises(ValueError, match=r"where\['model'\] must be a string"):
+            await tracker.report(start=START, end=END, where={"model": 4.2})
         for top in (0, 10**6 + 1, 2**64):
             with pytest.raises(ValueError, match="top must be a positive integer, at most 1,000,000"):
                 await tracker.budget_status(top=top)
@@ -287,6 +291,25 @@ async def test_where_values_match_tag_values_as_they_are_stored(db_url: str) -> 
         assert (await tracker.total(start=START, where={"api_key": "[REDACTED]"})).calls == 1
         for odd in ("a\x00b", "\ud800"):  # refused by both databases as a value, before
             assert (await tracker.total(start=START, where={"api_key": odd})).calls == 0
+
+
+async def test_where_takes_every_tag_value_tags_take(db_url: str) -> None:
+    """A UUID, a number or a bool tags a call through its string; the same value finds it in
+    `where` (a UUID was refused there). A value with no string of its own is refused naming the key."""
+    session = uuid.uuid4()
+    tags = {"session": session, "n": 7, "beta": True}
+    async with Tracker(db_url) as tracker:
+        await tracker.track(
+            provider="openai", model="gpt-4o-mini", input_tokens=10, output_tokens=5, tags=tags
+        )
+        for key, value in tags.items():
+            assert (await tracker.total(start=START, where={key: value})).calls == 1, key
+        assert (await tracker.total(start=START, where={"session": str(session)})).calls == 1
+        assert (await tracker.total(start=START, where={"session": uuid.uuid4()})).calls == 0
+        with pytest.raises(ValueError, match=r"where\['session'\]"):
+            await tracker.total(start=START, where={"session": b"raw"})
+        with pytest.raises(ValueError, match=r"where\['model'\] must be a string"):
+            await tracker.total(start=START, where={"model": session})
 
 
 async def test_group_by_takes_any_iterable_of_keys(sqlite_url: str) -> None:

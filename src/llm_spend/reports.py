@@ -73,7 +73,7 @@ async def report(
     start: datetime,
     end: datetime,
     group_by: Sequence[str] = (),
-    where: Mapping[str, str] | None = None,
+    where: Mapping[str, object] | None = None,
     limit: int | None = None,
 ) -> list[ReportRow]:
     """Sums of the calls in [start, end), grouped by `group_by`, filtered by `where` (all must match).
@@ -154,7 +154,7 @@ def group_keys(group_by: str | Sequence[str], option: str = "group_by") -> tuple
     return names
 
 
-def check_where(where: Mapping[str, str], option: str = "where") -> None:
+def check_where(where: Mapping[str, object], option: str = "where") -> None:
     """ValueError naming `option` unless `where` maps model, provider or tag keys to values."""
     if not isinstance(where, Mapping):
         raise ValueError(f"{option} must be a mapping of key to value, got {where!r}")
@@ -164,7 +164,7 @@ def check_where(where: Mapping[str, str], option: str = "where") -> None:
 
 
 def ledger_conditions(
-    store: Store, start: datetime, end: datetime, where: Mapping[str, str] | None = None
+    store: Store, start: datetime, end: datetime, where: Mapping[str, object] | None = None
 ) -> list[ColumnElement[bool]]:
     """The WHERE clauses selecting ledger rows in [start, end) that match `where` (model, provider,
     tags). Tag keys and values are bound parameters; on PostgreSQL the tags are one JSONB containment
@@ -237,19 +237,22 @@ def _local_label(period: str, at: datetime, tz: ZoneInfo) -> str:
     return at.astimezone(tz).isoformat()[: 10 if period == "day" else 7]
 
 
-def _filters(where: Mapping[str, str], postgres: bool) -> list[ColumnElement[bool]]:
+def _filters(where: Mapping[str, object], postgres: bool) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     tags: dict[str, str] = {}
     for key, value in where.items():
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise ValueError(f"where[{key!r}] must be a string, got {value!r}")
-        value = str(value)
-        if key in _COLUMNS:
-            conditions.append(calls.c[key] == storable(value))
-        elif is_secret_key(key):  # stored as REDACTED: only that matches (the dashboard links it)
-            tags[key] = storable(value)
-        else:  # a tag key (`check_where`), its value as a tag's is stored
-            tags[key] = stored_value(key, value)
+        if key in _COLUMNS or is_secret_key(key):
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise ValueError(f"where[{key!r}] must be a string, got {value!r}")
+            if key in _COLUMNS:
+                conditions.append(calls.c[key] == storable(str(value)))
+            else:  # stored as REDACTED: only that matches (the dashboard links it)
+                tags[key] = storable(str(value))
+        else:  # a tag key (`check_where`): any value a tag takes (a UUID, a number), as it is stored
+            try:
+                tags[key] = stored_value(key, value)
+            except ValueError as exc:
+                raise ValueError(f"where[{key!r}]: {exc}") from None
     if tags and postgres:
         conditions.append(calls.c.tags.op("@>")(cast(literal(json.dumps(tags)), JSONB)))
     else:

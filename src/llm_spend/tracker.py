@@ -484,7 +484,7 @@ class Tracker:
         start: datetime,
         end: datetime | None = None,
         group_by: Sequence[str] = (),
-        where: Mapping[str, str] | None = None,
+        where: Mapping[str, object] | None = None,
     ) -> list[ReportRow]:
         """Cost, calls and tokens of the calls in [start, end) (end: now), grouped by any of "day",
         "month" (in the tracker's time zone), "model", "provider" or a tag key, filtered by `where`
@@ -495,7 +495,7 @@ class Tracker:
         )
 
     async def total(
-        self, *, start: datetime, end: datetime | None = None, where: Mapping[str, str] | None = None
+        self, *, start: datetime, end: datetime | None = None, where: Mapping[str, object] | None = None
     ) -> ReportRow:
         """The sums of all calls in [start, end) matching `where`, as one ungrouped row."""
         rows = await self.report(start=start, end=end, where=where)
