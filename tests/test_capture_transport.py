@@ -174,6 +174,54 @@ async def test_provider_requests_ask_for_identity_encoding_and_compressed_bodies
     ]
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["TEXT/EVENT-STREAM; Charset=UTF-8", "text/plain", None],
+    ids=["upper-case", "text-plain", "none"],
+)
+async def test_a_stream_asked_for_is_read_whatever_its_content_type_says(
+    tracker: Tracker, content_type: str | None
+) -> None:
+    """A host (a proxy, an OpenAI-compatible server) may send a stream with the media type in upper
+    case, with another, or with none; the SDKs read it all the same, and so does capture: its usage
+    is recorded, not unknown."""
+    chat = {"id": "c", "model": "gpt-4o-mini", "choices": [], "usage": openai_chat_usage(USAGE)}
+    claude = [
+        {"type": "message_start", "message": {"id": "m", "model": "claude-sonnet-4-5",
+                                              "usage": {"input_tokens": 100, "output_tokens": 1}}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 20}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        if request.url.host == "api.openai.com":
+            events = f"data: {json.dumps(chat)}\n\ndata: [DONE]\n\n"
+        else:
+            events = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in claude)
+        headers = {} if content_type is None else {"content-type": content_type}
+        return httpx2.Response(200, content=events.encode(), headers=headers)
+
+    fake = httpx2.MockTransport(handler)
+    stream = await openai_client(tracker, fake).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    )  # type: ignore[arg-type]
+    usages = [chunk.usage async for chunk in stream]
+    assert usages and usages[-1] is not None
+    claude_client = anthropic.AsyncAnthropic(
+        api_key="test", http_client=async_client(tracker, transport=fake)
+    )
+    async with claude_client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=50, messages=MESSAGES
+    ) as s:  # type: ignore[arg-type]
+        assert (await s.get_final_message()).usage.output_tokens == 20
+    rows = await table(tracker)
+    assert [(r["provider"], r["input_tokens"], r["usage_source"], r["stream"]) for r in rows] == [
+        ("openai", USAGE.input_tokens, "stream", True),
+        ("anthropic", 100, "stream", True),
+    ]
+    assert all(r["cost_nanousd"] for r in rows)
+
+
 @pytest.fixture
 def provider_server() -> Iterator[tuple[str, dict[str, bool]]]:
     """The fake provider behind a real HTTP server (uvicorn on 127.0.0.1), so that the capture reads

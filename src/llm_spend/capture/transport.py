@@ -251,14 +251,17 @@ def _ask_identity(headers: Any) -> None:
     headers["Accept-Encoding"] = "identity"
 
 
-def _content(response: Any) -> tuple[bool, str | None]:
-    """(is an SSE stream, Content-Encoding) of a response, in one pass over its headers."""
+def _content(response: Any, stream: bool = False) -> tuple[bool, str | None]:
+    """(is an SSE stream, Content-Encoding) of a response, in one pass over its headers. A response
+    to a request for a stream is one unless it says it is JSON: a host (a proxy) may send it with
+    no Content-Type or another, as the SDKs read it all the same. Media types are case-insensitive."""
     headers = response.headers
     entries = _entries(headers)
     if entries is None:
         entries = [(key, key.lower(), value) for key, value in headers.raw]
     keys = list(map(_KEY, entries))
-    sse = b"content-type" in keys and entries[keys.index(b"content-type")][2].startswith(b"text/event-stream")
+    kind = entries[keys.index(b"content-type")][2].lower() if b"content-type" in keys else b""
+    sse = kind.lstrip().startswith(b"text/event-stream") or (stream and b"json" not in kind)
     if b"content-encoding" not in keys:
         return sse, None
     codings = [
@@ -367,7 +370,7 @@ class SpendAsyncTransport(_Base):
                 except Exception:  # a failure to record must not fail the caller's call
                     logger.exception("llm-spend: recording a captured call failed")
                 return response
-        sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
+        sse, coding = _content(response, plan.stream)  # a stream asked for, or one sent unasked
         finisher = self._finisher(plan, coding, sse, guard, call, started, asyncio.get_running_loop())
         if response.is_closed or not plan.stream:  # read in full already: nothing left to tap
             finisher.feed_all([chunk async for chunk in response.stream])
@@ -449,7 +452,7 @@ class SpendSyncTransport(_Base):
                     self._cross(request, raw, exceeded)
                     raise
                 return response
-        sse, coding = _content(response)  # a stream asked for, or one a host sent unasked
+        sse, coding = _content(response, plan.stream)  # a stream asked for, or one sent unasked
         finisher = self._finisher(plan, coding, sse, guard, call, started, loop)
         if response.is_closed or not plan.stream:  # read in full already: nothing left to tap
             finisher.feed_all(list(response.stream))
