@@ -32,7 +32,16 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from conftest import pg_sessions
-from llm_spend import Budget, CallRecord, SpendMiddleware, Tracker, Usage, current_tags, with_tags
+from llm_spend import (
+    Budget,
+    CallRecord,
+    SpendMiddleware,
+    StorageError,
+    Tracker,
+    Usage,
+    current_tags,
+    with_tags,
+)
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd, to_nanousd
 
@@ -714,6 +723,27 @@ async def test_auto_migrate_false_leaves_database_empty_until_migrate(db_url: st
         assert {"llm_calls", "llm_spend_rollups", "llm_spend_reservations"} <= names
         record = await tracker.track(**VALID)
     assert (await query(db_url, "SELECT event_id FROM llm_calls")) == [{"event_id": record.event_id}]
+
+
+async def test_a_read_of_a_database_never_migrated_says_so(db_url: str) -> None:
+    """With auto_migrate=False and no migration, report(), total() and budget_status() raise a
+    StorageError that says what to run, not the driver's "no such table"; open or not."""
+    tracker = Tracker(db_url, auto_migrate=False, budgets=[Budget.daily(1)])
+    start = datetime(2000, 1, 1, tzinfo=UTC)
+    reads = (
+        lambda: tracker.report(start=start),
+        lambda: tracker.total(start=start),
+        tracker.budget_status,
+    )
+    for read in reads:
+        with pytest.raises(StorageError, match=r"no llm-spend schema yet: run `llm-spend db upgrade`"):
+            await read()
+    async with tracker:
+        for read in reads:
+            with pytest.raises(StorageError, match="no llm-spend schema yet"):
+                await read()
+        await tracker.migrate()
+        assert (await tracker.total(start=start)).calls == 0
 
 
 async def test_migrate_twice_is_fine(db_url: str) -> None:

@@ -17,13 +17,15 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from sqlalchemy.exc import DBAPIError
+
 from . import capture
 from .budgets import Budget, resolve_rules
 from .capture.base import MEDIA_ALLOWANCE
 from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
 from .context import current_tags, merge_tags, normalize_tags
-from .exceptions import BudgetExceeded
+from .exceptions import BudgetExceeded, StorageError
 from .guard import Guard, Reservation
 from .guarded import GuardedCall, Guarding
 from .health import Health, check_health
@@ -439,7 +441,17 @@ class Tracker:
     async def _read(self, reading: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
         """`reading(store)`. Made on another running loop, it is made on the tracker's, which holds
         the connections (a PostgreSQL connection serves the loop that made it); RuntimeError if
-        that loop is not running, stops before the read, or does not take it in time."""
+        that loop is not running, stops before the read, or does not take it in time. StorageError
+        when the database has not the schema to read (`auto_migrate=False`, never migrated)."""
+        try:
+            return await self._read_once(reading)
+        except DBAPIError as exc:
+            why = await self._read_once(Store.missing_schema)
+            if why is None:
+                raise
+            raise StorageError(f"{why}: run `llm-spend db upgrade` or `await tracker.migrate()`") from exc
+
+    async def _read_once(self, reading: Callable[[Store], Coroutine[Any, Any, _T]]) -> _T:
         if self._recorder.writer is None:
             return await self._unopened(reading)
         loop = self._recorder.abroad()

@@ -188,6 +188,19 @@ class Store:
         async with self.engine.connect() as conn:
             return await conn.run_sync(_current_revision)
 
+    async def missing_schema(self) -> str | None:
+        """Why this database has not the tables to read (no llm-spend schema yet, or an older one),
+        or None: it has them, or that cannot be told (the database is unreachable)."""
+        try:
+            revision = await self.revision()
+        except Exception:
+            return None
+        if revision == HEAD_REVISION:
+            return None
+        if revision is None:
+            return "the database has no llm-spend schema yet"
+        return f"the database's llm-spend schema is at revision {revision}, not {HEAD_REVISION}"
+
     async def identity(self) -> str:
         """The database's random id (created by the migrations): what a spool file belongs to."""
         async with self.engine.connect() as conn:
