@@ -597,13 +597,14 @@ class Tracker:
         merged = self._tags(tags)
         reserving = self._reserver.reserve(provider, model, input_tokens, max_output_tokens, merged, choices)
         recorder = self._recorder
-        if not recorder.home() and recorder.never_started():
+        home = recorder.home()
+        if not home and recorder.never_started():
             reserving.close()  # the call would be made, billed, and recorded nowhere
             raise RuntimeError(
                 "llm-spend: the tracker is not running; enter it (`async with tracker:` or its "
                 "lifespan) before making guarded or captured calls"
             )
-        if recorder.home() or not self.budget_guard.blocking(merged):
+        if home or not self.budget_guard.blocking(merged):
             reservation, granted = await reserving
         elif (loop := recorder.abroad()) is not None:
             # on another running loop: reserved on the tracker's, whose database lanes it uses
