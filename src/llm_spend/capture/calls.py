@@ -71,7 +71,7 @@ class TrackerLike(Protocol):
         input_tokens: int,
         max_output_tokens: int | None = None,
         tags: Mapping[str, object] | None = None,
-        choices: int = 1,
+        choices: int = 1,  # passed only when not 1
     ) -> AbstractAsyncContextManager[GuardedCallLike]: ...
 
 

@@ -180,12 +180,17 @@ class _Base:
             read_directly(response, identity)
 
     def _guard(self, plan: Plan) -> Any:
+        model = plan.model or "unknown"  # None: not read, nor needed before the answer
+        if plan.choices != 1:  # named only then: a guard of an older signature serves the rest
+            return self._tracker.guard(
+                provider=plan.provider, model=model, input_tokens=plan.input_bound,
+                max_output_tokens=plan.max_output_tokens, choices=plan.choices,
+            )  # fmt: skip
         return self._tracker.guard(
             provider=plan.provider,
-            model=plan.model or "unknown",  # None: not read, nor needed before the answer
+            model=model,
             input_tokens=plan.input_bound,
             max_output_tokens=plan.max_output_tokens,
-            choices=plan.choices,
         )
 
     def _finisher(
