@@ -873,6 +873,26 @@ async def test_a_bad_client_argument_raises_value_error_naming_it_at_constructio
         build(tracker)
 
 
+async def test_a_hand_written_transport_on_httpx2s_base_class_is_taken(tracker: Tracker) -> None:
+    """A sync test double derived from `httpx2.BaseTransport`, which openai re-exports as
+    `openai.Transport` under its own module name: taken as httpx2's, and its calls recorded (it was
+    refused as "no httpx or httpx2 transport" once openai was imported)."""
+    assert httpx2.BaseTransport.__module__ == "openai"  # what openai does to the class
+    fake = FakeProviderTransport(usage=USAGE)
+
+    class Replaying(httpx2.BaseTransport):
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            answer = asyncio.run_coroutine_threadsafe(fake.handle_async_request(request), loop).result()
+            return httpx2.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    loop = asyncio.get_running_loop()
+    client = openai.OpenAI(api_key="test", http_client=tracker.httpx_sync_client(transport=Replaying()))
+    create = functools.partial(client.chat.completions.create, model="gpt-4o-mini", messages=MESSAGES)
+    reply = await asyncio.to_thread(create)
+    assert reply.usage is not None and reply.usage.prompt_tokens == USAGE.input_tokens
+    assert [row["input_tokens"] for row in await table(tracker)] == [USAGE.input_tokens]
+
+
 async def test_transports_and_mounts_of_the_clients_kind_and_package_are_captured(tracker: Tracker) -> None:
     """The documented forms still work: a fake (sync and async) as transport, httpx's or httpx2's,
     mounts of transports or None, sync clients alike; a mount's calls are recorded too."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -36,7 +37,13 @@ class _Package(NamedTuple):
 
 
 def package_of(transport: object) -> str:
-    """ "httpx" or "httpx2": the package whose base transport `transport` derives from."""
+    """ "httpx" or "httpx2": the package whose base transport `transport` derives from. Asked of
+    the classes first: openai re-exports httpx2's `BaseTransport` as `openai.Transport`, naming
+    itself its `__module__`."""
+    for name in ("httpx2", "httpx"):
+        module = sys.modules.get(name)  # a transport of a package not imported is none of its
+        if module is not None and isinstance(transport, module.BaseTransport | module.AsyncBaseTransport):
+            return name
     for cls in type(transport).__mro__:
         root = (cls.__module__ or "").partition(".")[0]
         if root in ("httpx", "httpx2"):
