@@ -161,6 +161,29 @@ def test_a_sync_sdk_call_outliving_asyncio_run_is_spooled_and_written_at_the_nex
     assert_written_once(*asyncio.run(next_start(db_url, spool)))
 
 
+def test_the_exit_waits_for_a_sync_clients_guarded_call_still_out(db_url: str, spool: Path) -> None:
+    """The tracker exits while a worker thread's guarded call waits for its answer, which comes
+    during the exit: the exit waits for it, as for a task's call, and it is settled in the database
+    then, not spooled for the next start (by when another process's sweep may have freed its room)."""
+    asked, answer = threading.Event(), threading.Event()
+
+    async def main() -> Caller:
+        tracker = Tracker(db_url, budgets=BUDGETS, spool_path=spool, shutdown_timeout=WAIT)
+        async with tracker:
+            http = tracker.httpx_sync_client(transport=httpx2.MockTransport(json_handler(asked, answer)))
+            client = openai.OpenAI(api_key="sk-test", max_retries=0, http_client=http)
+            caller = Caller(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+            caller.start()
+            assert await asyncio.to_thread(asked.wait, WAIT)  # reserved, and waiting for its answer
+            asyncio.get_running_loop().call_later(0.2, answer.set)  # while the exit runs
+        return caller
+
+    caller = asyncio.run(main())
+    assert caller.outcome().usage.prompt_tokens == 100
+    assert not spool.exists()
+    assert_written_once(*asyncio.run(next_start(db_url, spool)))
+
+
 def test_an_answer_that_comes_while_asyncio_run_shuts_down_is_kept(db_url: str, spool: Path) -> None:
     """The answer comes after `main()` returned, while `asyncio.run` cancels what is left and waits for
     its executor (held busy until the caller has its answer): the record, made on the loop or in the

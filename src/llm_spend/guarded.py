@@ -50,7 +50,9 @@ class GuardedCall:
         self._recorder, self._reserver = recorder, reserver
         self._pending: _Recording | None = None
         self.task: asyncio.Task[Any] | None = None
-        """The task that entered the guard, while its call holds a reservation."""
+        """The task that entered the guard, while its call holds a reservation; None again for a
+        sync client's call, which its thread holds (the task that entered it on the tracker's loop
+        has ended), and which the tracker's exit waits for all the same."""
         self.max_output_tokens: int | None = None
         """With `clamp_max_tokens`: the output tokens granted when the budget could not pay for the
         request's; the capture transport lowers the request to this."""

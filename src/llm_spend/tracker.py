@@ -256,13 +256,18 @@ class Tracker:
     async def _outstanding(self) -> None:
         """Wait, up to `shutdown_timeout`, for guarded calls still out with a reservation, to settle
         them here rather than from the spool when this process next starts (another's sweep may
-        have freed their room by then). Not for a call of this very task, or of a task that has
-        ended (a stream never closed): they cannot end now. Polled: they may end on other threads'
-        loops, which an asyncio.Event cannot hear."""
+        have freed their room by then): calls of tasks, and sync clients' calls in their threads.
+        Not for a call of this very task, or of a task that has ended (a stream never closed): they
+        cannot end now. Polled: they may end on other threads or loops, which an asyncio.Event
+        cannot hear."""
         me = asyncio.current_task()
 
         def out() -> list[GuardedCall]:
-            return [c for c in list(self._recorder.holding) if c.task is not me and not c.task.done()]
+            return [
+                c
+                for c in list(self._recorder.holding)
+                if c.task is None or (c.task is not me and not c.task.done())
+            ]
 
         if not (calls := out()):
             return

@@ -316,6 +316,16 @@ def _digest(request: Any, raw: bytes) -> bytes:
     return digest.digest()
 
 
+async def _entered_for_a_thread(guard: Any) -> Any:
+    """A sync client's guard, entered on the tracker's loop: its call belongs to the client's
+    thread, not to the task that entered it (which ends now), and the tracker's exit waits for it
+    as for any call still out (`GuardedCall.task`)."""
+    call = await guard.__aenter__()
+    if getattr(call, "task", None) is not None:
+        call.task = None
+    return call
+
+
 def _elapsed_ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
 
@@ -411,7 +421,7 @@ class SpendSyncTransport(_Base):
             raise crossed
         plan = plan_call(*found, raw, self._stream_usage, self._media_allowance)
         guard = self._guard(plan)
-        call = run_on(loop, guard.__aenter__(), here=False)
+        call = run_on(loop, _entered_for_a_thread(guard), here=False)
         started = time.perf_counter()
         try:
             response = self._inner.handle_request(self._prepared(request, plan, call))
