@@ -259,3 +259,28 @@ def test_reprice_keeps_the_cost_of_calls_the_given_prices_do_not_know(
         main([*args, "--fallback-price", "2"])  # not INPUT,OUTPUT: argparse's usage error
     assert main([*args, "--fallback-price", "2,x"]) == 2
     assert "--fallback-price: output must be a number of USD" in capsys.readouterr().err
+
+
+def test_reprice_keeps_the_cost_of_calls_the_apps_overrides_priced(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A call priced by the Tracker's `price_overrides` keeps its cost when the command line (which
+    takes no overrides) reprices the range: it was repriced at genai-prices' rate; the calls beside
+    it that genai-prices priced are repriced as before (here: unchanged)."""
+
+    async def record() -> None:
+        overrides = {"openai/gpt-4o-mini": {"input": 1, "output": 1}}
+        async with Tracker(db_url, price_overrides=overrides) as tracker:
+            await tracker.track(
+                provider="openai", model="gpt-4o-mini", input_tokens=1_000_000, output_tokens=0
+            )
+            await tracker.track(provider="openai", model="gpt-4o", input_tokens=1_000_000, output_tokens=0)
+
+    asyncio.run(record())
+    before = asyncio.run(sums(db_url))
+    assert before["total"] == 1_000_000_000 + 2_500_000_000
+    args = ["reprice", "--url", db_url, "--since", datetime.now(UTC).date().isoformat()]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no call's cost changes" in out and "kept 1 priced calls of openai/gpt-4o-mini" in out
+    assert asyncio.run(sums(db_url)) == before

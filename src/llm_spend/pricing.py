@@ -148,6 +148,8 @@ class Pricer:
         self._entries: dict[tuple[str, str], _Entry | None] = {}
         self._rates: dict[tuple[object, ...], Compiled | None] = {}
         self._layered = self._overrides is not None or self._file is not None
+        self.has_overrides = self._overrides is not None
+        """Whether `price_overrides` were given (rows they priced say "override" in price_source)."""
         self._limits: dict[tuple[object, ...], _Limits | None] = {}
         self._warned: dict[tuple[str, str, str], None] = {}
 

@@ -4,7 +4,8 @@
 override for a model that was unknown) and corrects the rollups by the difference in the same
 transaction, batch by batch, so the rollups keep equalling the ledger's sums. A priced row the Pricer
 has no price for keeps its cost (`ModelChange.kept`): a Pricer without the app's overrides or
-fallback must not turn recorded spend into unknown. Each batch locks the rows it changes (FOR UPDATE
+fallback must not turn recorded spend into unknown. So does a row an override priced, when the
+Pricer has no overrides (the command line's cannot be given any): the app's price stands. Each batch locks the rows it changes (FOR UPDATE
 on PostgreSQL, BEGIN IMMEDIATE on SQLite) and prices them again, so overlapping runs change a row,
 and move its windows, once.
 
@@ -197,6 +198,9 @@ def _priced(rows: Sequence[Any], pricer: Pricer) -> tuple[list[_Update], list[An
     updates, kept = [], []
     for row in rows:
         if row["usage_source"] == "unknown":  # no usage arrived: nothing to price
+            continue
+        if row["price_source"] == "override" and not pricer.has_overrides:
+            kept.append(row)  # the app's own price, which this Pricer (the command line's) has not
             continue
         usage = Usage(**{name: row[name] for name in _USAGE})
         tier = row["service_tier"]
