@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -32,6 +33,7 @@ async def test_healthy_tracker_reports_ok(db_url: str) -> None:
         await tracker.track(provider="openai", model="no-such-model", input_tokens=1, output_tokens=1)
         health = await tracker.health()
     assert health.ok and health.database_ok and health.schema_revision == HEAD_REVISION
+    assert not dataclasses.replace(health, spool_dropped=1).ok  # a call lost (LOST in the log) is not ok
     assert health.pending_reservations == 0 and health.unknown_model_calls_last_day == 1
     assert [(b.description, b.mode, b.active) for b in health.budgets] == [
         ("daily $5 per user_id", "block", True),

@@ -1057,14 +1057,21 @@ async def test_subscribers_get_the_record_of_a_call_that_raised_budget_exceeded(
 
 
 async def test_unsubscribe_stops_delivery(sqlite_url: str, tracker_factory: Factory) -> None:
-    """The callable returned by subscribe() stops further deliveries."""
+    """The callable returned by subscribe() stops further deliveries of its subscription; called
+    again it does nothing (it raised list.remove's ValueError, or would end another subscription
+    of the same callable)."""
     tracker = await tracker_factory(sqlite_url)
     seen: list[CallRecord] = []
     unsubscribe = tracker.subscribe(seen.append)
+    other = tracker.subscribe(seen.append)  # the same callable, subscribed twice: two deliveries
     await tracker.track(**VALID)
     unsubscribe()
+    unsubscribe()
     await tracker.track(**VALID)
-    assert len(seen) == 1
+    assert len(seen) == 3
+    other()
+    await tracker.track(**VALID)
+    assert len(seen) == 3
 
 
 async def test_raising_subscriber_is_logged_and_recording_continues(

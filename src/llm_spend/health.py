@@ -47,8 +47,16 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        """Everything is recorded and enforced: database up, schema current, nothing waiting."""
-        return self.database_ok and self.schema_current and not self.outage and self.spool_files == 0
+        """Everything is recorded and enforced: database up, schema current, nothing waiting, and
+        nothing lost since this process started (`spool_dropped`: calls a full or failing spool could
+        not keep, logged as LOST)."""
+        return (
+            self.database_ok
+            and self.schema_current
+            and not self.outage
+            and self.spool_files == 0
+            and self.spool_dropped == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

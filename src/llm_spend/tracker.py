@@ -348,7 +348,17 @@ class Tracker:
             raise ValueError(f"callback must be callable, got {callback!r}")
         subscribers = self._recorder.subscribers
         subscribers.append(callback)
-        return lambda: subscribers.remove(callback)
+
+        removed = False
+
+        def unsubscribe() -> None:  # this subscription; called again, nothing
+            nonlocal removed
+            if not removed:
+                removed = True
+                with contextlib.suppress(ValueError):
+                    subscribers.remove(callback)
+
+        return unsubscribe
 
     async def track(
         self,

@@ -5,9 +5,9 @@ override for a model that was unknown) and corrects the rollups by the differenc
 transaction, batch by batch, so the rollups keep equalling the ledger's sums. A priced row the Pricer
 has no price for keeps its cost (`ModelChange.kept`): a Pricer without the app's overrides or
 fallback must not turn recorded spend into unknown. So does a row an override priced, when the
-Pricer has no overrides (the command line's cannot be given any): the app's price stands. Each batch locks the rows it changes (FOR UPDATE
-on PostgreSQL, BEGIN IMMEDIATE on SQLite) and prices them again, so overlapping runs change a row,
-and move its windows, once.
+Pricer has no overrides (the command line's cannot be given any): the app's price stands. Each
+batch locks the rows it changes (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite) and prices
+them again, so overlapping runs change a row, and move its windows, once.
 
 A row's windows: every call counts in the global day and month windows (the latest global window
 start at or before its time, so the tracker's time zone need not be given again). A per-tag window
