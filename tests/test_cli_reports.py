@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -485,6 +486,31 @@ def test_a_reversed_date_range_is_a_usage_error(
     assert capsys.readouterr() == ("", f"llm-spend: --until {until} must be after --since {since}\n")
 
 
+@pytest.mark.parametrize("command", [["export"], ["reprice"], ["reprice", "--dry-run"]])
+def test_a_range_starting_after_now_is_a_usage_error(
+    command: list[str], sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--since after today with --until left to its default (now): exit 2 saying so, as a reversed
+    range is (it exited 0 having done nothing)."""
+    asyncio.run(seed_dated(sqlite_url, [1]))
+    since = (datetime.now(UTC) + timedelta(days=2)).date().isoformat()
+    assert main([*command, "--url", sqlite_url, "--since", since]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"llm-spend: --since {since} is after now: give a past day, or --until\n",
+    )
+
+
+def test_a_where_key_given_twice_is_a_usage_error(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--where user_id=a --where user_id=b` kept the last value; all must match, so it is refused."""
+    asyncio.run(seed_dated(sqlite_url, [1]))
+    args = ["report", "--url", sqlite_url, "--where", "user_id=a", "--where", "user_id=b"]
+    assert main(args) == 2
+    assert capsys.readouterr() == ("", "llm-spend: --where names 'user_id' twice\n")
+
+
 def test_prices_explain_names_the_option_of_a_bad_value(capsys: pytest.CaptureFixture[str]) -> None:
     """An empty --provider or --model is a usage error (it was "no price is known", exit 1); a bad
     token count names its option (--cache-read), not Usage's field (cache_read_tokens)."""
@@ -501,6 +527,7 @@ def test_prices_explain_names_the_option_of_a_bad_value(capsys: pytest.CaptureFi
             "--cache-read + --cache-write (10 + 0) must not exceed --input (5)",
         ),
         (["--output", "5", "--reasoning", "9"], "--reasoning (9) must not exceed --output (5)"),
+        (["--batch", "--service-tier", "priority"], "--batch contradicts --service-tier priority"),
     ):
         assert main([*explain, *args]) == 2
         assert capsys.readouterr() == ("", f"llm-spend: {message}\n")

@@ -57,7 +57,10 @@ def until(args: argparse.Namespace) -> datetime:
     """The end of the range --since..--until: --until (exclusive), after --since; else now."""
     if args.until is not None and args.until <= args.since:
         raise ValueError(f"--until {args.until:%Y-%m-%d} must be after --since {args.since:%Y-%m-%d}")
-    return args.until or datetime.now(UTC)
+    end = args.until or datetime.now(UTC)
+    if end <= args.since:  # --until left to its default, now
+        raise ValueError(f"--since {args.since:%Y-%m-%d} is after now: give a past day, or --until")
+    return end
 
 
 def _cells(row: Any) -> dict[str, Any]:

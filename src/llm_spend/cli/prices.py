@@ -94,6 +94,8 @@ def _explain(args: argparse.Namespace) -> int:
     except ValueError as exc:  # it names Usage's fields (cache_read_tokens): name the options instead
         flags = re.sub(r"\b(\w+)_tokens\b", lambda m: f"--{m[1].replace('_', '-')}", str(exc))
         raise ValueError(flags) from None
+    if args.batch and args.service_tier not in (None, "batch"):  # as track(batch=True) refuses it
+        raise ValueError(f"--batch contradicts --service-tier {args.service_tier}")
     pricer = _pricer(args)
     at = args.at or datetime.now(UTC)
     found = pricer.explain(

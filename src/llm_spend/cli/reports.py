@@ -76,6 +76,8 @@ def _where(pairs: Sequence[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--where {pair!r} must be KEY=VALUE")
+        if key in where:  # all must match: two values of one key match nothing
+            raise ValueError(f"--where names {key!r} twice")
         where[key] = value
     check_where(where, "--where")
     return where
