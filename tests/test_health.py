@@ -137,3 +137,16 @@ def test_a_command_on_a_database_that_never_answers_gives_up_with_one_line(
     finally:
         listener.close()
     assert capsys.readouterr().err == f"llm-spend: cannot use --url {url}: no answer within 0.5 s\n"
+
+
+async def test_a_database_error_is_reported_in_one_line(tmp_path: Path) -> None:
+    """A file that is no database: `database_error` is the driver's reason in one line, without
+    SQLAlchemy's SQL, parameters and link (which doctor printed)."""
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    tracker = Tracker(f"sqlite+aiosqlite:///{garbage}", spool_path=tmp_path / "s.spool")
+    health = await tracker.health()
+    await tracker.store.close()
+    assert not health.ok and health.database_error is not None
+    assert "\n" not in health.database_error and "sqlalche.me" not in health.database_error
+    assert "not a database" in health.database_error

@@ -103,7 +103,9 @@ async def check_health(
             revision, held, unknown = await _database(tracker.store if store is None else store)
     except Exception as exc:
         expired = isinstance(exc, TimeoutError) and deadline.expired()
-        error = f"timed out after {timeout:g} s" if expired else f"{type(exc).__name__}: {exc}"
+        cause = getattr(exc, "orig", None) or exc  # the driver's error, not SQLAlchemy's SQL and link
+        first = (str(cause).strip().splitlines() or [""])[0]
+        error = f"timed out after {timeout:g} s" if expired else f"{type(cause).__name__}: {first}"
     current = revision == HEAD_REVISION
     budgets = []
     for rule in tracker.budget_guard.rules:
