@@ -377,6 +377,20 @@ def test_prune_older_than_more_than_100_years_is_refused(
     assert "deleted 0 ledger rows" in capsys.readouterr().out
 
 
+def test_db_upgrade_into_a_folder_that_does_not_exist_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line cannot work as given (exit 2), and says which folder is missing, where it
+    exited 1 with SQLite's "unable to open database file"."""
+    missing = tmp_path / "no-such-folder"
+    url = f"sqlite+aiosqlite:///{missing / 'ledger.db'}"
+    assert main(["db", "upgrade", "--url", url]) == 2
+    folder = f"the folder of the SQLite database file, {missing}, does not exist"
+    message = f"llm-spend: cannot use --url {url}: {folder}\n"
+    assert capsys.readouterr() == ("", message)
+    assert not missing.exists()
+
+
 @pytest.mark.parametrize("command", [["report"], ["db", "upgrade"]])
 def test_a_directory_as_the_sqlite_database_is_one_line_every_time(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

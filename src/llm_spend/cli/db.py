@@ -34,6 +34,9 @@ def check_url(url: str, *, existing: bool) -> None:
     path = database_path(parsed) if parsed.get_backend_name() == "sqlite" else None
     if existing and path is not None and not os.path.exists(path):
         raise UrlError(f"no SQLite database at {path} (`llm-spend db upgrade` creates one)")
+    folder = None if path is None else os.path.dirname(path) or "."
+    if folder is not None and not os.path.isdir(folder):  # SQLite's own word: "unable to open"
+        raise UrlError(f"the folder of the SQLite database file, {folder}, does not exist")
 
 
 def open_store(url: str, *, existing: bool) -> Store:
