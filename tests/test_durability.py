@@ -425,6 +425,16 @@ async def test_calls_spooled_before_the_database_was_known_go_only_to_its_url(
     assert Spool(spool).backlog() == (0, 0)
 
 
+async def out_of_outage(tracker: Tracker) -> None:
+    """Wait for the probe to find the database answering again and replay (its first retries come
+    within a few seconds); fail if it does not within 20 s."""
+    for _ in range(200):
+        if not tracker.outage:
+            return
+        await asyncio.sleep(0.1)
+    assert not tracker.outage
+
+
 @pytest.mark.timeout(120)
 async def test_another_databases_spool_lines_do_not_keep_a_tracker_in_outage(tmp_path: Path) -> None:
     """After an outage, the probe replays this database's calls and leaves outage, though the shared
@@ -441,11 +451,7 @@ async def test_another_databases_spool_lines_do_not_keep_a_tracker_in_outage(tmp
         ours = await track_wave(tracker, 7)
         assert tracker.outage
         set_sqlite_outage(url_b, False)
-        for _ in range(200):  # the probe's first retries come within a few seconds
-            if not tracker.outage:
-                break
-            await asyncio.sleep(0.1)
-        assert not tracker.outage
+        await out_of_outage(tracker)
         assert sorted((await ledger(url_b))["ids"]) == sorted(r.event_id for r in ours)
     assert Spool(spool).backlog()[0] == 1
     async with Tracker(url_a, spool_path=spool):
@@ -473,11 +479,7 @@ async def test_a_database_replaced_at_the_same_url_gets_none_of_the_old_ones_spo
         with sqlite3.connect(sqlite_path(url)) as conn:  # the new database's id
             conn.execute("UPDATE llm_spend_meta SET value = 'replaced' WHERE key = 'database_id'")
         set_sqlite_outage(url, False)
-        for _ in range(200):  # the probe's first retries come within a few seconds
-            if not tracker.outage:
-                break
-            await asyncio.sleep(0.1)
-        assert not tracker.outage
+        await out_of_outage(tracker)
         after = await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1, output_tokens=1)
     assert (await ledger(url))["ids"] == [after.event_id]
     assert any("its id changed" in r.getMessage() for r in caplog.records)
