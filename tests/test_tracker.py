@@ -1077,7 +1077,8 @@ async def test_unsubscribe_stops_delivery(sqlite_url: str, tracker_factory: Fact
 async def test_raising_subscriber_is_logged_and_recording_continues(
     sqlite_url: str, tracker_factory: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A subscriber that raises is logged; track() still returns, the row is stored, others still get it."""
+    """A subscriber that raises (a CancelledError of its own included) is logged; track() still
+    returns, the row is stored, others still get it."""
     tracker = await tracker_factory(sqlite_url)
     seen: list[CallRecord] = []
 
@@ -1087,8 +1088,14 @@ async def test_raising_subscriber_is_logged_and_recording_continues(
     async def broken_async(record: CallRecord) -> None:
         raise KeyError("async subscriber exploded")
 
+    async def cancelled_inside(record: CallRecord) -> None:  # an await of its own, cancelled
+        waiting = asyncio.get_running_loop().create_future()
+        waiting.cancel()
+        await waiting
+
     tracker.subscribe(broken)
     tracker.subscribe(broken_async)
+    tracker.subscribe(cancelled_inside)  # it broke track() with CancelledError, the others skipped
     tracker.subscribe(seen.append)
     with caplog.at_level(logging.ERROR, logger="llm_spend"):
         first = await tracker.track(**VALID)

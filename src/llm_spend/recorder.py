@@ -40,12 +40,19 @@ BATCH: Mapping[str, Any] = {"batch": True}
 
 
 async def _call(callback: Callback, arg: Any, what: str) -> None:
-    """Run a user callback (sync or async); its failure is logged, never raised."""
+    """Run a user callback (sync or async); its failure is logged, never raised. A CancelledError
+    of its own (an await inside it that was cancelled) is a failure too; one that cancels this
+    task goes on."""
     try:
         result = callback(arg)
         if inspect.isawaitable(result):
             await result
     except Exception:
+        logger.exception("llm-spend: %s %r failed", what, callback)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
         logger.exception("llm-spend: %s %r failed", what, callback)
 
 
