@@ -136,6 +136,26 @@ def test_budgets_lists_current_windows(sqlite_url: str, capsys: pytest.CaptureFi
     ]  # fmt: skip
 
 
+def test_budgets_of_a_tracker_in_another_zone_say_which_zone_they_looked_in(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tracker at UTC+14 starts its windows at its own midnight: `budgets` without its
+    `--timezone` finds none of them, and says in which zone it looked and what to give."""
+
+    async def run() -> None:
+        async with Tracker(sqlite_url, timezone="Pacific/Kiritimati") as tracker:
+            await tracker.track(provider="openai", model="gpt-4o", input_tokens=1000, output_tokens=10)
+
+    asyncio.run(run())
+    assert main(["budgets", "--url", sqlite_url]) == 0
+    assert capsys.readouterr().out == (
+        "nothing recorded in the current day or month windows of UTC "
+        "(give --timezone if the tracker's zone is another)\n"
+    )
+    assert main(["budgets", "--url", sqlite_url, "--timezone", "Pacific/Kiritimati"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["day", "month"]
+
+
 REPORT_SNAPSHOT = """\
 model        user_id       cost_usd  calls  input_tokens  output_tokens  cache_read_tokens  cache_write_tokens  reasoning_tokens  unknown_cost_calls
 -----------  ------------  --------  -----  ------------  -------------  -----------------  ------------------  ----------------  ------------------

@@ -161,8 +161,11 @@ async def _budgets(args: argparse.Namespace) -> int:
         return await _limits(args, tz)
     async with ledger(args.url) as store:
         windows = await current_windows(store, tz, now=datetime.now(UTC), top=args.top)
-    if not windows:
-        print("nothing recorded in the current day or month windows")
+    if not windows:  # windows start at the tracker's midnight: another zone's are other rows
+        print(
+            f"nothing recorded in the current day or month windows of {tz.key}"
+            + ("" if args.timezone != "UTC" else " (give --timezone if the tracker's zone is another)")
+        )
         return 0
     header = ["period", "window", "scope", "spent_usd", "reserved_usd", "calls"]
     table = [
