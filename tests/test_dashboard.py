@@ -391,3 +391,22 @@ async def test_the_tags_page_says_it_shows_the_top_500_values_and_keeps_the_no_k
     assert rows[-1][:2] == ["(no user_id)", "1"]
     assert "Showing the top 500 of 502 values of user_id" in many.text
     assert [row[0] for row in cells(few.text, "tag-values")] == ["u000"] and 'id="cut"' not in few.text
+
+
+@pytest.mark.parametrize("budgets", [[], [Budget.per_call(5)]], ids=["no budgets", "a per-call budget"])
+async def test_budgets_without_a_day_or_month_budget_list_the_windows_in_force(
+    sqlite_url: str, budgets: list[Budget]
+) -> None:
+    """No day or month budget: /budgets lists today's and this month's windows as recorded, also
+    when a per-call budget is configured (it said "Nothing recorded today or this month")."""
+    async with Tracker(sqlite_url, budgets=budgets) as tracker:
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=40_000, output_tokens=500)
+        app = create_app(tracker, authorize=allow)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://t", headers={"x-key": "yes"}
+        ) as c:
+            page = (await c.get("/budgets")).text
+    assert [(row[0], row[3], row[5]) for row in cells(page, "windows")] == [
+        ("day", "$0.1050", "1"),
+        ("month", "$0.1050", "1"),
+    ]

@@ -183,7 +183,7 @@ class Pages:
 
     async def budgets(self, request: Request) -> Response:
         statuses = await self.budgets_now(top=50)
-        windows = [] if self.tracker.budget_guard.rules else await current_windows(
+        windows = [] if statuses else await current_windows(  # no day or month budget (per-call ones)
             self.store, self.tz, now=datetime.now(UTC)
         )  # fmt: skip
         return self.render(request, "budgets.html", title="Budgets", statuses=statuses, windows=windows)
