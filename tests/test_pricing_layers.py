@@ -46,6 +46,19 @@ def test_precedence_override_then_file_then_genai_prices(tmp_path: Path) -> None
     assert other.source is not None and other.source.startswith("genai-prices")
 
 
+def test_a_key_matches_snapshots_with_a_four_digit_suffix_too() -> None:
+    """OpenAI's older snapshots end in -MMDD (gpt-3.5-turbo-0125): a key for the model prices them
+    (genai-prices did, at its own rate); the name as called is tried before its base."""
+    pricer = Pricer(
+        price_overrides={"gpt-3.5-turbo": {"input": 1, "output": 1}, "gpt-4-0613": {"input": 7, "output": 7}}
+    )
+    usage = Usage(input_tokens=1_000_000, output_tokens=0)
+    snapshot = pricer.price("openai", "gpt-3.5-turbo-0125", usage, at=AT)
+    assert (snapshot.amount, snapshot.source, snapshot.model_id) == (Decimal(1), "override", "gpt-3.5-turbo")
+    exact = pricer.price("openai", "gpt-4-0613", usage, at=AT)
+    assert (exact.amount, exact.model_id) == (Decimal(7), "gpt-4-0613")
+
+
 def test_flat_rates_apply_cache_buckets(tmp_path: Path) -> None:
     """Cache reads, 5-minute and 1-hour writes each take their own rate; absent rates default to input."""
     pricer = Pricer(
@@ -83,6 +96,13 @@ def test_flat_rates_apply_cache_buckets(tmp_path: Path) -> None:
         ('{"m": 3}', "rates must be a mapping"),
         ('{"m": {"input": "1e13", "output": 2}}', "input must be at most 1,000,000 USD per 1M tokens"),
         ('{"m": {"input": 1, "output": "1E+999999"}}', "output must be at most 1,000,000 USD per 1M tokens"),
+        ('{"openai/": {"input": 1, "output": 2}}', "'openai/': a key must be 'model' or 'provider/model'"),
+        ('{"/gpt-4o": {"input": 1, "output": 2}}', "'/gpt-4o': a key must be 'model' or 'provider/model'"),
+        ('{"a/b/": {"input": 1, "output": 2}}', "'a/b/': a key must be 'model' or 'provider/model'"),
+        (
+            '{"GPT-4o": {"input": 1, "output": 2}, "gpt-4o": {"input": 5, "output": 5}}',
+            "'gpt-4o': the same key as 'GPT-4o' (keys are not case-sensitive)",
+        ),
     ],
     ids=[
         "json",
@@ -94,6 +114,10 @@ def test_flat_rates_apply_cache_buckets(tmp_path: Path) -> None:
         "not-rates",
         "huge",
         "huger",
+        "no-model",
+        "no-provider",
+        "empty-part",
+        "same-key-in-another-case",
     ],
 )
 def test_malformed_prices_file_is_a_clear_error_at_start(tmp_path: Path, content: str, problem: str) -> None:

@@ -14,7 +14,9 @@ Both map a model to flat rates in USD per 1M tokens::
       cache_write_1h: 6            # optional; default: cache_write
 
 A key matches the model id as called and its dated snapshots (gpt-4o-mini-2024-07-18, claude-3-5-
-sonnet-20241022). Reasoning tokens are output. Flat rates know no tiers, service tiers or batch prices.
+sonnet-20241022, gpt-3.5-turbo-0125): the model as called before its base name, and at each, a
+provider-qualified key before a bare one. Keys are not case-sensitive. Reasoning tokens are
+output. Flat rates know no tiers, service tiers or batch prices.
 A malformed table is a `PricesFileError` naming the file, the key and the problem.
 """
 
@@ -43,11 +45,12 @@ logger = logging.getLogger("llm_spend")
 
 FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
 _MILLION = Decimal(1_000_000)
-_DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
+_DATED = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
 
 
 def base_model(model: str) -> str:
-    """The model id without a dated-snapshot suffix: gpt-4o-mini-2024-07-18 -> gpt-4o-mini."""
+    """The model id without a dated-snapshot suffix: gpt-4o-mini-2024-07-18 -> gpt-4o-mini,
+    claude-3-5-sonnet-20241022 -> claude-3-5-sonnet, gpt-3.5-turbo-0125 -> gpt-3.5-turbo."""
     return _DATED.sub("", model)
 
 
@@ -115,9 +118,12 @@ def parse_rates(table: object, origin: str) -> dict[str, Rates]:
             origin, None, f"must be a mapping of model to rates, got {type(table).__name__}"
         )
     parsed: dict[str, Rates] = {}
+    spelled: dict[str, str] = {}
     for key, fields in table.items():
-        if not isinstance(key, str) or not key.strip() or (key.count("/") > 1 and not key.split("/", 1)[1]):
-            raise PricesFileError(origin, key, "a key must be 'model' or 'provider/model'")
+        if not isinstance(key, str) or not all(part.strip() for part in key.split("/")):
+            raise PricesFileError(origin, key, "a key must be 'model' or 'provider/model'")  # no empty part
+        if (other := spelled.setdefault(key.lower(), key)) != key:
+            raise PricesFileError(origin, key, f"the same key as {other!r} (keys are not case-sensitive)")
         if not isinstance(fields, Mapping):
             raise PricesFileError(origin, key, f"rates must be a mapping, got {type(fields).__name__}")
         unknown = sorted(set(map(str, fields)) - set(FIELDS))
