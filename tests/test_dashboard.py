@@ -126,6 +126,25 @@ async def test_authorize_refusals_are_401_or_403_and_show_nothing(sqlite_url: st
     assert allowed.status_code == 200 and "gpt-4o" in allowed.text
 
 
+async def test_the_pages_of_sums_leave_out_the_issue_filter_rather_than_show_it_unapplied(
+    client: tuple[httpx.AsyncClient, list[CallRecord]],
+) -> None:
+    """`issue=` selects calls (on /calls); the overview, models and tags pages showed it as an active
+    filter while summing every call. They leave it out: the same figures, no chip for it."""
+    c, _ = client
+    for page, table in (("/spend/models", "models"), ("/spend/tags", "tag-keys")):
+        plain = await c.get(page)
+        with_issue = await c.get(page, params={"issue": "unknown_price"})
+        assert cells(with_issue.text, table) == cells(plain.text, table)
+        assert 'class="chip"' not in with_issue.text
+    overview = await c.get("/spend/", params={"issue": "unknown_price"})
+    assert 'class="chip"' not in overview.text
+    calls = await c.get("/spend/calls", params={"issue": "unknown_price"})
+    [row] = cells(calls.text, "calls")
+    assert row[1] == "mystery acme"
+    assert 'class="chip"' in calls.text
+
+
 async def test_every_page_renders_the_ledger(client: tuple[httpx.AsyncClient, list[CallRecord]]) -> None:
     """Overview total, models, tag keys and values, budgets, data quality and paginated calls all match
     the seeded calls, on SQLite and PostgreSQL."""

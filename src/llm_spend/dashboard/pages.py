@@ -123,8 +123,13 @@ class Pages:
 
     # -- pages --------------------------------------------------------------------------------------
 
+    def totals_filters(self, request: Request) -> Filters:
+        """The filters of a page of sums (overview, models, tags): all but `issue`, which selects
+        calls (the calls page, the CSV) and is dropped here rather than shown and not applied."""
+        return replace(self.filters(request), issue=None)
+
     async def overview(self, request: Request) -> Response:
-        f = self.filters(request)
+        f = self.totals_filters(request)
         [total], [before] = await self.report(f), await self.report(f.previous())
         period = "day" if f.days <= 92 else "month"
         series = {row.key[0]: row.cost for row in await self.report(f, period)}
@@ -162,18 +167,18 @@ class Pages:
         )
 
     async def models(self, request: Request) -> Response:
-        f = self.filters(request)
+        f = self.totals_filters(request)
         rows = by_cost(await self.report(f, "provider", "model"))
         return self.render(request, "models.html", filters=f, title="Models", rows=rows, top=_top(rows))
 
     async def tags(self, request: Request) -> Response:
-        f = self.filters(request)
+        f = self.totals_filters(request)
         if f.key is None:
             keys = await find_tag_keys(self.store, self.conditions(f), limit=TAG_KEYS + 1)
             return self.render(request, "tags.html", filters=f, title="Tags", keys=keys[:TAG_KEYS],
                                more_keys=len(keys) > TAG_KEYS, rows=[], top=0)  # fmt: skip
         rows = await self.report(f, f.key, limit=TAG_VALUES + 1)
-        spread = await tag_spread(self.store, self.conditions(f, issue=False), f.key)
+        spread = await tag_spread(self.store, self.conditions(f), f.key)
         values = [row for row in by_cost(rows) if row.key[0] is not None][:TAG_VALUES]
         rows = by_cost(values + ([spread.without] if spread.without else []))
         return self.render(
