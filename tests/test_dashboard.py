@@ -221,6 +221,8 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
     ("query", "message"),
     [
         ({"from": "2026-02-30"}, "from must be a date"),
+        ({"from": "20260101"}, "from must be a date such as 2026-11-30"),  # ISO, but not YYYY-MM-DD
+        ({"to": "2026-W01-1"}, "to must be a date such as 2026-11-30"),
         ({"from": "2020-01-01", "to": "2026-01-01"}, "longer than 366 days"),
         ({"from": "2025-01-01", "to": "2026-01-02"}, "longer than 366 days"),  # 367 days
         ({"page": "\u00b2"}, "page must be"),  # a superscript two: isdigit() but not int()

@@ -171,11 +171,16 @@ def _text(params: Any, name: str, limit: int) -> str | None:
     return values[0]
 
 
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+
+
 def _date(params: Any, name: str) -> date | None:
     text = _text(params, name, 10)
     if text is None:
         return None
     try:
+        if not _DAY.fullmatch(text):  # fromisoformat takes 20261130 and 2026-W48-1 too
+            raise ValueError(text)
         day = date.fromisoformat(text)
     except ValueError:
         raise BadFilter(f"{name} must be a date such as 2026-11-30, got {text!r}") from None
