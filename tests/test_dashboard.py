@@ -156,6 +156,8 @@ async def test_every_page_renders_the_ledger(client: tuple[httpx.AsyncClient, li
     models = cells((await c.get("/spend/models")).text, "models")
     assert [(row[1], row[2]) for row in models][:1] == [("gpt-4o", "2")]
     assert sorted(row[1] for row in models) == ["gpt-4o", "gpt-4o-mini", "mystery"]
+    [mystery] = [row for row in models if row[1] == "mystery"]
+    assert (mystery[7], mystery[9]) == ("unknown", "1")  # not "$0": its price is unknown
     keys = cells((await c.get("/spend/tags")).text, "tag-keys")
     assert keys == [["user_id", "5"], ["feature", "2"], ["note", "1"]]
     users = cells((await c.get("/spend/tags", params={"key": "user_id"})).text, "tag-values")
