@@ -433,3 +433,21 @@ async def test_budgets_without_a_day_or_month_budget_list_the_windows_in_force(
         ("day", "$0.1050", "1"),
         ("month", "$0.1050", "1"),
     ]
+
+
+async def test_the_overview_counts_the_unpriced_calls_of_the_period_before(sqlite_url: str) -> None:
+    """The period before held one call, of unknown price: the spend card said "nothing in the 30
+    days before" beside "1 before" in the calls card; it says $0 + 1 unpriced."""
+    async with Tracker(sqlite_url) as tracker:
+        before = tracker._recorder.build(
+            provider="acme", model="mystery", usage=Usage(input_tokens=10, output_tokens=10),
+            usage_source="manual", tags={}, occurred_at=datetime.now(UTC) - timedelta(days=40),
+        )  # fmt: skip
+        await tracker.store.write(
+            [PendingWrite(before, tracker.budget_guard.windows({}, before.occurred_at))]
+        )
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            page = (await c.get("/")).text
+    assert "nothing in the 30 days before" not in page
+    assert "$0 + 1 unpriced in the 30 days before" in page
