@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .budgets import describe
-from .storage.store import HEAD_REVISION, Store
+from .storage.store import HEAD_REVISION, Store, driver_error
 
 if TYPE_CHECKING:
     from .tracker import Tracker
@@ -103,8 +103,7 @@ async def check_health(
             revision, held, unknown = await _database(tracker.store if store is None else store)
     except Exception as exc:
         expired = isinstance(exc, TimeoutError) and deadline.expired()
-        cause = getattr(exc, "orig", None) or exc  # the driver's error, not SQLAlchemy's SQL and link
-        first = (str(cause).strip().splitlines() or [""])[0]
+        cause, first = driver_error(exc)
         error = f"timed out after {timeout:g} s" if expired else f"{type(cause).__name__}: {first}"
     current = revision == HEAD_REVISION
     budgets = []

@@ -19,8 +19,9 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
+from ..storage.store import driver_error
 from . import db, doctor, ledger, prices, reports
 from .db import UrlError
 
@@ -95,8 +96,8 @@ def _cannot_use(args: argparse.Namespace, exc: BaseException) -> str:
     """One line naming the --url (its password hidden) and the reason, without SQLAlchemy's SQL."""
     if isinstance(exc, OSError) and exc.filename is not None:  # a local file, not the database
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
-    cause: Any = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    reason = (str(cause).strip().splitlines() or [""])[0] or type(cause).__name__
+    cause, reason = driver_error(exc)
+    reason = reason or type(cause).__name__
     if isinstance(cause, TimeoutError):  # asyncpg's connect timeout says nothing more
         reason = f"no answer within {db.CONNECT_TIMEOUT:g} s"
     url = getattr(args, "url", None)

@@ -46,7 +46,16 @@ from .rows import (
 from .schema import UTCDateTime, calls, meta, reservations, rollups
 from .sqlite_file import SQLiteFile, database_path
 
-__all__ = ["ASYNC_URLS", "HEAD_REVISION", "PendingWrite", "Refusal", "Store", "WindowKey", "parse_url"]
+__all__ = [
+    "ASYNC_URLS",
+    "HEAD_REVISION",
+    "PendingWrite",
+    "Refusal",
+    "Store",
+    "WindowKey",
+    "driver_error",
+    "parse_url",
+]
 
 HEAD_REVISION = "0002"
 """The newest migration in migrations/versions (a test pins it to Alembic's own head)."""
@@ -102,6 +111,13 @@ def parse_url(url: object) -> URL:
             f"url: not an async SQLite or PostgreSQL URL (expected {ASYNC_URLS}), got {parsed!r}"
         )
     return parsed
+
+
+def driver_error(exc: BaseException) -> tuple[BaseException, str]:
+    """The driver's error behind a SQLAlchemy one (else `exc`), and the first line of what it says:
+    the reason, without SQLAlchemy's SQL, parameters and link."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return cause, (str(cause).strip().splitlines() or [""])[0]
 
 
 class Store:
