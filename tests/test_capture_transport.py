@@ -393,6 +393,32 @@ async def test_the_input_bound_is_worked_out_only_for_a_tracker_that_reserves(ur
     assert (row["input_tokens"], row["output_tokens"], row["pricing_status"]) == (100, 20, "priced")
 
 
+class _OlderGuard:
+    """A tracker whose `guard` has the signature before `choices` (a TrackerLike written then)."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker, self.reserves = tracker, tracker.reserves
+
+    def guard(
+        self, *, provider: str, model: str, input_tokens: int, max_output_tokens: int | None = None
+    ) -> Any:
+        return self.tracker.guard(
+            provider=provider, model=model, input_tokens=input_tokens, max_output_tokens=max_output_tokens
+        )
+
+
+async def test_a_guard_without_choices_serves_requests_for_one_answer(url: str) -> None:
+    """Capture names `choices` to the guard only for a request of several answers: a guard of the
+    older signature still records the others (bench/capture.py's stub is one)."""
+    async with Tracker(url, budgets=[Budget.daily(10, mode="block")]) as tracker:
+        http = async_client(_OlderGuard(tracker), transport=FakeProviderTransport(usage=USAGE))  # type: ignore[arg-type]
+        body = {"model": "gpt-4o-mini", "messages": MESSAGES, "n": 1}
+        assert (await http.post(CHAT_URL, json=body)).status_code == 200
+        with pytest.raises(TypeError, match="choices"):
+            await http.post(CHAT_URL, json={**body, "n": 3})
+    assert [row["input_tokens"] for row in await table(tracker)] == [USAGE.input_tokens]
+
+
 @pytest.mark.parametrize("mode", ["raise", "block"])
 @pytest.mark.parametrize(
     "answer",
