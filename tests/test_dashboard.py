@@ -124,6 +124,10 @@ async def test_authorize_refusals_are_401_or_403_and_show_nothing(sqlite_url: st
         assert "gpt-4o" not in response.text and "$" not in response.text
     assert odd.status_code == 500
     assert allowed.status_code == 200 and "gpt-4o" in allowed.text
+    # Starlette answers a server error from outside every middleware: the page sets its own headers
+    assert "default-src 'none'" in odd.headers["content-security-policy"]
+    assert odd.headers["cache-control"] == "no-store" and odd.headers["x-content-type-options"] == "nosniff"
+    assert "text/html" in odd.headers["content-type"] and "the server log has the error" in odd.text
 
 
 async def test_the_pages_of_sums_leave_out_the_issue_filter_rather_than_show_it_unapplied(

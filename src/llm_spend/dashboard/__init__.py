@@ -88,7 +88,11 @@ def create_app(
     return Starlette(
         routes=routes,
         middleware=[Middleware(_Gate, authorize=authorize, pages=pages)],
-        exception_handlers={HTTPException: _http_error(pages), BadFilter: _bad_filter(pages)},
+        exception_handlers={
+            HTTPException: _http_error(pages),
+            BadFilter: _bad_filter(pages),
+            Exception: _server_error(pages),
+        },
     )
 
 
@@ -103,6 +107,19 @@ def _http_error(pages: Pages) -> Callable[[Request, Exception], Response]:
 def _bad_filter(pages: Pages) -> Callable[[Request, Exception], Response]:
     def handle(request: Request, exc: Exception) -> Response:
         return pages.error(request, 400, str(exc))
+
+    return handle
+
+
+def _server_error(pages: Pages) -> Callable[[Request, Exception], Response]:
+    """The 500 page. Starlette sends it from outside every middleware (the exception still reaches
+    the server's log), so it carries the security headers itself."""
+
+    def handle(request: Request, exc: Exception) -> Response:
+        response = pages.error(request, 500, "The dashboard failed to answer; the server log has the error.")
+        for name, value in SECURITY_HEADERS:
+            response.headers[name.decode()] = value.decode()
+        return response
 
     return handle
 
