@@ -455,3 +455,24 @@ async def test_the_overview_counts_the_unpriced_calls_of_the_period_before(sqlit
             page = (await c.get("/")).text
     assert "nothing in the 30 days before" not in page
     assert "$0 + 1 unpriced in the 30 days before" in page
+
+
+async def test_the_overview_shows_the_global_budgets_before_per_tag_ones(sqlite_url: str) -> None:
+    """The overview shows 8 budget bars. Configured after three per-tag budgets whose top windows
+    filled all 8, the global budget was left out; global budgets now come first, and a link says
+    there are more on /budgets, which lists them all."""
+    budgets = [Budget.daily(1, per=key) for key in ("user_id", "team", "feature")] + [Budget.monthly(100)]
+    async with Tracker(sqlite_url, budgets=budgets) as tracker:
+        for i in range(3):
+            tags = {"user_id": f"u{i}", "team": f"t{i}", "feature": f"f{i}"}
+            await tracker.track(
+                provider="openai", model="gpt-4o", input_tokens=1_000, output_tokens=10, tags=tags
+            )
+        app = create_app(tracker, public=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            overview, every = (await c.get("/")).text, (await c.get("/budgets")).text
+    assert "monthly $100" in overview and "More budgets on the Budgets page" in overview
+    assert overview.index("monthly $100") < overview.index("daily $1 per user_id")
+    assert "daily $1 per feature: f2" not in overview  # the ninth per-tag bar, left to /budgets
+    assert all(f"daily $1 per {key}: {key[0]}" in every for key in ("user_id", "team", "feature"))
+    assert "monthly $100" in every and "daily $1 per feature: f2" in every

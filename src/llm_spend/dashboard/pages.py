@@ -47,6 +47,8 @@ _TIME = "%Y-%m-%d %H:%M:%S"
 TAG_VALUES = 500
 """The tags page lists this many values of a key, the costliest, and says so when there are more."""
 TAG_KEYS = 200
+OVERVIEW_BARS = 8
+"""The overview shows this many budget bars, the global budgets first; /budgets lists them all."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -136,6 +138,8 @@ class Pages:
         labels = _labels(f, period)
         keys = await find_tag_keys(self.store, self.conditions(f), limit=3)
         top_tags = [(key, by_cost(await self.report(f, key, limit=5))) for key, _ in keys]
+        # the global budgets first (stable: in configuration order), so per-tag ones never crowd them out
+        budgets = sorted(await self.budgets_now(top=3), key=lambda s: s.scope_value is not None)
         return self.render(
             request, "overview.html", filters=f, title="Overview", total=total, before=before,
             change=svg.percent_change(total.cost, before.cost), period=period,
@@ -143,7 +147,7 @@ class Pages:
                 [(label, series.get(label, Decimal(0))) for label in labels],
                 short=(lambda label: label[5:]) if period == "day" else str,
             ),
-            budgets=(await self.budgets_now(top=3))[:8],
+            budgets=budgets[:OVERVIEW_BARS], more_budgets=len(budgets) > OVERVIEW_BARS,
             models=by_cost(await self.report(f, "model", limit=6)),
             top_tags=top_tags,
         )  # fmt: skip
