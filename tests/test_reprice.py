@@ -284,3 +284,44 @@ def test_reprice_keeps_the_cost_of_calls_the_apps_overrides_priced(
     out = capsys.readouterr().out
     assert "no call's cost changes" in out and "kept 1 priced calls of openai/gpt-4o-mini" in out
     assert asyncio.run(sums(db_url)) == before
+
+
+def test_a_call_whose_price_source_alone_changes_is_relabelled_not_counted_as_changed(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Priced by an older genai-prices at the same rate, a call's cost stays; reprice names the new
+    source on its row but does not list it among the calls whose cost changed (it did, at $0)."""
+
+    async def pricing() -> tuple[int, str]:
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                cost, source = (await conn.execute(select(calls.c.cost_nanousd, calls.c.price_source))).one()
+        finally:
+            await engine.dispose()
+        return cost, source
+
+    async def record_and_age() -> tuple[int, str]:
+        async with Tracker(db_url) as tracker:
+            await tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=1000, output_tokens=100)
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                cost, source = (await conn.execute(select(calls.c.cost_nanousd, calls.c.price_source))).one()
+                await conn.execute(calls.update().values(price_source="genai-prices 0.0.1"))
+        finally:
+            await engine.dispose()
+        return cost, source
+
+    cost, source = asyncio.run(record_and_age())
+    today = datetime.now(UTC).date().isoformat()
+    args = ["reprice", "--url", db_url, "--since", today]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "no call's cost changes" in out and "would name the new price source of 1 calls" in out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no call's cost changes" in out and "named the new price source of 1 calls" in out
+    assert asyncio.run(pricing()) == (cost, source)
+    assert main(args) == 0
+    assert "price source" not in capsys.readouterr().out  # nothing left to relabel

@@ -146,6 +146,10 @@ async def _reprice(args: argparse.Namespace) -> int:
             unknown = f"{c.unknown_before}->{c.unknown_after}"
             print(f"{c.provider:<14}{c.model:<40}{c.calls:>8}{before:>14}{after:>14}{unknown:>10}")
         print(f"{'would change' if args.dry_run else 'changed'} {sum(c.calls for c in changes)} calls")
+    relabelled = sum(c.relabelled for c in found)
+    if relabelled:
+        verb = "would name" if args.dry_run else "named"
+        print(f"{verb} the new price source of {relabelled} calls whose cost stays the same")
     kept = [c for c in found if c.kept]
     for c in kept:
         print(f"kept {c.kept} priced calls of {c.provider}/{c.model}: these prices have none for it")

@@ -76,7 +76,8 @@ _SUMMED = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 @dataclass
 class ModelChange:
     """What re-pricing changes for one (provider, model): calls whose cost changed, nano-USD before/after;
-    `kept`: priced calls the Pricer has no price for, left at their recorded cost."""
+    `kept`: priced calls the Pricer has no price for, left at their recorded cost; `relabelled`: calls
+    whose cost stays and whose price source alone changed (updated too, not counted in `calls`)."""
 
     provider: str
     model: str
@@ -86,6 +87,7 @@ class ModelChange:
     unknown_before: int = 0
     unknown_after: int = 0
     kept: int = 0
+    relabelled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +221,9 @@ def _tally(changes: dict[tuple[str, str], ModelChange], updates: list[_Update], 
 
     for u in updates:
         c = change(u.row)
+        if (u.cost, u.status) == (u.row["cost_nanousd"], u.row["pricing_status"]):
+            c.relabelled += 1
+            continue
         c.calls += 1
         c.before_nanousd += u.row["cost_nanousd"] or 0
         c.after_nanousd += u.cost or 0
