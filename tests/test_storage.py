@@ -872,3 +872,42 @@ def test_a_start_on_the_newest_schema_does_not_load_alembic(sqlite_url: str) -> 
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert first.stdout.strip() == "True"  # the first start migrated
     assert second.stdout.strip() == "False"
+
+
+async def test_a_postgresql_write_returns_only_the_totals_a_budget_judges(pg_url: str) -> None:
+    """PostgreSQL: a tracker's writes bring back a window's total only once it reached the smallest
+    limit of a budget on such windows (below it no budget judges it, and reading it back cost each
+    write's lane its answer's rows); a window no budget watches never comes back. The budgets judge
+    as before: a user's crossing raises and marks the user's block window exhausted, and the global
+    crossing notifies."""
+    crossings: list[Any] = []
+    budgets = [
+        llm_spend.Budget.daily(Decimal("0.1"), mode="notify"),
+        llm_spend.Budget.daily(Decimal("0.05"), per="user_id", mode="raise"),
+        llm_spend.Budget.daily(Decimal("0.06"), per="user_id", mode="block"),
+    ]
+    async with Tracker(pg_url, budgets=budgets, on_exceeded=crossings.append) as tracker:
+        assert tracker.store.watch == {("day", ""): 100_000_000, ("day", "user_id"): 50_000_000}
+
+        async def write(user: str, input_tokens: int, output_tokens: int) -> Any:
+            usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+            record = tracker._recorder.build(
+                provider="openai", model="gpt-4o", usage=usage, usage_source="manual", tags={"user_id": user}
+            )
+            windows = tracker.budget_guard.windows(record.tags, record.occurred_at)
+            assert len(windows) == 3  # the global day and month, the user's day
+            [view] = await tracker.store.write([PendingWrite(record, windows)])
+            return windows, view
+
+        assert (await write("ann", 4_000, 50))[1] == {}  # $0.0105: under every limit
+        with pytest.raises(llm_spend.BudgetExceeded) as raised:  # $0.0525 more for ann
+            await tracker.track(provider="openai", model="gpt-4o", input_tokens=20_000, output_tokens=250,
+                                tags={"user_id": "ann"})  # fmt: skip
+        assert raised.value.scope_value == "ann" and raised.value.spent == Decimal("0.063")
+        assert tracker.preflight({"user_id": "ann"}) is not None  # $0.063 >= $0.06: exhausted
+        assert crossings == []
+        await tracker.track(provider="openai", model="gpt-4o", input_tokens=16_000, output_tokens=200,
+                            tags={"user_id": "bob"})  # fmt: skip  # $0.042: the global day to $0.105
+        assert [(c.scope_value, c.spent) for c in crossings] == [(None, Decimal("0.105"))]
+        windows, view = await write("bob", 100, 1)  # $0.00026
+        assert view == {windows[0]: 105_260_000}  # the global day alone: bob's is under $0.05

@@ -86,6 +86,16 @@ class Guard:
                 keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
         return tuple(keys)
 
+    def watched(self) -> dict[tuple[str, str], int]:
+        """(period, scope key) -> the smallest limit of a day or month budget on such windows:
+        below it, a window's total gives `after` nothing to judge (`Store.watch`)."""
+        watched: dict[tuple[str, str], int] = {}
+        for rule in self.rules:
+            key = (rule.budget.period, rule.scope_key)
+            if key[0] != "call" and rule.limit_nanousd < watched.get(key, rule.limit_nanousd + 1):
+                watched[key] = rule.limit_nanousd
+        return watched
+
     @property
     def reserves(self) -> bool:
         """Whether any budget is in block mode (calls may reserve)."""

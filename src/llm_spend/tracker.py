@@ -157,6 +157,7 @@ class Tracker:
             price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
         )
         self.budget_guard = Guard(resolve_rules(budgets, mode), tz=self.timezone, store=self.store)
+        self.store.watch = self.budget_guard.watched()
         self._reserver = Reserver(
             self.budget_guard,
             self.pricer,

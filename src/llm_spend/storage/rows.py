@@ -163,8 +163,9 @@ def spent_after(
 ) -> list[dict[WindowKey, int] | None]:
     """Replay the batch in order from each window's total before it, giving each item's view.
 
-    `totals`: each window's spent right after the batch. A call counts once (its first copy in the
-    batch, and only if `inserted`), as `rollup_deltas` counts it."""
+    `totals`: each window's spent right after the batch (a window left out is left out of the views:
+    its total is below what any budget judges). A call counts once (its first copy in the batch, and
+    only if `inserted`), as `rollup_deltas` counts it."""
     running = dict(totals)
     seen: set[str] = set()
     for item in batch:  # back to the totals before the batch
@@ -173,7 +174,8 @@ def spent_after(
             seen.add(event_id)
             cost = item.record.cost_nanousd or 0
             for key in item.windows:
-                running[key] -= cost
+                if key in running:
+                    running[key] -= cost
     results: list[dict[WindowKey, int] | None] = []
     seen.clear()
     for item in batch:
@@ -185,8 +187,9 @@ def spent_after(
         cost = item.record.cost_nanousd or 0
         view = {}
         for key in item.windows:
-            running[key] += cost
-            view[key] = running[key]
+            if key in running:
+                running[key] += cost
+                view[key] = running[key]
         results.append(view)
     return results
 

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -157,6 +157,10 @@ class Store:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        self.watch: Mapping[tuple[str, str], int] | None = None
+        """(period, scope key) -> the smallest limit of a day or month budget on such windows
+        (`Guard.watched`): a PostgreSQL write then returns a window's total only once it reached
+        that, below which no budget has anything to judge. None: every total comes back."""
 
     async def warm(self) -> None:
         """Ready the connections and statements of the hot writes before the first call needs them."""
@@ -239,7 +243,8 @@ class Store:
         if self._file is not None:
             return await self._file.write(batch)
         if self._pg is not None:
-            inserted, totals = await self._drivers.run("writes", functools.partial(write_batch, batch=batch))
+            write = functools.partial(write_batch, batch=batch, watch=self.watch)
+            inserted, totals = await self._drivers.run("writes", write)
             return spent_after(batch, inserted, totals)
         try:
             return await self._write(batch, fast=self.dialect == "sqlite")
