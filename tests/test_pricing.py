@@ -14,6 +14,7 @@ import pytest
 from genai_prices.data import providers as bundled_providers
 
 from llm_spend.money import to_nanousd
+from llm_spend.price_rates import ceilings, max_rate
 from llm_spend.pricing import Cost, Pricer
 from llm_spend.usage import Usage
 
@@ -389,6 +390,22 @@ def test_bound_uses_the_highest_rate_the_input_can_reach(pricer: Pricer) -> None
     long = pricer.bound("anthropic", "claude-sonnet-4-5", input_tokens=300_000, output_tokens=0, at=AT)
     assert long.amount == 300_000 * Decimal(12) / 1_000_000
     assert long.status == "priced" and long.model_id == "claude-sonnet-4-5"
+
+
+def test_the_ceilings_give_the_highest_rate_any_tier_the_input_reaches() -> None:
+    """`max_rate` over `ceilings` (made once per model and day) is the highest rate of the tiers
+    whose start the input passes, as scanning every tier finds it, for tiers in any order and rates
+    that fall as well as rise past a start."""
+    rng = random.Random(20261207)
+    for _ in range(2000):
+        rates = tuple(
+            (rng.choice([-1, -1, 0, 128_000, 200_000, 272_000]), Decimal(rng.randrange(1, 50)) / 10**7)
+            for _ in range(rng.randrange(0, 9))
+        )
+        ceiling = ceilings(rates)
+        for n in (0, 1, 128_000, 128_001, 200_000, 250_000, 272_001, 10**6):
+            every = [rate for start, rate in rates if n > start]
+            assert max_rate(ceiling, n) == max(every, default=Decimal(0)), (rates, n)
 
 
 def test_bound_covers_the_priority_tier(pricer: Pricer) -> None:

@@ -51,6 +51,7 @@ class Guard:
         self._tag_scopes: tuple[tuple[str, str], ...] = tuple(sorted(scopes))
         self._global: tuple[datetime, datetime, tuple[WindowKey, ...]] | None = None
         """The global day and month windows, and the span of time in which both hold."""
+        self._per_call = any(r.budget.period == "call" for r in rules)
         self._block = tuple((i, r) for i, r in enumerate(rules) if r.mode == "block")
         self._block_scopes = tuple((i, r.budget.per) for i, r in self._block)
         """(rule index, tag key or None for global) of each block-mode rule, for `refusal`."""
@@ -179,8 +180,8 @@ class Guard:
         `reserved` is what a guarded call reserved in every block-mode window that applies: a call
         that cost no more than that was paid for before it went out, and raises in none of them
         (a window over its limit then is one that calls recorded after the fact took over)."""
-        if not self.rules:
-            return None, []
+        if not self.rules or (not spent_after and not self._per_call):
+            return None, []  # no budget, or no total a budget judges (`Store.watch`) and none per call
         now = datetime.now(UTC)
         to_raise: BudgetExceeded | None = None
         to_notify: list[BudgetExceeded] = []

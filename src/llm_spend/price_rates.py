@@ -22,6 +22,7 @@ from .usage import Usage
 __all__ = [
     "Compiled",
     "TierRates",
+    "ceilings",
     "compile_prices",
     "max_rate",
     "priced_units",
@@ -182,9 +183,26 @@ def to_nano(total: int, compiled: Compiled) -> int:
     return nano
 
 
-def max_rate(rates: TierRates, input_tokens: int) -> Decimal:
-    """The highest of the rates that a call with at most `input_tokens` input tokens can reach."""
-    return max((rate for start, rate in rates if input_tokens > start), default=_ZERO)
+def ceilings(rates: TierRates) -> TierRates:
+    """`rates` as `max_rate` reads them: one (start, highest rate of any tier starting there or
+    below) per distinct tier start, starts ascending. Made once per model and day: a model has
+    a rate per variant and cache kind (six or more), and `max_rate` runs for every guarded call."""
+    found: list[tuple[int, Decimal]] = []
+    for start in sorted({start for start, _ in rates}):
+        top = max(rate for tier, rate in rates if tier == start)
+        found.append((start, max(top, found[-1][1]) if found else top))
+    return tuple(found)
+
+
+def max_rate(ceiling: TierRates, input_tokens: int) -> Decimal:
+    """The highest of the rates that a call with at most `input_tokens` input tokens can reach
+    (`ceiling` as `ceilings` makes it)."""
+    best = _ZERO
+    for start, rate in ceiling:
+        if input_tokens <= start:
+            break
+        best = rate
+    return best
 
 
 def compile_prices(model_price: ModelPrice, registry: UnitRegistry) -> Compiled:

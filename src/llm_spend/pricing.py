@@ -41,6 +41,7 @@ from .price_layers import PricesFile, PriceTable, Rates, parse_rates, stamp
 from .price_rates import (
     Compiled,
     TierRates,
+    ceilings,
     compile_prices,
     max_rate,
     priced_units,
@@ -99,6 +100,7 @@ class _Limits(NamedTuple):
 
     inputs: TierRates
     outputs: TierRates
+    """Both as `price_rates.ceilings` makes them, for `max_rate`."""
     fixed: Decimal
 
 
@@ -323,7 +325,7 @@ class Pricer:
                 other = True
         if other and not inputs and not outputs:
             return None
-        return _Limits(tuple(inputs), tuple(outputs), max(fixed))
+        return _Limits(ceilings(tuple(inputs)), ceilings(tuple(outputs)), max(fixed))
 
     def _unknown(self, status: PricingStatus, provider: str, model: str) -> Cost:
         """A cost without amount; warns once per (status, provider, model)."""
