@@ -325,3 +325,40 @@ def test_a_call_whose_price_source_alone_changes_is_relabelled_not_counted_as_ch
     assert asyncio.run(pricing()) == (cost, source)
     assert main(args) == 0
     assert "price source" not in capsys.readouterr().out  # nothing left to relabel
+
+
+async def test_a_relabelled_call_leaves_its_windows_alone_and_is_not_identified_in_them(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call whose price source alone changes moves no window: reprice does not look for which
+    calls its per-tag windows count (queries for nothing), nor warns that such a window, counting
+    calls the ledger cannot tell, was left as it was."""
+    async with Tracker(db_url, budgets=[Budget.daily(100, per="user_id")]) as tracker:
+        for n in range(3):
+            await tracker.track(
+                provider="openai",
+                model="gpt-4o-mini",
+                input_tokens=1000 + n,
+                output_tokens=100,
+                tags={"user_id": "u5"},
+            )
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(calls.update().values(price_source="genai-prices 0.0.1"))
+            await conn.execute(  # a window whose count matches none of its calls' sets
+                rollups.update().where(rollups.c.scope_value == "u5").values(calls=1, spent_nanousd=7)
+            )
+    finally:
+        await engine.dispose()
+    before = await user_windows(db_url)
+    tracker = Tracker(db_url)
+    now = datetime.now(UTC)
+    with caplog.at_level(logging.WARNING, logger="llm_spend"):
+        [change] = await reprice(
+            tracker.store, Pricer(), since=now - timedelta(days=1), until=now + timedelta(minutes=1)
+        )
+    await tracker.store.close()
+    assert (change.calls, change.relabelled) == (0, 3)
+    assert await user_windows(db_url) == before
+    assert "left as they were" not in caplog.text

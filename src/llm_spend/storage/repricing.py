@@ -167,14 +167,14 @@ async def reprice(
             if dry_run or not updates:
                 continue
             starts = await _global_starts(conn, [u.row["occurred_at"] for u in updates])
-            await _identify(conn, updates, starts, counted, postgres)
+            await _identify(conn, [u for u in updates if _moves(u)], starts, counted, postgres)
         async with store.transaction() as conn:
             ids = [u.row["id"] for u in updates]
             locked = (await conn.execute(_rows(calls.c.id.in_(ids)).with_for_update())).mappings().all()
             updates, kept = _priced(locked, pricer)  # as they are now: another run may have changed them
             _tally(changes, updates, kept)
             if updates:
-                await _identify(conn, updates, starts, counted, postgres)
+                await _identify(conn, [u for u in updates if _moves(u)], starts, counted, postgres)
                 await _apply(conn, updates, starts, counted, unidentified)
     if unidentified:
         _warn(unidentified)
@@ -213,6 +213,12 @@ def _priced(rows: Sequence[Any], pricer: Pricer) -> tuple[list[_Update], list[An
         elif (cost.nanousd, cost.status, cost.source) != tuple(row[name] for name in _PRICING):
             updates.append(_Update(row, cost.nanousd, cost.status, cost.source))
     return updates, kept
+
+
+def _moves(u: _Update) -> bool:
+    """Whether a row's new pricing moves its windows (its cost, or whether it is known)."""
+    before = u.row["cost_nanousd"]
+    return (u.cost or 0) != (before or 0) or (u.cost is None) != (before is None)
 
 
 def _tally(changes: dict[tuple[str, str], ModelChange], updates: list[_Update], kept: list[Any]) -> None:
@@ -387,6 +393,8 @@ async def _apply(
     )
     deltas: dict[WindowKey, list[int]] = {}
     for u in updates:
+        if not _moves(u):  # its price source alone changed: no window moves
+            continue
         keys = [WindowKey(period, start, "", "") for period, start, _ in _spans(u.row["occurred_at"], starts)]
         for key, _ in _tag_keys(u, starts):
             known = counted.get(key)
