@@ -29,6 +29,7 @@ __all__ = [
     "WindowKey",
     "describe",
     "resolve_rules",
+    "watched",
     "window_bounds",
 ]
 
@@ -159,6 +160,17 @@ def resolve_rules(budgets: Sequence[Budget], default_mode: str) -> tuple[BudgetR
         mode = budget.mode or default_mode
         rules.append(BudgetRule(budget, mode, limit_nanousd(budget.limit)))
     return tuple(rules)
+
+
+def watched(rules: Sequence[BudgetRule]) -> dict[tuple[str, str], int]:
+    """(period, scope key) -> the smallest limit of a day or month budget on such windows, in
+    nano-USD: below it, a window's total gives no budget anything to judge (`Store(watch=...)`)."""
+    found: dict[tuple[str, str], int] = {}
+    for rule in rules:
+        key = (rule.budget.period, rule.scope_key)
+        if key[0] != "call" and rule.limit_nanousd < found.get(key, rule.limit_nanousd + 1):
+            found[key] = rule.limit_nanousd
+    return found
 
 
 def describe(budget: Budget) -> str:

@@ -87,16 +87,6 @@ class Guard:
                 keys.append(WindowKey(period, self.bounds(period, at)[0], scope_key, value))
         return tuple(keys)
 
-    def watched(self) -> dict[tuple[str, str], int]:
-        """(period, scope key) -> the smallest limit of a day or month budget on such windows:
-        below it, a window's total gives `after` nothing to judge (`Store.watch`)."""
-        watched: dict[tuple[str, str], int] = {}
-        for rule in self.rules:
-            key = (rule.budget.period, rule.scope_key)
-            if key[0] != "call" and rule.limit_nanousd < watched.get(key, rule.limit_nanousd + 1):
-                watched[key] = rule.limit_nanousd
-        return watched
-
     @property
     def reserves(self) -> bool:
         """Whether any budget is in block mode (calls may reserve)."""
@@ -181,7 +171,7 @@ class Guard:
         that cost no more than that was paid for before it went out, and raises in none of them
         (a window over its limit then is one that calls recorded after the fact took over)."""
         if not self.rules or (not spent_after and not self._per_call):
-            return None, []  # no budget, or no total a budget judges (`Store.watch`) and none per call
+            return None, []  # no budget, or no total a budget judges (`Store(watch=...)`) and none per call
         now = datetime.now(UTC)
         to_raise: BudgetExceeded | None = None
         to_notify: list[BudgetExceeded] = []

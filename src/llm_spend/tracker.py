@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy.exc import DBAPIError
 
 from . import capture
-from .budgets import Budget, resolve_rules
+from .budgets import Budget, resolve_rules, watched
 from .capture.base import MEDIA_ALLOWANCE
 from .capture.manual import ManualStream
 from .capture.options import CaptureOptions
@@ -149,15 +149,15 @@ class Tracker:
             media_allowance_tokens=media_allowance_tokens,
             lease_renewal=min(60.0, reservation_ttl / 2),  # renewed well before the lease ends
         )
-        self.store = Store(url)
+        rules = resolve_rules(budgets, mode)
+        self.store = Store(url, watch=watched(rules))
         self.spool = Spool(
             spool_path if spool_path is not None else default_spool_path(self.store), url_key=url_key(url)
         )
         self.pricer = Pricer(
             price_overrides=price_overrides, prices_file=prices_file, fallback_price=fallback_price
         )
-        self.budget_guard = Guard(resolve_rules(budgets, mode), tz=self.timezone, store=self.store)
-        self.store.watch = self.budget_guard.watched()
+        self.budget_guard = Guard(rules, tz=self.timezone, store=self.store)
         self._reserver = Reserver(
             self.budget_guard,
             self.pricer,

@@ -24,7 +24,7 @@ The fresh statement takes the server half the time of the exact one (0.14 agains
 reservations wait for it: guarded calls on PostgreSQL spend 0.3 ms less at p50 (docs/performance.md).
 Both lock the rollup rows in key order, the order of every other writer, and last.
 
-A tracker's fresh statement answers with the totals its budgets judge only (`Store.watch`): a
+A tracker's fresh statement answers with the totals its budgets judge only (`Store(watch=...)`): a
 window's once it reached the smallest limit of a budget on such windows, none of a window no budget
 watches. Most writes then answer with their check alone; the rows of the totals, which every write
 read back before, were a fifth of the writes' lane's Python per statement (docs/performance.md).

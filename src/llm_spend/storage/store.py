@@ -123,8 +123,18 @@ def driver_error(exc: BaseException) -> tuple[BaseException, str]:
 class Store:
     """The ledger database: create with a SQLAlchemy async URL, `await close()` when done."""
 
-    def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
-        """`connect_timeout`: seconds a new PostgreSQL connection may take (asyncpg's default: 60)."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float | None = None,
+        watch: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        """`connect_timeout`: seconds a new PostgreSQL connection may take (asyncpg's default: 60).
+        `watch`: (period, scope key) -> the smallest limit of a day or month budget on such windows
+        (`budgets.watched`); a PostgreSQL write then returns a window's total only once it reached
+        that, below which no budget has anything to judge, and never a window no budget watches.
+        None: every total comes back."""
         parsed = parse_url(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
@@ -157,10 +167,7 @@ class Store:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
-        self.watch: Mapping[tuple[str, str], int] | None = None
-        """(period, scope key) -> the smallest limit of a day or month budget on such windows
-        (`Guard.watched`): a PostgreSQL write then returns a window's total only once it reached
-        that, below which no budget has anything to judge. None: every total comes back."""
+        self.watch = watch
 
     async def warm(self) -> None:
         """Ready the connections and statements of the hot writes before the first call needs them."""
