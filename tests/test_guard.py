@@ -30,6 +30,7 @@ from conftest import PG_URL
 from llm_spend import (
     Budget,
     BudgetExceeded,
+    CallRecord,
     LLMSpendError,
     SpendMiddleware,
     Tracker,
@@ -210,6 +211,64 @@ async def test_cancelled_guarded_call_releases_its_reservation(db_url: str) -> N
             await task
         state = await ledger(db_url)
         assert state["day"][0][1] == 0 and state["reservations"] == 0 and state["calls"] == 0
+
+
+async def cancel_while_entering(tracker: Tracker) -> tuple[int, list[CallRecord]]:
+    """Twelve guarded calls at a time, eight times, all but three cancelled at every point of
+    entering: before their reservation is sent, while its statement runs (their task is woken once
+    it ended, and gives back what it was granted), and after it, inside the block. Returns how many
+    entered the block, and the records of the three a time never cancelled."""
+    entered, records = 0, []
+
+    async def call(i: int, recorded: bool) -> None:
+        nonlocal entered
+        tags = {"user_id": f"u{i % 3}"}
+        async with tracker.guard(
+            provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100, tags=tags
+        ) as guarded:
+            entered += 1
+            if recorded:
+                records.append(await guarded.record(Usage(input_tokens=100, output_tokens=10)))
+                assert records[-1].event_id == guarded.reservation.id  # one id per guarded call
+                return
+            await asyncio.sleep(60)
+
+    for delay in (None, 0, 0, 0.0003, 0.001, 0.002, 0.004, 0.008):
+        tasks = [asyncio.create_task(call(i, recorded=i % 4 == 0)) for i in range(12)]
+        if delay is not None:
+            await asyncio.sleep(delay)
+        for i, task in enumerate(tasks):
+            if i % 4:
+                task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r for r in results if not isinstance(r, asyncio.CancelledError)] == [None] * 3
+    return entered, records
+
+
+GUARD_BUDGETS = [Budget.daily(1, mode="block"), Budget.daily(1, per="user_id", mode="block")]
+
+
+async def test_guarded_calls_cancelled_while_they_reserve_leave_nothing_reserved(db_url: str) -> None:
+    """`cancel_while_entering` on each database: none stays reserved; the calls never cancelled
+    are recorded, each under its reservation's id."""
+    async with Tracker(db_url, budgets=GUARD_BUDGETS) as tracker:
+        entered, records = await cancel_while_entering(tracker)
+    assert entered > len(records) == 24  # some of the cancelled calls had reserved
+    state = await ledger(db_url)
+    assert state["calls"] == 24 and state["reservations"] == 0
+    assert state["day"][0][1] == 0 and state["day"][0][0] == state["spent"] > 0
+
+
+async def test_guarded_calls_cancelled_while_they_reserve_in_memory() -> None:
+    """The same on an in-memory database (SQLAlchemy's path, its reservation on a task of its own),
+    as a user reads it: the budgets' windows hold nothing reserved, and what was spent is the
+    recorded calls' cost."""
+    async with Tracker("sqlite+aiosqlite:///:memory:", budgets=GUARD_BUDGETS) as tracker:
+        _, records = await cancel_while_entering(tracker)
+        status = await tracker.budget_status()
+    assert len(records) == 24 and len(status) == 4  # the global window and three users'
+    assert all(window.reserved == 0 for window in status)
+    assert next(w.spent for w in status if w.scope_value is None) == sum(r.cost for r in records)
 
 
 async def test_error_inside_guard_releases_and_propagates(db_url: str) -> None:

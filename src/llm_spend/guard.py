@@ -40,6 +40,13 @@ class Reservation:
     windows: tuple[tuple[WindowKey, int], ...]
 
 
+def _granted(outcome: asyncio.Future[Refusal | None]) -> bool:
+    """Whether a reservation's outcome is known, and granted."""
+    if not outcome.done() or outcome.cancelled() or outcome.exception() is not None:
+        return False
+    return outcome.result() is None
+
+
 class Guard:
     """The budget rules of one tracker, applied to calls."""
 
@@ -144,10 +151,10 @@ class Guard:
         try:
             if under_way.done():  # made already (on the SQLite connection of this thread)
                 return under_way.result()
-            return await asyncio.shield(under_way)
+            return await under_way  # an `Outcome`: cancelling this task wakes it once that ended
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                if await under_way is None:
+            if _granted(under_way):  # given back
+                with contextlib.suppress(Exception):
                     await self.store.release(reservation_id)
             raise
         except Exception:  # it may have been made (a commit whose answer was lost): give it back

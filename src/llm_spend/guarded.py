@@ -94,7 +94,8 @@ class GuardedCall:
         record = recorder.build(
             provider=self.provider, model=self.model if model is None else check_text("model", model, 200),
             usage=usage, usage_source=usage_source, tags=self.tags,
-            occurred_at=reservation.at if reservation else None, stream=stream,
+            occurred_at=reservation.at if reservation else None,
+            event_id=reservation.id if reservation else None, stream=stream,
             latency_ms=check_latency(latency_ms),
             service_tier=check_optional_text("service_tier", service_tier, 64),
             provider_response_id=check_optional_text("provider_response_id", provider_response_id, 200),

@@ -140,8 +140,11 @@ class Recorder:
         latency_ms: int | None = None,
         service_tier: str | None = None,
         provider_response_id: str | None = None,
+        event_id: str | None = None,
     ) -> CallRecord:
-        """The record of a call, priced (usage None: billed, but its usage is unknown, never $0)."""
+        """The record of a call, priced (usage None: billed, but its usage is unknown, never $0).
+        `event_id`: a guarded call's is its reservation's id (new, and made at the same instant
+        as its `occurred_at`); else a new one."""
         at = occurred_at or datetime.now(UTC)
         if usage is None:
             cost = Cost(None, None, "unknown_usage", None, None)
@@ -155,7 +158,7 @@ class Recorder:
                 **BATCH if service_tier == "batch" else {"service_tier": service_tier},
             )
         return CallRecord(
-            event_id=new_event_id(),
+            event_id=event_id or new_event_id(),
             occurred_at=at,
             provider=provider,
             model=model,

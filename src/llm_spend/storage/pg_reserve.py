@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from .pg_drivers import Work
-from .rows import WINDOW_COLUMNS, Refusal, WindowKey, window_json
+from .rows import WINDOW_COLUMNS, Outcome, Refusal, WindowKey, window_json
 
 __all__ = ["PostgresReservations"]
 
@@ -144,7 +144,7 @@ class PostgresReservations:
             weakref.WeakKeyDictionary()
         )
 
-    def reserve(self, pending: Pending) -> asyncio.Future[Refusal | None]:
+    def reserve(self, pending: Pending) -> Outcome:
         """Queue one reservation; the future says None (granted) or the first window that refused."""
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loop)
@@ -245,11 +245,11 @@ class _Queue:
 
     def __init__(self, run: Callable[[Sequence[Pending]], Any]) -> None:
         self._run = run
-        self._waiting: list[tuple[Pending, asyncio.Future[Refusal | None]]] = []
+        self._waiting: list[tuple[Pending, Outcome]] = []
         self._draining: asyncio.Task[None] | None = None
 
-    def put(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> asyncio.Future[Refusal | None]:
-        future: asyncio.Future[Refusal | None] = loop.create_future()
+    def put(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> Outcome:
+        future = Outcome(loop=loop)
         self._waiting.append((pending, future))
         if self._draining is None:
             self._draining = loop.create_task(self._drain(), name="llm-spend-reservations")
@@ -263,7 +263,7 @@ class _Queue:
                     results = await self._run([pending for pending, _ in batch])
                 except asyncio.CancelledError:  # the loop is shutting down: nobody will answer
                     for _, future in (*batch, *self._waiting):
-                        future.cancel()
+                        future.drop()
                     self._waiting = []
                     raise
                 except Exception as exc:

@@ -1,10 +1,12 @@
-"""The rows of the ledger in Python: window keys, pending writes, and the rollup arithmetic.
+"""The rows of the ledger in Python: window keys, pending writes, the rollup arithmetic, and the
+future a reservation answers with.
 
 Shared by both write paths (SQLAlchemy, and the one-hop SQLite-file path), so they agree exactly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ __all__ = [
     "CALL_COLUMNS",
     "SUMS",
     "WINDOW_COLUMNS",
+    "Outcome",
     "PendingWrite",
     "Refusal",
     "WindowKey",
@@ -70,6 +73,19 @@ class Refusal:
     key: WindowKey
     spent: int
     reserved: int
+
+
+class Outcome(asyncio.Future["Refusal | None"]):
+    """The answer of a reservation under way, which cancelling the task that awaits it does not
+    cancel: the task is woken with CancelledError once the statement ended, and reads from here
+    whether it holds money to give back. `asyncio.shield` would do the same with a second future
+    and a loop turn more per reservation. `drop` cancels it (when nothing will answer)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+    def drop(self) -> None:
+        asyncio.Future.cancel(self)
 
 
 def text_time(value: datetime) -> str:

@@ -33,6 +33,7 @@ from .rows import (
     CALL_COLUMNS,
     SUMS,
     WINDOW_COLUMNS,
+    Outcome,
     PendingWrite,
     Refusal,
     WindowKey,
@@ -279,10 +280,18 @@ class SQLiteFile:
             self._inline.close()
             self._inline = None
 
-    def _run(self, body: Callable[[sqlite3.Connection], T], *, small: bool = True) -> asyncio.Future[T]:
-        """Run `body(conn)` in the next transaction; the future has its result once that committed."""
+    def _run(
+        self,
+        body: Callable[[sqlite3.Connection], T],
+        *,
+        small: bool = True,
+        future: asyncio.Future[T] | None = None,
+    ) -> asyncio.Future[T]:
+        """Run `body(conn)` in the next transaction; the future (`future`, else a new one) has its
+        result once that committed."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
+        if future is None:
+            future = loop.create_future()
         if small and self._pending == 0 and self._here(future, body):
             return future
         worker = self._thread()
@@ -337,6 +346,8 @@ class SQLiteFile:
         now: datetime,
         expires: datetime,
     ) -> asyncio.Future[Refusal | None]:
+        """Queue a reservation; its `Outcome` says None (granted) or the window that refused."""
+
         def body(conn: sqlite3.Connection) -> None:
             windows = json.dumps(
                 [[k.period, k.start.isoformat(), k.scope_key, k.scope_value, a] for k, a, _ in ordered]
@@ -350,7 +361,8 @@ class SQLiteFile:
                     row = conn.execute(_TOTALS, _key(key)).fetchone()
                     raise Undo(Refusal(key, *(row or (0, 0))))
 
-        return self._run(body)
+        outcome: asyncio.Future[Any] = Outcome(loop=asyncio.get_running_loop())
+        return self._run(body, future=outcome)
 
     async def release(self, where: str, params: tuple[Any, ...]) -> int:
         """Delete the reservations matching `where` and give their money back; returns how many."""

@@ -33,6 +33,7 @@ from .pg_write import write_batch
 from .rows import (
     CALL_COLUMNS,
     SUMS,
+    Outcome,
     PendingWrite,
     Refusal,
     WindowKey,
@@ -168,6 +169,8 @@ class Store:
             weakref.WeakKeyDictionary()
         )
         self.watch = watch
+        self._reserving: set[asyncio.Task[Refusal | None]] = set()
+        """Reservations under way on a pooled connection (the loop keeps weak references only)."""
 
     async def warm(self) -> None:
         """Ready the connections and statements of the hot writes before the first call needs them."""
@@ -331,15 +334,21 @@ class Store:
         Each window takes one conditional statement: ``reserved += x WHERE spent + reserved + x <=
         limit``. The future says None when every window accepted, else the first window that
         refused with its totals before the attempt, and nothing stays reserved anywhere. A future,
-        not a coroutine: the reservation is under way once this returns (so a caller that is
-        cancelled can still learn whether it was granted, and give it back).
+        not a coroutine: the reservation is under way once this returns; and an `Outcome`, which a
+        caller cancelled while it waits does not cancel (it learns whether it was granted, and can
+        give it back).
         """
         ordered = sorted(amounts)
         if self._file is not None:
             return self._file.reserve(reservation_id, ordered, now, expires_at)
         if self._pg is not None:
             return self._pg.reserve(Pending(reservation_id, ordered, now, expires_at))
-        return asyncio.ensure_future(self._reserve(reservation_id, ordered, now, expires_at))
+        outcome = Outcome(loop=asyncio.get_running_loop())
+        made = asyncio.ensure_future(self._reserve(reservation_id, ordered, now, expires_at))
+        self._reserving.add(made)
+        made.add_done_callback(self._reserving.discard)
+        made.add_done_callback(functools.partial(_pass_on, outcome))
+        return outcome
 
     async def _reserve(
         self,
@@ -535,6 +544,15 @@ _SQLITE_INSERT_CALLS = (
     f"INSERT INTO llm_calls ({', '.join(CALL_COLUMNS)}) VALUES ({', '.join('?' * len(CALL_COLUMNS))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
+
+
+def _pass_on(outcome: Outcome, made: asyncio.Task[Refusal | None]) -> None:
+    if made.cancelled():  # the loop is shutting down: nothing will answer
+        outcome.drop()
+    elif (exc := made.exception()) is not None:
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(made.result())
 
 
 def _key_row(key: WindowKey) -> dict[str, Any]:
