@@ -243,6 +243,10 @@ async def test_every_tag_value_is_html_escaped(client: tuple[httpx.AsyncClient, 
         ({"key": "model"}, "is not a tag key"),
         ({"tag": "provider=openai"}, "use the provider field"),
         ({"model": "x" * 201}, "longer than 200"),
+        ({"kept": "issue=unknown_usage"}, "kept holds issue: only model, provider and tag filters"),
+        ({"kept": "tag"}, "kept must be a query string"),
+        ({"kept": "tag=user_id%3Da%00"}, "contains a NUL character"),
+        ({"kept": "model=a%0A&model=b%0A"}, "model is given 2 times"),
     ],
 )
 async def test_bad_filters_get_a_400_page(db_url: str, query: dict[str, str], message: str) -> None:
@@ -393,6 +397,57 @@ async def test_tabs_and_newlines_in_tag_values_and_model_names_are_filters_that_
     [row] = csv.DictReader(io.StringIO(export.text))
     assert json.loads(row["tags"]) == {"user_id": "Jane\tDoe", "note": '"><b>x\n'}
     assert [r["model"] for r in csv.DictReader(io.StringIO(model_csv.text))] == ["gpt-4o\n"]
+
+
+def form_fields(html: str) -> list[tuple[str, str]]:
+    """What submitting the page's first form sends: each named input's value, as a browser keeps
+    it (a text field strips line breaks; a hidden one, sent, has each one as CR LF)."""
+    form = html.split("<form", 1)[1].split("</form>", 1)[0]
+    fields = []
+    for attributes in re.findall(r"<input ([^>]*)>", form):
+        name = re.search(r'name="([^"]*)"', attributes)
+        if name is not None:
+            value = unescape(re.search(r'value="([^"]*)"', attributes).group(1))  # type: ignore[union-attr]
+            if 'type="hidden"' in attributes:
+                value = re.sub(r"\r\n|\r|\n", "\r\n", value)
+            else:
+                value = value.replace("\r", "").replace("\n", "")
+            fields.append((name.group(1), value))
+    return fields
+
+
+async def test_filters_with_line_breaks_survive_the_filter_forms(db_url: str) -> None:
+    """A model or tag value holding a line break is a filter a form's field cannot carry: each form
+    keeps it in a hidden `kept` field (a query string: no line break in it), so submitting the
+    calls page's Filter form or a range form's Apply leaves the same calls shown. A field the form
+    gives itself wins over a kept one: a model typed in replaces the kept model."""
+    async with Tracker(db_url) as tracker:
+        for model, note in (
+            ("gpt-4o\n", "a\nb"),
+            ("gpt-4o\n", "a\r\nb"),
+            ("gpt-4o", "a\nb"),
+            ("gpt-4o\n", "ab"),
+        ):
+            await tracker.track(provider="openai", model=model, input_tokens=10, output_tokens=1,
+                                tags={"note": note, "user_id": "u1"})  # fmt: skip
+        host = Starlette(routes=[Mount("/spend", create_app(tracker, public=True))])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(host), base_url="http://t") as c:
+            wanted = {"model": "gpt-4o\n", "tag": ["note=a\nb", "user_id=u1"]}
+            calls = await c.get("/spend/calls", params=wanted)
+            assert len(cells(calls.text, "calls")) == 1
+            sent = form_fields(calls.text)
+            assert ("kept", "model=gpt-4o%0A&tag=note%3Da%0Ab") in sent and ("tag", "user_id=u1") in sent
+            again = await c.get("/spend/calls", params=sent)
+            assert cells(again.text, "calls") == cells(calls.text, "calls")
+            typed = [(n, "gpt-4o" if n == "model" else v) for n, v in sent]
+            assert [r[1] for r in cells((await c.get("/spend/calls", params=typed)).text, "calls")] == [
+                "gpt-4o openai"
+            ]
+            overview = await c.get("/spend/", params=wanted)
+            applied = await c.get("/spend/", params=form_fields(overview.text))
+            assert 'class="chip"' in applied.text and applied.text == overview.text
+            carried = await c.get("/spend/calls", params=[(n, v) for n, v in form_fields(overview.text)])
+            assert cells(carried.text, "calls") == cells(calls.text, "calls")
 
 
 async def test_the_tags_page_says_it_shows_the_top_500_values_and_keeps_the_no_key_row(db_url: str) -> None:

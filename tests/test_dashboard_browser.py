@@ -1,7 +1,8 @@
 """The dashboard in headless Chromium, served by uvicorn on 127.0.0.1 from a seeded ledger.
 
 Every page loads, a filter narrows the calls table, the CSV link downloads exactly the filtered rows,
-a tag value holding <script> renders as text, and requests without authorization are refused.
+a tag value holding <script> renders as text, one holding a line break stays a filter through the
+forms, and requests without authorization are refused.
 
 Chromium is Debian's (`apt-get install chromium chromium-driver`), driven through Playwright's Python
 package (never `playwright install`). Without it the tests skip and say so, unless
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from starlette.applications import Starlette
@@ -45,6 +47,7 @@ CHROMIUM_ARGS = [
 PASSWORD = "s3cret"
 CHALLENGE = 'Basic realm="llm-spend"'
 XSS = "<script>alert(1)</script>"
+NOTE = "two\nlines"
 BUDGETS = [Budget.monthly(40), Budget.daily("0.5", per="user_id"), Budget.daily(3)]
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-6"),
           ("google", "gemini-2.5-flash"), ("acme", "house-model")]  # fmt: skip
@@ -82,6 +85,10 @@ def seed_calls(tracker: Tracker) -> list[Any]:
     records.append(tracker._recorder.build(
         provider="openai", model="gpt-4o-mini", usage_source="manual", tags={"user_id": XSS},
         usage=Usage(input_tokens=100, output_tokens=10), occurred_at=now - timedelta(hours=2),
+    ))  # fmt: skip
+    records.append(tracker._recorder.build(
+        provider="openai", model="gpt-4o", usage_source="manual", tags={"user_id": "alice", "note": NOTE},
+        usage=Usage(input_tokens=100, output_tokens=10), occurred_at=now - timedelta(hours=1),
     ))  # fmt: skip
     return records
 
@@ -206,6 +213,29 @@ def test_a_script_tag_value_renders_as_text(site: tuple[str, list[Any]], page: A
     assert page.locator("#calls tbody tr").count() == 1 and XSS in page.locator(".chips").inner_text()
     assert page.locator("script").count() == 0
     assert page.dialogs == []
+
+
+def test_a_tag_value_with_a_line_break_stays_the_filter_through_the_forms(
+    site: tuple[str, list[Any]], page: Any
+) -> None:
+    """A call tagged note="two\\nlines": its filter shows one row; submitting the calls page's Filter
+    form, or the overview's range form and then its Calls link, keeps that filter exactly (a text
+    field would strip the line break, a hidden one send it as CR LF: the forms carry it in `kept`)."""
+    base, _ = site
+    chip = "note = two\u240alines"
+    page.goto(f"{base}/calls?" + urlencode({"tag": f"note={NOTE}"}))
+    assert page.locator("#calls tbody tr").count() == 1 and chip in page.locator(".chips").inner_text()
+    with page.expect_navigation():
+        page.locator("#filter button").click()
+    assert "kept=" in page.url
+    assert page.locator("#calls tbody tr").count() == 1 and chip in page.locator(".chips").inner_text()
+    page.goto(f"{base}/?" + urlencode({"tag": f"note={NOTE}"}))
+    with page.expect_navigation():
+        page.locator("form.range button").click()
+    assert chip in page.locator(".chips").inner_text()
+    with page.expect_navigation():
+        page.locator("header nav a", has_text="Calls").click()
+    assert page.locator("#calls tbody tr").count() == 1 and chip in page.locator(".chips").inner_text()
 
 
 def test_requests_without_authorization_are_refused(site: tuple[str, list[Any]], browser: Any) -> None:

@@ -6,6 +6,10 @@
 &issue=unknown_price                  one data-quality issue (see queries.ISSUES)
 &key=user_id                          the tag key the tags page breaks down
 &page=2                               the calls table's page
+&kept=tag%3Dnote%253Da%250Ab          what a form cannot carry: a model, provider or tag filter
+                                      whose value holds a line break (a form's text field strips
+                                      it, a hidden one rewrites it as CR LF), as a query string;
+                                      the form's own fields win over it
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
 from ..budgets import window_bounds
@@ -31,6 +35,15 @@ MAX_TAG_FILTERS = MAX_TAGS  # a call's every tag can be a filter: the calls tabl
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _RESERVED = ("model", "provider")  # report keys that name columns, not tags
 _DIGITS = re.compile(r"[0-9]{1,8}")
+_KEPT = ("model", "provider", "tag")
+"""The filters a form may carry in `kept`."""
+_MAX_KEPT = 32_768
+
+
+def _breaks(value: str) -> bool:
+    """Whether a form's field would change `value`: a text field strips line breaks, and a
+    submitted form rewrites each one as CR LF."""
+    return "\n" in value or "\r" in value
 
 
 class BadFilter(ValueError):
@@ -95,9 +108,24 @@ class Filters:
         return [f"{k}={v}" for k, v in sorted(tags.items())]
 
     def hidden(self) -> list[tuple[str, str]]:
-        """The narrowing filters as (name, value) pairs, for hidden inputs of a range form."""
+        """The narrowing filters as (name, value) pairs, for hidden inputs of a range form (those
+        whose values hold a line break in one `kept` pair)."""
         pairs = [(name, getattr(self, name)) for name in ("model", "provider", "issue", "key")]
-        return [(n, v) for n, v in pairs if v] + [("tag", f"{k}={v}") for k, v in self.tags]
+        found = [(n, v) for n, v in pairs if v] + [("tag", f"{k}={v}") for k, v in self.tags]
+        kept = self.kept()
+        return [(n, v) for n, v in found if not _breaks(v)] + ([("kept", kept)] if kept else [])
+
+    def kept(self) -> str:
+        """The model, provider and tag filters whose values hold a line break, as a query string
+        for a form's hidden `kept` input ("" when there are none): a field of their own would
+        change them."""
+        pairs = [("model", self.model), ("provider", self.provider)]
+        pairs += [("tag", f"{k}={v}") for k, v in self.tags]
+        return urlencode([(n, v) for n, v in pairs if v and _breaks(v)])
+
+    def editable(self, value: str | None) -> str:
+        """`value` for a form's text field: "" when the field could not carry it (then `kept` does)."""
+        return "" if value is None or _breaks(value) else value
 
     def query(self, **changes: Any) -> str:
         """This filter as a query string, with `changes` applied (None drops a field)."""
@@ -126,6 +154,9 @@ def _day_start(day: date, tz: ZoneInfo) -> datetime:
 
 def parse_filters(params: Any, tz: ZoneInfo, today: date) -> Filters:
     """Filters from a request's query parameters (a Starlette QueryParams or a mapping)."""
+    kept = _text(params, "kept", _MAX_KEPT)
+    if kept is not None:
+        params = _Merged(params, kept)
     last = _date(params, "to") or today
     first = _date(params, "from") or last - timedelta(days=DEFAULT_DAYS - 1)
     if first > last:
@@ -149,6 +180,29 @@ def parse_filters(params: Any, tz: ZoneInfo, today: date) -> Filters:
         key=key,
         page=_page(params),
     )
+
+
+class _Merged:
+    """A form's parameters with its `kept` filters: a field the form gives itself wins (a model,
+    a provider, a tag key), and the kept ones fill in the rest."""
+
+    def __init__(self, params: Any, kept: str) -> None:
+        try:
+            pairs = parse_qsl(kept, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise BadFilter("kept must be a query string of model, provider and tag filters") from None
+        if any(name not in _KEPT for name, _ in pairs):
+            raise BadFilter(f"kept holds {', '.join(sorted({n for n, _ in pairs} - set(_KEPT)))}: "
+                            "only model, provider and tag filters may be kept")  # fmt: skip
+        self._params, self._kept = params, pairs
+
+    def getlist(self, name: str) -> list[str]:
+        own = [v for v in _values(self._params, name) if v.strip()]
+        kept = [v for n, v in self._kept if n == name]
+        if name == "tag":
+            keys = {v.partition("=")[0] for v in own}
+            return own + [v for v in kept if v.partition("=")[0] not in keys]
+        return own if own or name not in _KEPT else kept
 
 
 def _values(params: Any, name: str) -> list[str]:
