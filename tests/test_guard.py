@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import func, select
@@ -269,6 +270,58 @@ async def test_guarded_calls_cancelled_while_they_reserve_in_memory() -> None:
     assert len(records) == 24 and len(status) == 4  # the global window and three users'
     assert all(window.reserved == 0 for window in status)
     assert next(w.spent for w in status if w.scope_value is None) == sum(r.cost for r in records)
+
+
+async def test_guarded_calls_cancelled_again_and_again_while_they_reserve_leave_nothing_reserved(
+    db_url: str,
+) -> None:
+    """anyio's cancel scopes (Starlette's) cancel a task again on every loop turn until it ends. A
+    guarded call timed out so while it reserves gives back what it was granted all the same: the
+    release runs on in a task of its own, and the tracker's exit waits for it."""
+    async with Tracker(db_url, budgets=GUARD_BUDGETS) as tracker:
+
+        async def call(i: int, delay: float) -> None:
+            with anyio.move_on_after(delay):
+                tags = {"user_id": f"u{i % 3}"}
+                async with tracker.guard(
+                    provider="openai", model=MODEL, input_tokens=100, max_output_tokens=100, tags=tags
+                ):
+                    await asyncio.sleep(60)
+
+        for delay in (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005):
+            await asyncio.gather(*(call(i, delay) for i in range(10)))
+    state = await ledger(db_url)
+    assert state["reservations"] == 0 and state["day"][0][1] == 0 and state["calls"] == 0
+
+
+SHUTDOWN = """
+import asyncio, sys
+from llm_spend import Budget, Tracker
+
+async def main():
+    tracker = Tracker(sys.argv[1], budgets=[Budget.daily(1, mode="block")])
+    await tracker.__aenter__()  # a lifespan whose shutdown never runs
+
+    async def call():
+        async with tracker.guard(provider="openai", model="gpt-4o", input_tokens=10, max_output_tokens=10):
+            pass
+
+    asyncio.create_task(call())  # main returns at once: the loop ends as the reservation starts
+
+asyncio.run(main())
+print("returned")
+"""
+
+
+def test_a_loop_that_ends_as_a_guarded_call_reserves_ends(db_url: str) -> None:
+    """`asyncio.run` ending in the turn a guarded call starts reserving cancels the task that would
+    make the reservation before its first step; the caller, waiting for an answer nothing will give,
+    is let go, and `asyncio.run` returns (it hung on PostgreSQL)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN, db_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "returned"
 
 
 async def test_error_inside_guard_releases_and_propagates(db_url: str) -> None:

@@ -10,7 +10,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http import HTTPStatus
 from importlib.metadata import version
@@ -676,6 +676,30 @@ async def test_in_memory_sqlite_database_works(tracker_factory: Factory) -> None
     record = await tracker.track(**VALID)
     assert seen == [record]
     assert record.cost is not None
+
+
+async def test_in_memory_database_reads_while_writes_are_under_way() -> None:
+    """On an in-memory database (one connection) a report or budget status read while calls are
+    written answers, and the totals add up: its one connection is lent to one user at a time. It
+    was shared, and a read beginning while a write's transaction was open there failed ("cannot
+    start a transaction within a transaction")."""
+    since = datetime.now(UTC) - timedelta(days=1)
+    async with Tracker("sqlite+aiosqlite://", budgets=[Budget.daily(100)]) as tracker:
+
+        async def write() -> list[CallRecord]:
+            return [await tracker.track(**VALID) for _ in range(150)]
+
+        async def read() -> int:
+            for _ in range(150):
+                await tracker.budget_status()
+                await tracker.report(start=since, group_by=["model"])
+            return 150
+
+        records, reads = await asyncio.gather(write(), read())
+        [row] = await tracker.report(start=since)
+        [status] = await tracker.budget_status()
+    assert reads == 150 and row.calls == 150
+    assert row.cost == status.spent == sum(r.cost for r in records if r.cost is not None) > 0
 
 
 def test_starlette_lifespan_runs_the_tracker(db_url: str) -> None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from .budgets import BudgetRule, window_bounds
@@ -40,11 +41,18 @@ class Reservation:
     windows: tuple[tuple[WindowKey, int], ...]
 
 
-def _granted(outcome: asyncio.Future[Refusal | None]) -> bool:
-    """Whether a reservation's outcome is known, and granted."""
-    if not outcome.done() or outcome.cancelled() or outcome.exception() is not None:
+def _may_hold(outcome: asyncio.Future[Refusal | None]) -> bool:
+    """Whether a reservation's outcome may have left money held: granted, or failed (a commit whose
+    answer was lost). Not a refusal, nor an outcome dropped because nothing will answer."""
+    if not outcome.done() or outcome.cancelled():
         return False
-    return outcome.result() is None
+    return outcome.exception() is not None or outcome.result() is None
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """A release that failed: the sweep frees the reservation when its lease ends."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Guard:
@@ -67,6 +75,8 @@ class Guard:
         """(rule index, scope value) -> (window start, window end, spent when found exhausted)."""
         self.excess_calls = 0
         """Guarded calls whose actual cost came out above their estimate (recorded in full anyway)."""
+        self.releasing: set[asyncio.Future[Any]] = set()
+        """Releases of reservations whose callers were cancelled or failed while reserving."""
 
     def bounds(self, period: str, at: datetime) -> tuple[datetime, datetime]:
         """The window of `period` containing `at` (the current window is cached)."""
@@ -153,14 +163,23 @@ class Guard:
                 return under_way.result()
             return await under_way  # an `Outcome`: cancelling this task wakes it once that ended
         except asyncio.CancelledError:
-            if _granted(under_way):  # given back
-                with contextlib.suppress(Exception):
-                    await self.store.release(reservation_id)
+            if _may_hold(under_way):
+                await self._give_back(reservation_id)
             raise
         except Exception:  # it may have been made (a commit whose answer was lost): give it back
-            with contextlib.suppress(Exception):  # else the sweep does, when its lease ends
-                await self.store.release(reservation_id)
+            await self._give_back(reservation_id)
             raise
+
+    async def _give_back(self, reservation_id: str) -> None:
+        """Release a reservation in a task of its own, which the caller waits for once: cancelled
+        again meanwhile (anyio's cancel scopes cancel on every loop turn), it stops waiting, and the
+        release goes on (the tracker's exit waits for it). One that fails is left to the sweep."""
+        releasing = asyncio.ensure_future(self.store.release(reservation_id))
+        self.releasing.add(releasing)
+        releasing.add_done_callback(self.releasing.discard)
+        releasing.add_done_callback(_quiet)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(releasing)
 
     # -- after the call -----------------------------------------------------------------------------
 

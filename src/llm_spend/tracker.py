@@ -285,6 +285,8 @@ class Tracker:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if releasing := self.budget_guard.releasing:  # of callers cancelled while they reserved
+            await asyncio.wait(set(releasing), timeout=self.shutdown_timeout)
         writer = self._recorder.detach()  # a call recorded from now on goes to the spool
         assert writer is not None
         try:

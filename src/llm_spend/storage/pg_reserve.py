@@ -253,7 +253,18 @@ class _Queue:
         self._waiting.append((pending, future))
         if self._draining is None:
             self._draining = loop.create_task(self._drain(), name="llm-spend-reservations")
+            self._draining.add_done_callback(self._ended)
         return future
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A drain cancelled before its first step (its loop shutting down in the turn that made
+        it) ran none of its own code: what waits is dropped here, since nothing will answer it."""
+        if self._draining is not task:  # it ended by itself (and another may drain now)
+            return
+        self._draining = None
+        for _, future in self._waiting:
+            future.drop()
+        self._waiting = []
 
     async def _drain(self) -> None:
         try:

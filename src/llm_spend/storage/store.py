@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from .pg_drivers import Drivers
 from .pg_reserve import Pending, PostgresReservations
@@ -144,8 +144,10 @@ class Store:
         kwargs: dict[str, Any] = {"pool_reset_on_return": None}
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
-            if parsed.database in (None, "", ":memory:"):  # one connection holds the database
-                kwargs["poolclass"] = StaticPool
+            if parsed.database in (None, "", ":memory:"):
+                # One connection holds the database, lent to one user at a time: a read beginning
+                # on it while a write transaction is open there would fail (StaticPool shares it).
+                kwargs.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
         else:
             kwargs.update(pool_size=16, max_overflow=4, pool_use_lifo=True)
             if connect_timeout is not None:
