@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 import genai_prices
 import httpx
 import pytest
@@ -700,6 +701,43 @@ async def test_in_memory_database_reads_while_writes_are_under_way() -> None:
         [status] = await tracker.budget_status()
     assert reads == 150 and row.calls == 150
     assert row.cost == status.spent == sum(r.cost for r in records if r.cost is not None) > 0
+
+
+async def test_a_tracker_exit_cancelled_again_and_again_still_writes_what_was_submitted(db_url: str) -> None:
+    """An exit under anyio's cancel scope (which cancels the task again on every loop turn) still
+    waits out the calls submitted before it, up to `shutdown_timeout`, and closes the store: each
+    call is in the ledger when the exit returns. It used to stop at the first cancellation inside
+    the writer's drain, before the calls were written or spooled."""
+    tracker = Tracker(db_url)
+    with anyio.CancelScope() as scope:
+        async with tracker:
+            tracked = [asyncio.ensure_future(tracker.track(**VALID)) for _ in range(200)]
+            await asyncio.sleep(0)  # every call's write queued
+            scope.cancel()
+    written = [task.done() and not task.cancelled() for task in tracked]  # as the exit returns
+    assert scope.cancelled_caught and all(written)
+    assert await count(db_url, "llm_calls") == 200
+
+
+async def test_guarded_calls_cancelled_again_and_again_in_their_block_are_released_by_the_exit(
+    db_url: str,
+) -> None:
+    """Guarded calls timed out inside their block under anyio (re-cancelled on every loop turn)
+    stop waiting for their release, which goes on: the tracker's exit waits for those releases,
+    so no reservation stays held for the sweep."""
+    async with Tracker(db_url, budgets=[Budget.daily(100, mode="block")]) as tracker:
+
+        async def call() -> None:
+            with anyio.move_on_after(0.05):
+                async with tracker.guard(
+                    provider="openai", model="gpt-4o-mini", input_tokens=10, max_output_tokens=10
+                ):
+                    await asyncio.sleep(1)
+
+        await asyncio.gather(*(call() for _ in range(40)))
+    held = await query(db_url, "SELECT reserved_nanousd FROM llm_spend_rollups WHERE scope_key = ''")
+    assert await count(db_url, "llm_spend_reservations") == 0
+    assert [row["reserved_nanousd"] for row in held] == [0]  # the day's window
 
 
 def test_starlette_lifespan_runs_the_tracker(db_url: str) -> None:

@@ -214,4 +214,11 @@ class Guarding:
             return
         finishing = asyncio.ensure_future(call._finishing())
         finishing.add_done_callback(lambda _: holding.discard(call))  # done, even if we are cancelled
-        await asyncio.shield(finishing)
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError:  # this task stops waiting (cancelled again): the tracker's exit waits
+            recorder = call._recorder
+            if not finishing.done() and recorder.home():
+                recorder.leaving.add(finishing)
+                finishing.add_done_callback(recorder.leaving.discard)
+            raise

@@ -59,6 +59,22 @@ _MAX_SECONDS: Final = 30 * 86400
 """Of `reservation_ttl`, `sweep_interval` and `shutdown_timeout`: 30 days."""
 
 
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` in a task of its own and wait until it ended, however often this task is cancelled
+    meanwhile (anyio's cancel scopes cancel it again on every loop turn): the cancellation is raised
+    once it ended. What `work` waits for is bounded (`shutdown_timeout`)."""
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None and not task.cancelled():
+        raise cancelled from task.exception()  # a failure of the work is told, as the cause
+    task.result()
+
+
 def _check_spool_path(path: object) -> None:
     """A spool path names a file: replay renames it aside, which must never move a directory."""
     if not isinstance(path, str | os.PathLike) or not os.fspath(path) or "\x00" in str(os.fspath(path)):
@@ -252,7 +268,7 @@ class Tracker:
                 try:
                     await self._outstanding()
                 finally:  # cancelled while waiting, it closes all the same
-                    await self._close()
+                    await _to_the_end(self._close())
 
     async def _outstanding(self) -> None:
         """Wait, up to `shutdown_timeout`, for guarded calls still out with a reservation, to settle
@@ -285,8 +301,9 @@ class Tracker:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if releasing := self.budget_guard.releasing:  # of callers cancelled while they reserved
-            await asyncio.wait(set(releasing), timeout=self.shutdown_timeout)
+        # Releases and records of calls whose callers stopped waiting for them (cancelled again).
+        if leaving := self.budget_guard.releasing | self._recorder.leaving:
+            await asyncio.wait(leaving, timeout=self.shutdown_timeout)
         writer = self._recorder.detach()  # a call recorded from now on goes to the spool
         assert writer is not None
         try:
