@@ -3,6 +3,7 @@ SQLite and PostgreSQL. (The same pages in a real browser: test_dashboard_browser
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -448,6 +449,46 @@ async def test_filters_with_line_breaks_survive_the_filter_forms(db_url: str) ->
             assert 'class="chip"' in applied.text and applied.text == overview.text
             carried = await c.get("/spend/calls", params=[(n, v) for n, v in form_fields(overview.text)])
             assert cells(carried.text, "calls") == cells(calls.text, "calls")
+
+
+async def test_a_slow_csv_download_in_memory_holds_no_write_up() -> None:
+    """On an in-memory database (one connection, lent to one user at a time) a CSV download whose
+    client reads slowly does not hold the connection while it waits: a call recorded meanwhile is
+    written at once. The export held it through the download, and the write waited for the client
+    (the pool's 30 s, then retries)."""
+    async with Tracker("sqlite+aiosqlite://", budgets=[Budget.daily(100, mode="block")]) as tracker:
+        first = await tracker.track(provider="openai", model="gpt-4o", input_tokens=10, output_tokens=1)
+        app = create_app(tracker, public=True)
+        recorded: list[CallRecord] = []
+        body: list[bytes] = []
+
+        requested = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if requested.is_set():
+                await asyncio.Event().wait()  # the client never leaves
+            requested.set()
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                body.append(message.get("body", b""))
+                if first.event_id.encode() in body[-1] and not recorded:  # a row went out: the client pauses
+                    call = tracker.track(
+                        provider="openai", model="gpt-4o-mini", input_tokens=5, output_tokens=1
+                    )
+                    recorded.append(await asyncio.wait_for(call, 20))  # a guard against a hang only
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": "/calls.csv", "raw_path": b"/calls.csv", "query_string": b"",
+            "root_path": "", "headers": [(b"host", b"t")], "server": ("t", 80), "client": ("c", 1),
+        }  # fmt: skip
+        await app(scope, receive, send)
+        rows = list(csv.DictReader(io.StringIO(b"".join(body).decode())))
+        assert [row["event_id"] for row in rows] == [first.event_id] and len(recorded) == 1
+        [status] = await tracker.budget_status()
+        assert status.spent == first.cost + recorded[0].cost  # type: ignore[operator]
 
 
 async def test_the_tags_page_says_it_shows_the_top_500_values_and_keeps_the_no_key_row(db_url: str) -> None:

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -738,6 +739,73 @@ async def test_guarded_calls_cancelled_again_and_again_in_their_block_are_releas
     held = await query(db_url, "SELECT reserved_nanousd FROM llm_spend_rollups WHERE scope_key = ''")
     assert await count(db_url, "llm_spend_reservations") == 0
     assert [row["reserved_nanousd"] for row in held] == [0]  # the day's window
+
+
+class FreezingProxy:
+    """A TCP relay to the PostgreSQL server that can stop relaying (a server that stops answering,
+    its connections left open)."""
+
+    def __init__(self) -> None:
+        self.frozen = asyncio.Event()
+        self.pipes: list[asyncio.Task[None]] = []
+
+    async def start(self, port: int) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = port
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.pipes += [asyncio.ensure_future(self._pipe(reader, to_writer)),
+                       asyncio.ensure_future(self._pipe(to_reader, writer))]  # fmt: skip
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if self.frozen.is_set():
+                await asyncio.Event().wait()  # never relayed
+            writer.write(data)
+
+    async def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.cancel()
+        self.server.close()
+
+
+async def self_exiting(tracker: Tracker, proxy: FreezingProxy) -> None:
+    """A call written, then three more once the server stopped answering, then the exit."""
+    async with tracker:
+        await tracker.track(**VALID)
+        proxy.frozen.set()
+        stuck = [asyncio.ensure_future(tracker.track(**VALID)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+    assert all(call.done() for call in stuck)  # spooled by the exit
+
+
+async def test_a_tracker_exit_returns_when_the_server_stops_answering(pg_url: str, tmp_path: Path) -> None:
+    """The server stops answering while calls are written: the exit, cancelled or not, returns
+    within its bounds (the drain's and the close's `shutdown_timeout`) with the calls in the spool,
+    which the next start replays. The close of the store's connections waited for the server
+    without end, and a cancelled exit could not be stopped."""
+    proxy = FreezingProxy()
+    url = make_url(pg_url)
+    port = await proxy.start(url.port or 5432)
+    relayed = url.set(port=port).render_as_string(hide_password=False)
+    spool = tmp_path / "calls.spool"
+    try:
+        for cancelled in (False, True):
+            proxy.frozen.clear()
+            tracker = Tracker(relayed, shutdown_timeout=0.5, spool_path=str(spool))
+            leaving = asyncio.ensure_future(self_exiting(tracker, proxy))
+            if cancelled:
+                await asyncio.sleep(0.3)
+                leaving.cancel()
+            done, _ = await asyncio.wait({leaving}, timeout=60)  # a guard against a hang only
+            assert done, "the exit did not return"
+            assert leaving.cancelled() == cancelled
+            assert len(spool.read_text().splitlines()) == 3  # its three calls, for the next start
+    finally:
+        await proxy.close()
+    assert await count(pg_url, "llm_calls") == 5  # the first exit's three were replayed at the next start
 
 
 def test_starlette_lifespan_runs_the_tracker(db_url: str) -> None:

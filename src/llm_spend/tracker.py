@@ -59,20 +59,32 @@ _MAX_SECONDS: Final = 30 * 86400
 """Of `reservation_ttl`, `sweep_interval` and `shutdown_timeout`: 30 days."""
 
 
-async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+async def _to_the_end(work: Coroutine[Any, Any, None], grace: float) -> None:
     """Run `work` in a task of its own and wait until it ended, however often this task is cancelled
     meanwhile (anyio's cancel scopes cancel it again on every loop turn): the cancellation is raised
-    once it ended. What `work` waits for is bounded (`shutdown_timeout`)."""
+    once it ended. Each step of `work` is bounded; as a last resort, `grace` seconds after the first
+    cancellation `work` is cancelled and left to end by itself."""
     task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
     cancelled: asyncio.CancelledError | None = None
+    until: float | None = None
     while not task.done():
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
+            await asyncio.wait({task}, timeout=None if until is None else max(until - loop.time(), 0))
+        except asyncio.CancelledError as exc:  # asyncio.wait leaves `task` running
             cancelled = exc
-    if cancelled is not None and not task.cancelled():
-        raise cancelled from task.exception()  # a failure of the work is told, as the cause
-    task.result()
+            until = loop.time() + grace if until is None else until
+        if until is not None and loop.time() >= until and not task.done():
+            logger.error("llm-spend: closing the tracker went on %.1f s after a cancel; given up", grace)
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            task.cancel()
+            break
+    if cancelled is None:
+        task.result()
+        return
+    if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("llm-spend: closing the tracker failed: %s", error, exc_info=error)
+    raise cancelled
 
 
 def _check_spool_path(path: object) -> None:
@@ -268,7 +280,7 @@ class Tracker:
                 try:
                     await self._outstanding()
                 finally:  # cancelled while waiting, it closes all the same
-                    await _to_the_end(self._close())
+                    await _to_the_end(self._close(), grace=4 * self.shutdown_timeout + 1)
 
     async def _outstanding(self) -> None:
         """Wait, up to `shutdown_timeout`, for guarded calls still out with a reservation, to settle
@@ -310,7 +322,14 @@ class Tracker:
             await writer.close(self.shutdown_timeout)
         finally:
             self._recorder.loop = None  # from now on nothing releases or renews in the database
-        await self.store.close()
+        try:
+            async with asyncio.timeout(self.shutdown_timeout):
+                await self.store.close()
+        except TimeoutError:  # a server that stopped answering: its connections are left to the end
+            logger.warning(
+                "llm-spend: the database's connections did not close within %.1f s; left open",
+                self.shutdown_timeout,
+            )
 
     async def _sweep_forever(self) -> None:
         """Release expired reservations (of processes that died, or held until their windows

@@ -125,15 +125,18 @@ async def export_rows(
     store: Store, conditions: Sequence[ColumnElement[bool]], *, batch: int = 1_000
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The matching ledger rows, oldest first, in batches, read through a server-side cursor (constant
-    memory whatever the range). Each row maps EXPORT_COLUMNS to values; `cost_nanousd` stays an integer."""
-    query = (
-        select(calls)
-        .where(*conditions)
-        .order_by(calls.c.occurred_at, calls.c.id)
-        .execution_options(yield_per=batch)
-    )
+    memory whatever the range). Each row maps EXPORT_COLUMNS to values; `cost_nanousd` stays an integer.
+    In memory, where the database's one connection is lent to one user at a time, the rows are read
+    first (they are in memory already), so that a slow download holds no write up."""
+    query = select(calls).where(*conditions).order_by(calls.c.occurred_at, calls.c.id)
+    if store.dialect == "sqlite" and store.path is None:
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        for start in range(0, len(rows), batch):
+            yield [{name: row[name] for name in EXPORT_COLUMNS} for row in rows[start : start + batch]]
+        return
     async with store.engine.connect() as conn:
-        result = await conn.stream(query)
+        result = await conn.stream(query.execution_options(yield_per=batch))
         async for partition in result.mappings().partitions():
             yield [{name: row[name] for name in EXPORT_COLUMNS} for row in partition]
 
