@@ -75,8 +75,9 @@ class Guard:
         """(rule index, scope value) -> (window start, window end, spent when found exhausted)."""
         self.excess_calls = 0
         """Guarded calls whose actual cost came out above their estimate (recorded in full anyway)."""
-        self.releasing: set[asyncio.Future[Any]] = set()
-        """Releases of reservations whose callers were cancelled or failed while reserving."""
+        self.leaving: set[asyncio.Future[Any]] = set()
+        """Work that ends guarded calls (a release, a record nobody awaited) under way on the
+        tracker's loop, whose callers may stop waiting for it: the tracker's exit waits for it."""
 
     def bounds(self, period: str, at: datetime) -> tuple[datetime, datetime]:
         """The window of `period` containing `at` (the current window is cached)."""
@@ -175,8 +176,8 @@ class Guard:
         again meanwhile (anyio's cancel scopes cancel on every loop turn), it stops waiting, and the
         release goes on (the tracker's exit waits for it). One that fails is left to the sweep."""
         releasing = asyncio.ensure_future(self.store.release(reservation_id))
-        self.releasing.add(releasing)
-        releasing.add_done_callback(self.releasing.discard)
+        self.leaving.add(releasing)
+        releasing.add_done_callback(self.leaving.discard)
         releasing.add_done_callback(_quiet)
         with contextlib.suppress(Exception):
             await asyncio.shield(releasing)

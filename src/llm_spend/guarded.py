@@ -219,6 +219,6 @@ class Guarding:
         except asyncio.CancelledError:  # this task stops waiting (cancelled again): the tracker's exit waits
             recorder = call._recorder
             if not finishing.done() and recorder.home():
-                recorder.leaving.add(finishing)
-                finishing.add_done_callback(recorder.leaving.discard)
+                recorder.budget_guard.leaving.add(finishing)
+                finishing.add_done_callback(recorder.budget_guard.leaving.discard)
             raise

@@ -73,9 +73,6 @@ class Recorder:
         """Once the tracker closed: (the database's id, if known), for calls recorded after (spooled)."""
         self._background: set[asyncio.Task[None]] = set()
         """Budget checks of writes whose caller was cancelled while waiting (kept until they end)."""
-        self.leaving: set[asyncio.Future[Any]] = set()
-        """Exits of guarded calls under way on the tracker's loop (a release, a record nobody
-        awaited), which their callers may stop waiting for: the tracker's exit waits for them."""
         self.holding: weakref.WeakSet[Any] = weakref.WeakSet()
         """Guarded calls inside their block with a reservation: the tracker's exit waits for them
         (`Tracker.__aexit__`), as nothing of this process could settle them after it."""

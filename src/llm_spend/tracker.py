@@ -314,8 +314,8 @@ class Tracker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         # Releases and records of calls whose callers stopped waiting for them (cancelled again).
-        if leaving := self.budget_guard.releasing | self._recorder.leaving:
-            await asyncio.wait(leaving, timeout=self.shutdown_timeout)
+        if leaving := self.budget_guard.leaving:
+            await asyncio.wait(set(leaving), timeout=self.shutdown_timeout)
         writer = self._recorder.detach()  # a call recorded from now on goes to the spool
         assert writer is not None
         try:
