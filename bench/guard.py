@@ -79,19 +79,21 @@ async def guarded_call(tracker: Tracker, n: int, i: int, wait: float) -> tuple[f
     return reserved - started, time.perf_counter() - answered
 
 
-async def guard_times(url: str, provider: tuple[float, float]) -> tuple[list[float], float]:
-    """Seconds the guard added to each call, and calls/s, with CONCURRENCY calls in flight."""
+async def guard_times(
+    url: str, provider: tuple[float, float], concurrency: int = CONCURRENCY, calls: int = CALLS
+) -> tuple[list[float], float]:
+    """Seconds the guard added to each call, and calls/s, with `concurrency` calls in flight."""
     added: list[float] = []
     rng = random.Random(7)
     async with Tracker(url, budgets=budgets()) as tracker:
 
         async def worker(n: int) -> None:
-            for i in range(CALLS // CONCURRENCY):
+            for i in range(calls // concurrency):
                 added.append(sum(await guarded_call(tracker, n, i, rng.uniform(*provider))))
 
         began = time.perf_counter()
-        await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
-        rate = CALLS / (time.perf_counter() - began)
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        rate = calls / (time.perf_counter() - began)
     return added, rate
 
 

@@ -7,7 +7,7 @@ named by what it steps (a task's coroutine, else the callback), and every `trans
 statement's send). It prints, per call, the loop's busy time by callback and how many callbacks ran,
 and the sends' p50, p90 and mean. The timing adds about 0.3 µs per callback.
 
-Run: .venv/bin/python bench/loop_time.py
+Run: .venv/bin/python bench/loop_time.py [low high]  (the provider calls' range in ms; 10 30 if not given)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio.events
 import collections
 import random
 import statistics
+import sys
 import time
 from asyncio import selector_events
 from collections.abc import Callable, Coroutine
@@ -32,6 +33,7 @@ runs: collections.Counter[str] = collections.Counter()
 sends: list[int] = []
 _run = asyncio.events.Handle._run
 _write = selector_events._SelectorSocketTransport.write
+PROVIDER = (0.010, 0.030)
 
 
 def _name(callback: Any) -> str:
@@ -65,7 +67,7 @@ async def tracker_load(url: str) -> None:
 
         async def worker(n: int, calls: int) -> None:
             for i in range(calls):
-                await guard.guarded_call(tracker, n, i, rng.uniform(0.010, 0.030))
+                await guard.guarded_call(tracker, n, i, rng.uniform(*PROVIDER))
 
         await asyncio.gather(*(worker(n, 50) for n in range(guard.CONCURRENCY)))  # warm-up
         each = guard.CALLS // guard.CONCURRENCY
@@ -73,8 +75,8 @@ async def tracker_load(url: str) -> None:
 
 
 async def raw_load(url: str) -> None:
-    await pg_cycles.cycle_times(url, "2 lanes")  # warm-up
-    await measured(pg_cycles.cycle_times(url, "2 lanes"))
+    await pg_cycles.cycle_times(url, "2 lanes", PROVIDER)  # warm-up
+    await measured(pg_cycles.cycle_times(url, "2 lanes", PROVIDER))
 
 
 async def measured(load: Any) -> None:
@@ -102,11 +104,15 @@ def report(title: str) -> None:
 
 
 def main() -> None:
+    global PROVIDER
+    if len(sys.argv) == 3:
+        PROVIDER = (float(sys.argv[1]) / 1e3, float(sys.argv[2]) / 1e3)
     loads: tuple[tuple[str, Callable[[str], Coroutine[Any, Any, None]]], ...] = (
         ("tracker", tracker_load),
         ("raw two lanes", raw_load),
     )
-    print("the event loop's time during target 4's PostgreSQL load (16 in flight, provider 10-30 ms)")
+    low, high = (round(s * 1e3) for s in PROVIDER)
+    print(f"the event loop's time during target 4's PostgreSQL load (16 in flight, provider {low}-{high} ms)")
     for title, load in loads:
         pg = asyncio.run(guard.pg_database())
         if pg is None:

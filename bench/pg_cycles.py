@@ -204,8 +204,15 @@ class Lane:
 SHAPES = ("2 lanes", "1 statement", "async reserve")
 
 
-async def cycle_times(url: str, shape: str) -> list[float]:
-    """Seconds the two commits add to each call, with CONCURRENCY calls in flight."""
+async def cycle_times(
+    url: str,
+    shape: str,
+    provider: tuple[float, float] = (0.010, 0.030),
+    concurrency: int = CONCURRENCY,
+    calls: int = CALLS,
+) -> list[float]:
+    """Seconds the two commits add to each call, with `concurrency` calls in flight, each provider
+    call a sleep of a random `provider` seconds."""
     parsed = make_url(url)
     connect = dict(host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database)
     setup = await asyncpg.connect(**connect)
@@ -226,8 +233,8 @@ async def cycle_times(url: str, shape: str) -> list[float]:
 
         async def worker(n: int) -> None:
             loop = asyncio.get_running_loop()
-            for i in range(CALLS // CONCURRENCY):
-                wait, user = rng.uniform(0.010, 0.030), f"u{(n * 7 + i) % FLOOR_USERS}"
+            for i in range(calls // concurrency):
+                wait, user = rng.uniform(*provider), f"u{(n * 7 + i) % FLOOR_USERS}"
                 day = sorted(["day:", f"day:{user}"])
                 event = uuid.uuid4().hex
                 started = time.perf_counter()
@@ -239,9 +246,9 @@ async def cycle_times(url: str, shape: str) -> list[float]:
                 await settling.put(Settle(event, every, day, loop.create_future()))
                 added.append((reserved - started) + (time.perf_counter() - answered))
 
-        await asyncio.gather(*(worker(n) for n in range(CONCURRENCY)))
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
         spent, reserved = await setup.fetchrow("SELECT spent, reserved FROM floor_windows WHERE k = 'day:'")
-        assert (spent, reserved) == (CALLS * COST, 0), (spent, reserved)  # every call settled, once
+        assert (spent, reserved) == (calls * COST, 0), (spent, reserved)  # every call settled, once
         return added
     finally:
         for conn in (*lanes, setup):
