@@ -654,6 +654,47 @@ async def test_a_batch_whose_totals_pass_64_bits_is_refused_as_data_and_keeps_th
         await store.close()
 
 
+async def test_the_lanes_plan_each_statement_once_and_give_their_connections_back_as_lent(
+    pg_url: str,
+) -> None:
+    """PostgreSQL: left to choose, the server plans a prepared statement anew at each of its first
+    five executions, and at every later one when it estimates the generic plan dearer than those
+    were, as it often does for the ledger write. The lanes' connections plan each hot statement
+    once; given back to the pool, a connection plans as the server's settings say again."""
+    store = Store(pg_url)
+    await store.migrate()
+    try:
+        for n in range(1, 9):  # eight writes of different sizes, eight reservations
+            records = [_record(cost_nanousd=100 * (i + 1)) for i in range(n)]
+            await store.write([PendingWrite(record, _windows(record)) for record in records])
+            now = datetime.now(UTC)
+            key = WindowKey("day", window_bounds("day", now, UTC)[0], "", "")
+            reserving = store.reserve(
+                new_event_id(), [(key, 1_000, 10**15)], now=now, expires_at=now + timedelta(minutes=5)
+            )
+            assert await reserving is None
+        plans = []
+        for lane, statement in (("writes", "%INSERT INTO llm_calls%"), ("reservations", "%FOR UPDATE OF r%")):
+            driver = store._drivers._lanes[lane].driver
+            plans += await driver.fetch(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE $1",
+                statement,
+            )
+        assert [(row["generic_plans"] >= 8, row["custom_plans"]) for row in plans] == [(True, 0), (True, 0)]
+        await store._drivers.close()  # the lanes' connections go back to the pool, which lends them
+        idle = store.engine.pool.checkedin()
+        assert idle >= 2
+        connections = [await store.engine.connect() for _ in range(idle)]
+        try:
+            settings = [(await conn.exec_driver_sql("SHOW plan_cache_mode")).scalar() for conn in connections]
+        finally:
+            for conn in connections:
+                await conn.close()
+        assert settings == ["auto"] * idle
+    finally:
+        await store.close()
+
+
 async def test_write_returns_each_items_running_spend(db_url: str, store: Store) -> None:
     """write() returns, per item in batch order, each window's spent total right after that item."""
     a, b = _record(cost_nanousd=100), _record(cost_nanousd=250)

@@ -17,6 +17,14 @@ mid-statement, an error that is neither the server's answer nor a value refused 
 is invalidated here, so the pool replaces it instead of lending it again, and a lane holding it
 takes a new one next time.
 
+A lane's connection plans its statements once (`plan_cache_mode = force_generic_plan`, set when
+the lane takes it and reset when it gives it back to the pool; PostgreSQL 12 and later). Left to
+choose (`auto`), PostgreSQL plans a prepared statement anew at each of its first five executions,
+then keeps its generic plan only if that is estimated no dearer than the custom ones were. For the
+ledger write, once the tables hold some thousands of rows, it often is not, and the server then
+plans that statement, a dozen CTEs, again at every write; with its generic plan a guarded call is
+faster, not slower (docs/performance.md, twenty-sixth session).
+
 A server that restarted, or closed idle connections, leaves every connection of the pool dead, and
 the first statement on each would fail. `run` therefore tries its work once more when the connection
 turned out lost, after emptying the pool (`engine.dispose()`: what SQLAlchemy does itself when it
@@ -40,6 +48,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 __all__ = ["Drivers", "Work"]
 
 logger = logging.getLogger("llm_spend")
+
+_PLAN_ONCE = "SET plan_cache_mode = force_generic_plan"
+_PLAN_AS_LENT = "RESET plan_cache_mode"
 
 T = TypeVar("T")
 Work = Callable[[Any], Awaitable[T]]
@@ -70,13 +81,20 @@ class Drivers:
             held = None
         if lane is not None and held is None:
             conn = await self._engine.connect()
-            driver = (await conn.get_raw_connection()).driver_connection
+            try:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                if _plans_once(driver):
+                    async with _invalidating(conn, driver):
+                        await driver.execute(_PLAN_ONCE)
+            except BaseException:
+                await conn.close()
+                raise
             if lane in self._lanes:  # another task made the lane while this one connected: a loan
                 try:
                     async with _invalidating(conn, driver):
                         yield driver
                 finally:
-                    await conn.close()
+                    await _give_back(conn, driver)
                 return
             held = self._lanes[lane] = _Lane(conn, driver, loop)
         if held is None or held.busy:  # no lane asked for, or its connection is in use
@@ -150,7 +168,7 @@ class Drivers:
         if held.loop is asyncio.get_running_loop():
             if held.driver.is_closed() and not held.conn.invalidated:  # else the pool lends it again
                 await held.conn.invalidate()
-            await held.conn.close()
+            await _give_back(held.conn, held.driver)
         elif not held.loop.is_running():
             await _end_stranded(held)
         # else a loop running in another thread, the only one that could close it: it is forgotten
@@ -180,6 +198,27 @@ async def _end_stranded(held: _Lane) -> None:
         held.driver.terminate()
     await held.conn.invalidate()
     await held.conn.close()  # the Connection itself: invalidated, it does no I/O
+
+
+def _plans_once(driver: Any) -> bool:
+    """Whether the server has `plan_cache_mode` (PostgreSQL 12 and later); an older one plans as it
+    always did."""
+    return bool(driver.get_server_version().major >= 12)
+
+
+async def _give_back(conn: AsyncConnection, driver: Any) -> None:
+    """Give a lane's connection back to the pool as the pool lent it (its plans chosen as the
+    server's settings choose them); one that cannot be reset is invalidated instead."""
+    if not conn.invalidated and not driver.is_closed() and _plans_once(driver):
+        try:
+            await driver.execute(_PLAN_AS_LENT)
+        except BaseException as exc:
+            await asyncio.shield(conn.invalidate(exc if isinstance(exc, Exception) else None))
+            await conn.close()
+            if not isinstance(exc, Exception):  # cancelled: that goes on
+                raise
+            return
+    await conn.close()
 
 
 def _lost(exc: Exception, driver: Any) -> bool:
