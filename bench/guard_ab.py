@@ -8,7 +8,11 @@ plus settlement), the p50 of each phase, and the CPU time per call of the proces
 PostgreSQL lanes moves p50 by tenths of a millisecond, less than the hour-to-hour noise of
 `make bench`; interleaved rounds are what tell such a change apart.
 
-Run: .venv/bin/python bench/guard_ab.py OTHER_SRC [rounds]
+With `--ledger N`, each fresh database first gets N calls recorded by `track()` (in waves of 2,000,
+users spread over 500 tags) and `ANALYZE`d, as a database in use holds them: what the server's
+planner decides depends on the tables' statistics (docs/performance.md, twenty-sixth session).
+
+Run: .venv/bin/python bench/guard_ab.py OTHER_SRC [rounds] [--ledger N]
      (OTHER_SRC: a `src` folder, e.g. of `git worktree add /tmp/old <commit>`: /tmp/old/src)
 """
 
@@ -28,6 +32,24 @@ import asyncio, json, random, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import guard
 from llm_spend import Tracker
+
+
+async def fill(url, calls):
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    async with Tracker(url) as tracker:
+        for _ in range(0, calls, 2000):
+            await asyncio.gather(*(
+                tracker.track(provider="openai", model="gpt-4o-mini", input_tokens=300, output_tokens=100,
+                              tags={"user_id": f"u{i % 500}"})
+                for i in range(2000)
+            ))
+    parsed = make_url(url)
+    conn = await asyncpg.connect(host=parsed.host, port=parsed.port or 5432, user=parsed.username,
+                                 database=parsed.database)
+    await conn.execute("ANALYZE")
+    await conn.close()
 
 
 async def run(url):
@@ -54,22 +76,29 @@ pg = asyncio.run(guard.pg_database())
 if pg is None:
     raise SystemExit("no PostgreSQL server answers")
 try:
+    if int(sys.argv[2]):
+        asyncio.run(fill(pg[0], int(sys.argv[2])))
     print(json.dumps(asyncio.run(run(pg[0]))))
 finally:
     asyncio.run(guard.drop(pg[1]))
 """
 
 
-def main(other: str, rounds: int) -> None:
+def main(other: str, rounds: int, ledger: int) -> None:
     trees = {"this checkout": str(HERE.parent / "src"), "other": other}
     figures: dict[str, list[list[float]]] = {name: [] for name in trees}
-    print(f"guarded calls on PostgreSQL, 16 in flight, provider 10-30 ms; other = {other}")
+    held = f", a ledger of {ledger:,} calls before each" if ledger else ""
+    print(f"guarded calls on PostgreSQL, 16 in flight, provider 10-30 ms{held}; other = {other}")
     print(f"  {'round':<7}" + "".join(f"{name + ' p50 ms':>22}" for name in trees))
     for n in range(rounds):
         for name in list(trees) if n % 2 == 0 else list(trees)[::-1]:
             env = {**os.environ, "PYTHONPATH": trees[name]}
             done = subprocess.run(
-                [sys.executable, "-c", CHILD, str(HERE)], env=env, capture_output=True, text=True, check=False
+                [sys.executable, "-c", CHILD, str(HERE), str(ledger)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if done.returncode:
                 raise SystemExit(done.stderr[-3000:])
@@ -83,6 +112,12 @@ def main(other: str, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    ledger = 0
+    if "--ledger" in args:
+        at = args.index("--ledger")
+        ledger = int(args[at + 1])
+        del args[at : at + 2]
+    if not args:
         raise SystemExit(__doc__)
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 6)
+    main(args[0], int(args[1]) if len(args) > 1 else 6, ledger)
