@@ -160,3 +160,33 @@ def served(app: Any, **config: Any) -> Iterator[int]:
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+class FreezingProxy:
+    """A TCP relay to the PostgreSQL server that can stop relaying (a server that stops answering,
+    its connections left open)."""
+
+    def __init__(self) -> None:
+        self.frozen = asyncio.Event()
+        self.pipes: list[asyncio.Task[None]] = []
+
+    async def start(self, port: int) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = port
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.pipes += [asyncio.ensure_future(self._pipe(reader, to_writer)),
+                       asyncio.ensure_future(self._pipe(to_reader, writer))]  # fmt: skip
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if self.frozen.is_set():
+                await asyncio.Event().wait()  # never relayed
+            writer.write(data)
+
+    async def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.cancel()
+        self.server.close()

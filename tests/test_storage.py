@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import llm_spend
-from conftest import pg_sessions
+from conftest import FreezingProxy, pg_sessions
 from llm_spend import CallRecord, Tracker, Usage
 from llm_spend.budgets import window_bounds
 from llm_spend.money import from_nanousd
@@ -681,18 +681,72 @@ async def test_the_lanes_plan_each_statement_once_and_give_their_connections_bac
             )
             assert [row["custom_plans"] for row in plans] == [0] * len(plans), lane
             assert max(row["generic_plans"] for row in plans) >= 8, lane
+        lanes = {held.driver.get_server_pid() for held in store._drivers._lanes.values()}
         await store._drivers.close()  # the lanes' connections go back to the pool, which lends them
         idle = store.engine.pool.checkedin()
-        assert idle >= 2
         connections = [await store.engine.connect() for _ in range(idle)]
         try:
-            settings = [(await conn.exec_driver_sql("SHOW plan_cache_mode")).scalar() for conn in connections]
+            sql = "SELECT pg_backend_pid(), current_setting('plan_cache_mode')"
+            lent = dict([(await conn.exec_driver_sql(sql)).one() for conn in connections])
         finally:
             for conn in connections:
                 await conn.close()
-        assert settings == ["auto"] * idle
+        assert len(lanes) == 2 and lanes <= set(lent)  # reset and lent again, not replaced
+        assert set(lent.values()) == {"auto"}
     finally:
         await store.close()
+
+
+async def test_writes_made_at_once_after_the_server_ended_every_session_all_land(pg_url: str) -> None:
+    """PostgreSQL: the server ends every session (a restart) while the pool holds idle connections,
+    and three writes come at once: each finds a dead connection, the lane's first statement on it
+    (its plan setting, then its write) fails as lost, and each is made again on a new connection."""
+    store = Store(pg_url)
+    await store.migrate()
+    try:
+        connections = [await store.engine.connect() for _ in range(4)]
+        for conn in connections:
+            await conn.exec_driver_sql("SELECT 1")
+            await conn.close()  # four idle connections in the pool
+        admin = await _driver(pg_url)
+        try:
+            name = make_url(pg_url).database
+            sessions = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()"
+            await admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({sessions}) s", name)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.3)  # the loop sees the sessions end
+        records = [_record(cost_nanousd=100) for _ in range(3)]
+        await asyncio.gather(*(store.write([PendingWrite(record, _windows(record))]) for record in records))
+        assert len((await _snapshot(pg_url))[0]) == 3
+    finally:
+        await store.close()
+
+
+async def test_a_lane_given_back_while_the_server_stops_answering_is_ended_not_waited_for(
+    pg_url: str,
+) -> None:
+    """PostgreSQL: giving the lanes' connections back resets their plan setting; a server that stops
+    answering (its connections left open) does not hold that up: the connection is ended instead,
+    and not lent again."""
+    proxy = FreezingProxy()
+    url = make_url(pg_url)
+    relayed = url.set(port=await proxy.start(url.port or 5432)).render_as_string(hide_password=False)
+    store = Store(relayed)
+    try:
+        await store.migrate()
+        record = _record()
+        await store.write([PendingWrite(record, _windows(record))])  # the writes' lane, planned once
+        proxy.frozen.set()
+        closing = asyncio.ensure_future(store._drivers.close())
+        done, _ = await asyncio.wait({closing}, timeout=60)  # a guard against a hang only
+        assert done, "giving the lanes back waited for the server"
+        closing.result()
+        assert store.engine.pool.checkedout() == 0
+    finally:
+        await proxy.close()
+        await store.engine.dispose(close=False)
+    assert len((await _snapshot(pg_url))[0]) == 1
 
 
 async def test_write_returns_each_items_running_spend(db_url: str, store: Store) -> None:

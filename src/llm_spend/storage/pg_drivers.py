@@ -17,13 +17,16 @@ mid-statement, an error that is neither the server's answer nor a value refused 
 is invalidated here, so the pool replaces it instead of lending it again, and a lane holding it
 takes a new one next time.
 
-A lane's connection plans its statements once (`plan_cache_mode = force_generic_plan`, set when
-the lane takes it and reset when it gives it back to the pool; PostgreSQL 12 and later). Left to
-choose (`auto`), PostgreSQL plans a prepared statement anew at each of its first five executions,
-then keeps its generic plan only if that is estimated no dearer than the custom ones were. For the
-ledger write, once the tables hold some thousands of rows, it often is not, and the server then
-plans that statement, a dozen CTEs, again at every write; with its generic plan a guarded call is
-faster, not slower (docs/performance.md, twenty-sixth session).
+A lane's connection plans its hot statements once: its first use sets `plan_cache_mode =
+force_generic_plan` on it (PostgreSQL 12 and later; a server that refuses the setting is left as
+it is), and the lane resets it when it gives the connection back to the pool, or else ends the
+connection. Left to choose (`auto`), PostgreSQL plans a prepared statement anew at each of its
+first five executions, then keeps its generic plan only if that is estimated no dearer than the
+custom ones were. For the ledger write, once the tables hold some thousands of rows, it often is
+not, and the server then plans that statement, a dozen CTEs, again at every write; with its generic
+plan a guarded call is faster, not slower (docs/performance.md, twenty-sixth session; decisions §18).
+The setting is made as part of the lane's first work, so a connection found lost there is retried
+as the work would be.
 
 A server that restarted, or closed idle connections, leaves every connection of the pool dead, and
 the first statement on each would fail. `run` therefore tries its work once more when the connection
@@ -51,6 +54,9 @@ logger = logging.getLogger("llm_spend")
 
 _PLAN_ONCE = "SET plan_cache_mode = force_generic_plan"
 _PLAN_AS_LENT = "RESET plan_cache_mode"
+_RESET_WITHIN = 2.0
+"""Seconds a lane's connection is given to reset before it is ended instead (a server that stopped
+answering would hold the store's close otherwise)."""
 
 T = TypeVar("T")
 Work = Callable[[Any], Awaitable[T]]
@@ -58,11 +64,13 @@ Work = Callable[[Any], Awaitable[T]]
 
 
 class _Lane:
-    __slots__ = ("busy", "conn", "driver", "loop")
+    __slots__ = ("busy", "conn", "driver", "loop", "planned")
 
     def __init__(self, conn: AsyncConnection, driver: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.conn, self.driver, self.loop = conn, driver, loop
         self.busy = False
+        self.planned: bool | None = None
+        """Whether the connection plans its statements once (set at its first use; None before)."""
 
 
 class Drivers:
@@ -81,20 +89,13 @@ class Drivers:
             held = None
         if lane is not None and held is None:
             conn = await self._engine.connect()
-            try:
-                driver: Any = (await conn.get_raw_connection()).driver_connection
-                if _plans_once(driver):
-                    async with _invalidating(conn, driver):
-                        await driver.execute(_PLAN_ONCE)
-            except BaseException:
-                await conn.close()
-                raise
+            driver = (await conn.get_raw_connection()).driver_connection
             if lane in self._lanes:  # another task made the lane while this one connected: a loan
                 try:
                     async with _invalidating(conn, driver):
                         yield driver
                 finally:
-                    await _give_back(conn, driver)
+                    await conn.close()
                 return
             held = self._lanes[lane] = _Lane(conn, driver, loop)
         if held is None or held.busy:  # no lane asked for, or its connection is in use
@@ -128,6 +129,8 @@ class Drivers:
         ):
             held.busy = True
             try:
+                if held.planned is None:
+                    await _plan_once(held)
                 return await work(held.driver)
             except BaseException as exc:
                 await self._failed(lane, held, exc)
@@ -141,6 +144,7 @@ class Drivers:
         try:
             async with self.lend(lane) as conn:
                 lent = conn
+                await self._plan_lane(lane, conn)
                 return await work(conn)
         except Exception as exc:
             if lent is None or not _lost(exc, lent):
@@ -152,7 +156,14 @@ class Drivers:
         """The second try of `run`'s work, on a new connection of an emptied pool."""
         await self._engine.dispose()  # the pool's other connections are likely gone too
         async with self.lend(lane) as conn:
+            await self._plan_lane(lane, conn)
             return await work(conn)
+
+    async def _plan_lane(self, lane: str, conn: Any) -> None:
+        """Plan once on `conn` if it is the lane's own connection, used for the first time."""
+        held = self._lanes.get(lane)
+        if held is not None and held.driver is conn and held.planned is None:
+            await _plan_once(held)
 
     async def _failed(self, lane: str | None, held: _Lane, exc: BaseException) -> None:
         """What `lend` and `_invalidating` do when work on a lane's connection failed: a connection
@@ -168,7 +179,9 @@ class Drivers:
         if held.loop is asyncio.get_running_loop():
             if held.driver.is_closed() and not held.conn.invalidated:  # else the pool lends it again
                 await held.conn.invalidate()
-            await _give_back(held.conn, held.driver)
+            elif held.planned and not held.conn.invalidated:
+                await _reset(held)
+            await held.conn.close()
         elif not held.loop.is_running():
             await _end_stranded(held)
         # else a loop running in another thread, the only one that could close it: it is forgotten
@@ -200,25 +213,36 @@ async def _end_stranded(held: _Lane) -> None:
     await held.conn.close()  # the Connection itself: invalidated, it does no I/O
 
 
-def _plans_once(driver: Any) -> bool:
-    """Whether the server has `plan_cache_mode` (PostgreSQL 12 and later); an older one plans as it
-    always did."""
-    return bool(driver.get_server_version().major >= 12)
+async def _plan_once(held: _Lane) -> None:
+    """Make the lane's connection plan its statements once, where the server can."""
+    import asyncpg
+
+    held.planned = False
+    if held.driver.get_server_version().major < 12:  # no `plan_cache_mode`: planned as before
+        return
+    try:
+        await held.driver.execute(_PLAN_ONCE)
+    except asyncpg.PostgresError as exc:  # a server that speaks PostgreSQL but has no such setting
+        logger.info(
+            "llm-spend: the server refused plan_cache_mode (%s); statements are planned as it chooses", exc
+        )
+        return
+    held.planned = True
 
 
-async def _give_back(conn: AsyncConnection, driver: Any) -> None:
-    """Give a lane's connection back to the pool as the pool lent it (its plans chosen as the
-    server's settings choose them); one that cannot be reset is invalidated instead."""
-    if not conn.invalidated and not driver.is_closed() and _plans_once(driver):
-        try:
-            await driver.execute(_PLAN_AS_LENT)
-        except BaseException as exc:
-            await asyncio.shield(conn.invalidate(exc if isinstance(exc, Exception) else None))
-            await conn.close()
-            if not isinstance(exc, Exception):  # cancelled: that goes on
-                raise
-            return
-    await conn.close()
+async def _reset(held: _Lane) -> None:
+    """Reset what `_plan_once` set before the lane's connection goes back to the pool; a connection
+    that cannot be reset in time is ended instead (invalidated, so the pool forgets it), with no
+    wait for a server that stopped answering."""
+    try:
+        await held.driver.execute(_PLAN_AS_LENT, timeout=_RESET_WITHIN)
+    except BaseException as exc:
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed": aborted all the same
+            held.driver.terminate()
+        await asyncio.shield(held.conn.invalidate(exc if isinstance(exc, Exception) else None))
+        if not isinstance(exc, Exception):  # cancelled: that goes on, once the connection is ended
+            await held.conn.close()
+            raise
 
 
 def _lost(exc: Exception, driver: Any) -> bool:
