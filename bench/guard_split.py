@@ -12,8 +12,12 @@ rounds whose order rotates:
   the callers' Python (and the loop time it takes from everything else);
 - "raw lanes": the same load by raw asyncpg in the tracker's shape (`bench/pg_cycles.py`).
 
-It prints each round's p50 and the medians; with `--statements`, also each statement's time from its
-send to its answer (p50 and p90, timed around asyncpg's `_execute`) in the last round.
+It prints each round's p50 and the medians, and the CPU time per call of this process and of the
+local PostgreSQL server's processes (those that ended count once the server reaped them; Linux only).
+With `--statements`, also each statement's time in the last round (p50), split in three: from
+asyncpg's `_execute` to the statement's send on the socket (building and encoding it), from the send
+to the last read of its answer (the server's work, its commit and the loop's delay to read), and from
+that read to the lane running again (the wake-up).
 "lanes only" reaches inside the tracker (its recorder and guard) for the parts a call is made of.
 
 Run: .venv/bin/python bench/guard_split.py [rounds] [--statements]
@@ -22,13 +26,17 @@ Run: .venv/bin/python bench/guard_split.py [rounds] [--statements]
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import collections
+import os
 import random
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg.connection
@@ -40,7 +48,7 @@ from llm_spend.storage.rows import PendingWrite, WindowKey
 from llm_spend.usage import new_event_id
 
 LEASE = timedelta(minutes=10)
-statements: dict[str, list[float]] = collections.defaultdict(list)
+statements: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
 
 
 async def lanes_only(url: str) -> list[float]:
@@ -97,6 +105,31 @@ async def lanes_only(url: str) -> list[float]:
 
 
 _execute = asyncpg.connection.Connection._execute
+_Socket = asyncio.selector_events._SelectorSocketTransport
+_write = _Socket.write
+_reads = _Socket._read_ready__get_buffer, _Socket._read_ready__data_received
+sent: dict[int, float] = {}
+read: dict[int, float] = {}
+"""The last send and the last read on each socket (by the transport's id), while statements are timed."""
+
+
+def _timed_write(self: Any, data: Any) -> None:
+    sent[id(self)] = time.perf_counter()
+    _write(self, data)
+
+
+def _timed_reads() -> tuple[Callable[[Any], None], ...]:
+    """asyncio's two ways of reading a socket (into a buffer the protocol gives, or a new one),
+    each noting when it read."""
+
+    def timed(reading: Callable[[Any], None]) -> Callable[[Any], None]:
+        def timed_read(self: Any) -> None:
+            read[id(self)] = time.perf_counter()
+            reading(self)
+
+        return timed_read
+
+    return tuple(timed(reading) for reading in _reads)
 
 
 async def _timed_execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
@@ -104,7 +137,43 @@ async def _timed_execute(self: Any, query: str, *args: Any, **kwargs: Any) -> An
     try:
         return await _execute(self, query, *args, **kwargs)
     finally:
-        statements[" ".join(query.split())[:48]].append(time.perf_counter() - started)
+        ended, socket = time.perf_counter(), id(self._transport)
+        send, answer = sent.get(socket, started), read.get(socket, ended)
+        statements[" ".join(query.split())[:48]].append((send - started, answer - send, ended - answer))
+
+
+def _timing(on: bool) -> None:
+    """Time every statement (`_timed_execute`) from now on (their times so far forgotten), or none."""
+    if on:
+        statements.clear()
+    asyncpg.connection.Connection._execute = _timed_execute if on else _execute  # type: ignore[method-assign]
+    _Socket.write = _timed_write if on else _write  # type: ignore[method-assign]
+    reads = _timed_reads() if on else _reads
+    _Socket._read_ready__get_buffer, _Socket._read_ready__data_received = reads  # type: ignore[method-assign]
+
+
+def server_cpu() -> float | None:
+    """Seconds of CPU of the local PostgreSQL server's processes, those reaped included; None where
+    /proc cannot tell (not Linux)."""
+    total = 0
+    try:
+        stats = list(Path("/proc").glob("[0-9]*/stat"))
+    except OSError:
+        return None
+    for stat in stats:
+        try:
+            text = stat.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")].startswith("postgres"):
+            fields = text[text.rindex(")") + 2 :].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK") if stats else None
+
+
+def own_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
 
 
 def main(rounds: int, timed: bool) -> None:
@@ -119,6 +188,7 @@ def main(rounds: int, timed: bool) -> None:
         ("raw lanes", lambda: cycle_times(url, "2 lanes")),
     ]
     p50s: dict[str, list[float]] = {name: [] for name, _ in shapes}
+    cpu: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _ in shapes}
     print(f"target 4's PostgreSQL load ({CONCURRENCY} in flight, provider 10-30 ms), p50 ms by round")
     try:
         for n in range(rounds):
@@ -126,13 +196,15 @@ def main(rounds: int, timed: bool) -> None:
             order = shapes[n % 3 :] + shapes[: n % 3]
             cells = {}
             for name, load in order:
-                statements.clear()
-                if last:
-                    asyncpg.connection.Connection._execute = _timed_execute  # type: ignore[method-assign]
+                _timing(last)
+                server, own = server_cpu(), own_cpu()
                 try:
                     added = asyncio.run(load())
                 finally:
-                    asyncpg.connection.Connection._execute = _execute  # type: ignore[method-assign]
+                    _timing(False)
+                server_after = server_cpu()
+                spent = None if server is None or server_after is None else server_after - server
+                cpu[name].append((own_cpu() - own, spent))
                 p50s[name].append(statistics.median(added) * 1e3)
                 cells[name] = p50s[name][-1]
                 if last:
@@ -141,6 +213,12 @@ def main(rounds: int, timed: bool) -> None:
     finally:
         asyncio.run(drop(pg[1]))
     print("  medians: " + ", ".join(f"{name} {statistics.median(v):.2f}" for name, v in p50s.items()))
+    print("  CPU µs per call (medians; the tracker's setup included), this process / the server's processes:")
+    for name, used in cpu.items():
+        own = statistics.median(u[0] for u in used) / CALLS * 1e6
+        servers = [u[1] for u in used if u[1] is not None]
+        server = f"{statistics.median(servers) / CALLS * 1e6:.0f}" if servers else "-"
+        print(f"    {name:<12}{own:>6.0f} / {server}")
 
 
 async def _first(load: Coroutine[Any, Any, tuple[list[float], float]]) -> list[float]:
@@ -148,13 +226,14 @@ async def _first(load: Coroutine[Any, Any, tuple[list[float], float]]) -> list[f
 
 
 def _print_statements(shape: str) -> None:
-    print(f"    {shape}: each statement, send to answer")
+    print(f"    {shape}: each statement, p50 µs: to its send / send to the answer's last read / to the lane")
     for query, times in sorted(statements.items(), key=lambda kv: -len(kv[1])):
         if len(times) < 50:
             continue
-        times.sort()
-        p50, p90 = times[len(times) // 2] * 1e6, times[len(times) * 9 // 10] * 1e6
-        print(f"      {len(times):>6,} × p50 {p50:5.0f} µs, p90 {p90:5.0f} µs  {query}")
+        parts = [statistics.median(column) * 1e6 for column in zip(*times, strict=True)]
+        whole = statistics.median(sum(t) for t in times) * 1e6
+        split = " / ".join(f"{part:4.0f}" for part in parts)
+        print(f"      {len(times):>6,} × {split}, {whole:4.0f} in all  {query}")
 
 
 if __name__ == "__main__":
