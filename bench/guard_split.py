@@ -146,6 +146,8 @@ def _timing(on: bool) -> None:
     """Time every statement (`_timed_execute`) from now on (their times so far forgotten), or none."""
     if on:
         statements.clear()
+        sent.clear()
+        read.clear()
     asyncpg.connection.Connection._execute = _timed_execute if on else _execute  # type: ignore[method-assign]
     _Socket.write = _timed_write if on else _write  # type: ignore[method-assign]
     reads = _timed_reads() if on else _reads
