@@ -4,9 +4,9 @@ Run: .venv/bin/python bench/instructions.py [name ...]   (needs valgrind; 5-10 m
 
 Each scenario runs twice under `valgrind --tool=callgrind` with PYTHONHASHSEED=0, once with N
 iterations and once with none, after the same warm-up; the difference divided by N is what one
-iteration costs, start-up left out. The scenarios are bench/run.py's middleware apps and
-bench/capture.py's clients. Wall times (`make bench`) depend on the machine's speed that hour; these
-counts do not, so they tell whether a change made the code cheaper.
+iteration costs, start-up left out. The scenarios are bench/run.py's middleware apps,
+bench/capture.py's clients and bench/pricing.py's calls. Wall times (`make bench`) depend on the
+machine's speed that hour; these counts do not, so they tell whether a change made the code cheaper.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-N = {"middleware": 1_000, "call": 500, "chunk": 2_000}
+N = {"middleware": 1_000, "call": 500, "chunk": 2_000, "pricing": 20_000}
 SCENARIOS = {
     "middleware: bare Starlette app": ("middleware", "bare"),
     "middleware: + pure-ASGI ContextVar middleware": ("middleware", "+ pure"),
@@ -39,6 +40,7 @@ SCENARIOS = {
         for shape in ("openai chat", "openai responses", "anthropic", "gemini")
         for setup in ("plain", "capture")
     },
+    **{f"pricing: {model}": ("pricing", model) for model in ("gpt-4o-mini", "claude-sonnet", "gemini")},
 }
 
 
@@ -92,6 +94,20 @@ async def chunk(which: str, n: int) -> None:
                 pass
 
 
+async def pricing(which: str, n: int) -> None:
+    import pricing
+
+    from llm_spend.pricing import Pricer
+
+    provider, model, usage = next(case for case in pricing.CASES if case[1].startswith(which))
+    pricer, at = Pricer(), datetime.now(UTC)
+    for _ in range(50):
+        pricer.price(provider, model, usage, at=at)
+    settle_heap()
+    for _ in range(n):
+        pricer.price(provider, model, usage, at=at)
+
+
 def settle_heap() -> None:
     """Collect, then freeze what is alive (gc.freeze): a full collection walks the whole heap (about
     100 ms here), and whether one falls inside the N iterations or not moved a count by thousands of
@@ -121,7 +137,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     if args.inside:
         kind, which, n = args.inside
-        asyncio.run({"middleware": middleware, "call": call, "chunk": chunk}[kind](which, int(n)))
+        kinds = {"middleware": middleware, "call": call, "chunk": chunk, "pricing": pricing}
+        asyncio.run(kinds[kind](which, int(n)))
         return
     chosen = {
         name: s for name, s in SCENARIOS.items() if not args.names or any(a in name for a in args.names)

@@ -4,14 +4,19 @@ A unit's billed count is its usage minus the billed counts of its priced descend
 leaf decomposition), so each count is a fixed integer combination of the usage vector; every rate is
 an integer count of 10**-scale USD, and one weight vector per long-context tier band makes pricing a
 call one dot product, exact to the nano-dollar (what `genai_prices.calc_price` gives).
+
+Each price set's checks and dot products are then written out as a small Python function of the
+usage (`Compiled.program`), with its integer weights as literals and the zero terms left out:
+`sum(map(mul, ...))` over the eight-entry vectors, three of them for a model with cache writes, was
+half of pricing a call (docs/performance.md, twenty-ninth session). The function's text holds only
+integers this module computed and fixed names, never text from the price table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal, Inexact, localcontext
-from operator import attrgetter, mul
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from genai_prices.types import ModelPrice, TieredPrices
 from genai_prices.units import UnitDef, UnitRegistry
@@ -42,7 +47,8 @@ _RAW_KEYS = (
     "requests",
 )
 """The genai-prices usage keys a `Usage` fills, in the order of the vector that `total` builds."""
-_USAGE_FIELDS = attrgetter(*_RAW_KEYS[:5], "reasoning_tokens")
+_READS = (*_RAW_KEYS[:5], "reasoning_tokens")
+"""The `Usage` fields behind the vector's first six entries (the seventh is derived, the last is 1)."""
 _ZERO = Decimal(0)
 TierRates = tuple[tuple[int, Decimal], ...]
 """A price per single unit as (tier start, rate), tiers in genai-prices' order; the base starts at -1."""
@@ -71,6 +77,8 @@ class Compiled(NamedTuple):
     bands: tuple[tuple[int, tuple[int, ...]], ...]
     """(tier start, weights), highest start first: for a call with more input tokens than the start,
     the total is the usage vector dotted with the weights (one band at -1 without tiers)."""
+    program: Callable[[Usage], int | None]
+    """`checks` and `bands` written out as Python (`_program`): what `total` runs."""
 
 
 def priced_units(
@@ -147,7 +155,7 @@ def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], TierRates]]) ->
             sum(v[i] * rate for v, rate in zip(vectors, rates, strict=True)) for i in range(len(_RAW_KEYS))
         )
         bands.append((band, weights))
-    return Compiled(compiled, scale, up // 10, down // 10, checks, tuple(bands))
+    return Compiled(compiled, scale, up // 10, down // 10, checks, tuple(bands), _program(checks, bands))
 
 
 def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
@@ -159,17 +167,41 @@ def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
 
 def total(compiled: Compiled, usage: Usage) -> int | None:
     """Sum rate * count over the terms, as genai-prices sums, in integers; None for a negative count."""
-    raw: tuple[int, ...] = _USAGE_FIELDS(usage)
-    raw += (raw[3] - raw[4] if raw[4] else 0, 1)  # 5-minute writes are passed only beside 1-hour ones
-    for vector in compiled.checks:
-        if sum(map(mul, raw, vector)) < 0:
-            return None
-    input_tokens = raw[0]
-    for start, weights in compiled.bands:  # the base band starts at -1: one always applies
-        if input_tokens > start:
-            dot: int = sum(map(mul, raw, weights))
-            return dot
-    raise AssertionError("no band starts at -1")  # pragma: no cover
+    return compiled.program(usage)
+
+
+def _program(
+    checks: Sequence[tuple[int, ...]], bands: Sequence[tuple[int, tuple[int, ...]]]
+) -> Callable[[Usage], int | None]:
+    """`total` for one price set: a function whose text reads the usage fields that some weight
+    needs, returns None when a check's count is negative, and else the dot product of the first
+    band that the input tokens pass (the last starts at -1), each written out with its weights."""
+    vectors = [*checks, *(weights for _, weights in bands)]
+    used = {index for vector in vectors for index, weight in enumerate(vector) if weight}
+    if 6 in used:  # 5-minute writes are passed only beside 1-hour ones
+        used |= {3, 4}
+    if len(bands) > 1:
+        used.add(0)
+    lines = ["def total(u):"]
+    lines += [f"    x{index} = u.{_READS[index]}" for index in sorted(used) if index < 6]
+    if 6 in used:
+        lines.append("    x6 = x3 - x4 if x4 else 0")
+    lines += [f"    if {_dot(vector)} < 0: return None" for vector in checks]
+    lines += [f"    if x0 > {start}: return {_dot(weights)}" for start, weights in bands[:-1]]
+    lines.append(f"    return {_dot(bands[-1][1])}")
+    assert bands[-1][0] == -1, "no band starts at -1"
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(lines), "<llm-spend price>", "exec"), namespace)
+    program: Callable[[Usage], int | None] = namespace["total"]
+    return program
+
+
+def _dot(vector: Sequence[int]) -> str:
+    """The usage vector dotted with `vector`, as an expression of integers (the last entry is 1)."""
+    terms = [
+        f"{weight} * x{index}" if index < 7 else str(weight) for index, weight in enumerate(vector) if weight
+    ]
+    return " + ".join(terms) or "0"
 
 
 def to_nano(total: int, compiled: Compiled) -> int:

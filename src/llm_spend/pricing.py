@@ -46,7 +46,6 @@ from .price_rates import (
     max_rate,
     priced_units,
     to_nano,
-    total,
     unit_rates,
 )
 from .usage import PricingStatus, Usage
@@ -186,7 +185,7 @@ class Pricer:
             compiled = self._compile(entry, key, at, service_tier, batch)
         if compiled is None:
             return self._unknown("unknown_model", provider, model)
-        summed = total(compiled, usage)
+        summed = compiled.program(usage)
         if summed is None:
             return self._unknown("unknown_usage", provider, model)
         amount = Decimal(summed).scaleb(-compiled.scale)
