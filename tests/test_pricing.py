@@ -383,6 +383,27 @@ def test_bound_is_never_below_the_price(pricer: Pricer) -> None:
         )
 
 
+def test_every_bound_in_the_bundled_table_rounds_its_amount_to_the_nano_dollar() -> None:
+    """A bound is worked out in integers: its nano-USD is its exact amount rounded half-even, for
+    every model of the table, token counts on and past the tier starts, on dates of different prices."""
+    pricer, rng, checked = Pricer(), random.Random(20261208), 0
+    for provider in bundled_providers:
+        for model in provider.models:
+            at = rng.choice([datetime(2025, 1, 1, tzinfo=UTC), AT])
+            tokens = rng.choice([(0, 0), (7, 3), (200_000, 1), (200_001, 64_000), (10**6, 10**6)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cost = pricer.bound(
+                    provider.id, model.id, input_tokens=tokens[0], output_tokens=tokens[1], at=at
+                )
+            if cost.amount is None:
+                continue
+            assert cost.nanousd == to_nanousd(cost.amount), (provider.id, model.id, tokens, at)
+            assert cost.amount >= 0
+            checked += 1
+    assert checked > 1500
+
+
 def test_bound_uses_the_highest_rate_the_input_can_reach(pricer: Pricer) -> None:
     """Claude Sonnet 4.5: 1-hour cache writes ($6/M) bound short input; past 200k, its long-context tier."""
     short = pricer.bound("anthropic", "claude-sonnet-4-5", input_tokens=1_000, output_tokens=0, at=AT)

@@ -14,9 +14,9 @@ integers this module computed and fixed names, never text from the price table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, Inexact, localcontext
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from genai_prices.types import ModelPrice, TieredPrices
 from genai_prices.units import UnitDef, UnitRegistry
@@ -30,7 +30,9 @@ __all__ = [
     "ceilings",
     "compile_prices",
     "max_rate",
+    "nano_factors",
     "priced_units",
+    "scale_of",
     "to_nano",
     "total",
     "unit_rates",
@@ -49,7 +51,7 @@ _RAW_KEYS = (
 """The genai-prices usage keys a `Usage` fills, in the order of the vector that `total` builds."""
 _READS = (*_RAW_KEYS[:5], "reasoning_tokens")
 """The `Usage` fields behind the vector's first six entries (the seventh is derived, the last is 1)."""
-_ZERO = Decimal(0)
+_R = TypeVar("_R", int, Decimal)
 TierRates = tuple[tuple[int, Decimal], ...]
 """A price per single unit as (tier start, rate), tiers in genai-prices' order; the base starts at -1."""
 
@@ -138,13 +140,12 @@ def _terms(
 
 def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], TierRates]]) -> Compiled:
     """The terms with every rate an integer count of 10**-scale USD, scale the finest any rate needs."""
-    exponents = [rate.as_tuple().exponent for _, rates in terms for _, rate in rates]
-    scale = max([0, *(-e for e in exponents if isinstance(e, int))])
+    scale = scale_of(rate for _, rates in terms for _, rate in rates)
     compiled = tuple(
         _Term(counts, tuple((start, int(rate.scaleb(scale))) for start, rate in rates))
         for counts, rates in terms
     )
-    up, down = int(Decimal(10).scaleb(max(9 - scale, 0))), int(Decimal(10).scaleb(max(scale - 9, 0)))
+    up, down = nano_factors(scale)
     vectors = [_vector(term.counts) for term in compiled]
     checks = tuple(v for v, term in zip(vectors, compiled, strict=True) if any(c < 0 for _, c in term.counts))
     starts = sorted({-1, *(start for term in compiled for start, _ in term.rates)}, reverse=True)
@@ -155,7 +156,18 @@ def _integral(terms: Sequence[tuple[tuple[tuple[int, int], ...], TierRates]]) ->
             sum(v[i] * rate for v, rate in zip(vectors, rates, strict=True)) for i in range(len(_RAW_KEYS))
         )
         bands.append((band, weights))
-    return Compiled(compiled, scale, up // 10, down // 10, checks, tuple(bands), _program(checks, bands))
+    return Compiled(compiled, scale, up, down, checks, tuple(bands), _program(checks, bands))
+
+
+def scale_of(rates: Iterable[Decimal]) -> int:
+    """The least power of ten (at least 0) that makes every rate an integer count of 10**-scale USD."""
+    exponents = [rate.as_tuple().exponent for rate in rates]
+    return max([0, *(-e for e in exponents if isinstance(e, int))])
+
+
+def nano_factors(scale: int) -> tuple[int, int]:
+    """(up, down) for `to_nano`: a total in 10**-scale USD is total * up nano-USD, or total / down."""
+    return 10 ** max(9 - scale, 0), 10 ** max(scale - 9, 0)
 
 
 def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
@@ -204,32 +216,33 @@ def _dot(vector: Sequence[int]) -> str:
     return " + ".join(terms) or "0"
 
 
-def to_nano(total: int, compiled: Compiled) -> int:
-    """`total` (in 10**-scale USD) in nano-USD, rounded half-even (as `money.to_nanousd`)."""
-    down = compiled.down
+def to_nano(total: int, up: int, down: int) -> int:
+    """`total` (in 10**-scale USD, `nano_factors(scale)`) in nano-USD, rounded half-even (as
+    `money.to_nanousd`)."""
     if down == 1:
-        return total * compiled.up
+        return total * up
     nano, rest = divmod(total, down)
     if 2 * rest > down or (2 * rest == down and nano & 1):
         nano += 1
     return nano
 
 
-def ceilings(rates: TierRates) -> TierRates:
+def ceilings(rates: Sequence[tuple[int, _R]]) -> tuple[tuple[int, _R], ...]:
     """`rates` as `max_rate` reads them: one (start, highest rate of any tier starting there or
     below) per distinct tier start, starts ascending. Made once per model and day: a model has
-    a rate per variant and cache kind (six or more), and `max_rate` runs for every guarded call."""
-    found: list[tuple[int, Decimal]] = []
+    a rate per variant and cache kind (six or more), and `max_rate` runs for every guarded call.
+    Rates are `Decimal` USD or integer counts of 10**-scale USD (`Pricer.bound`'s)."""
+    found: list[tuple[int, _R]] = []
     for start in sorted({start for start, _ in rates}):
         top = max(rate for tier, rate in rates if tier == start)
         found.append((start, max(top, found[-1][1]) if found else top))
     return tuple(found)
 
 
-def max_rate(ceiling: TierRates, input_tokens: int) -> Decimal:
+def max_rate(ceiling: Sequence[tuple[int, _R]], input_tokens: int) -> _R | int:
     """The highest of the rates that a call with at most `input_tokens` input tokens can reach
-    (`ceiling` as `ceilings` makes it)."""
-    best = _ZERO
+    (`ceiling` as `ceilings` makes it); 0 when none can."""
+    best: _R | int = 0
     for start, rate in ceiling:
         if input_tokens <= start:
             break

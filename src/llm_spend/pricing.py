@@ -40,11 +40,12 @@ from .money import to_nanousd
 from .price_layers import PricesFile, PriceTable, Rates, parse_rates, stamp
 from .price_rates import (
     Compiled,
-    TierRates,
     ceilings,
     compile_prices,
     max_rate,
+    nano_factors,
     priced_units,
+    scale_of,
     to_nano,
     unit_rates,
 )
@@ -95,12 +96,17 @@ _EXPLAINED = {
 
 
 class _Limits(NamedTuple):
-    """Every input-side and output-side token rate of a model, and its highest per-request fee."""
+    """Every input-side and output-side token rate of a model, and its highest per-request fee, as
+    integer counts of 10**-scale USD (a bound is then worked out in integers, like a price)."""
 
-    inputs: TierRates
-    outputs: TierRates
+    inputs: tuple[tuple[int, int], ...]
+    outputs: tuple[tuple[int, int], ...]
     """Both as `price_rates.ceilings` makes them, for `max_rate`."""
-    fixed: Decimal
+    fixed: int
+    scale: int
+    up: int
+    down: int
+    """`price_rates.nano_factors(scale)`."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -189,7 +195,9 @@ class Pricer:
         if summed is None:
             return self._unknown("unknown_usage", provider, model)
         amount = Decimal(summed).scaleb(-compiled.scale)
-        return Cost(amount, to_nano(summed, compiled), "priced", self._source, entry.model.id)
+        return Cost(
+            amount, to_nano(summed, compiled.up, compiled.down), "priced", self._source, entry.model.id
+        )
 
     def bound(
         self, provider: str, model: str, *, input_tokens: int, output_tokens: int, at: datetime
@@ -202,14 +210,14 @@ class Pricer:
         reach), output tokens at the highest output-side rate, plus any per-request fee. Other units
         (searches, images, audio seconds) are not covered; a model priced only in those is "unknown_model".
         """
-        layered = self._layer(provider, model)
-        if layered is not None or (self._entry(provider, model) is None and self._fallback is not None):
+        layered = self._layer(provider, model) if self._layered else None
+        entry = self._entry(provider, model) if layered is None else None
+        if layered is not None or (entry is None and self._fallback is not None):
             rates = layered[2] if layered is not None else self._fallback
             assert rates is not None
-            amount = rates.bound(input_tokens, output_tokens)
+            flat = rates.bound(input_tokens, output_tokens)
             source = layered[0].source if layered is not None else self._fallback_source
-            return Cost(amount, to_nanousd(amount), "priced", source, layered[1] if layered else None)
-        entry = self._entry(provider, model)
+            return Cost(flat, to_nanousd(flat), "priced", source, layered[1] if layered else None)
         if entry is None:
             return self._unknown("unknown_model", provider, model)
         day = _utc(at).date()
@@ -220,9 +228,10 @@ class Pricer:
             limits = _remember(self._limits, key, self._bound_rates(entry, day), self._max_entries)
         if limits is None:
             return self._unknown("unknown_model", provider, model)
-        amount = limits.fixed + input_tokens * max_rate(limits.inputs, input_tokens)
-        amount += output_tokens * max_rate(limits.outputs, input_tokens)
-        return Cost(amount, to_nanousd(amount), "priced", self._source, entry.model.id)
+        whole = limits.fixed + input_tokens * max_rate(limits.inputs, input_tokens)
+        whole += output_tokens * max_rate(limits.outputs, input_tokens)
+        amount = Decimal(whole).scaleb(-limits.scale)
+        return Cost(amount, to_nano(whole, limits.up, limits.down), "priced", self._source, entry.model.id)
 
     def explain(
         self,
@@ -324,7 +333,13 @@ class Pricer:
                 other = True
         if other and not inputs and not outputs:
             return None
-        return _Limits(ceilings(tuple(inputs)), ceilings(tuple(outputs)), max(fixed))
+        scale = scale_of([*(rate for _, rate in (*inputs, *outputs)), *fixed])
+
+        def whole(rates: list[tuple[int, Decimal]]) -> tuple[tuple[int, int], ...]:
+            return ceilings([(start, int(rate.scaleb(scale))) for start, rate in rates])
+
+        fee = int(max(fixed).scaleb(scale))
+        return _Limits(whole(inputs), whole(outputs), fee, scale, *nano_factors(scale))
 
     def _unknown(self, status: PricingStatus, provider: str, model: str) -> Cost:
         """A cost without amount; warns once per (status, provider, model)."""
