@@ -244,15 +244,10 @@ def _ask_identity(headers: Any) -> None:
     httpx's default headers) when it is the only one, else the public way, which drops the others."""
     entries = _entries(headers)
     if entries is not None:
-        for at, entry in enumerate(entries):
-            if entry[1] == b"accept-encoding":
-                for later in entries[at + 1 :]:  # a loop: cheaper than listing the keys
-                    if later[1] == b"accept-encoding":
-                        break
-                else:
-                    entries[at] = _IDENTITY
-                    return
-                break
+        keys = list(map(_KEY, entries))  # counted and found in C, not by a loop of Python
+        if keys.count(b"accept-encoding") == 1:
+            entries[keys.index(b"accept-encoding")] = _IDENTITY
+            return
     headers["Accept-Encoding"] = "identity"
 
 
