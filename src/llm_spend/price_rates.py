@@ -8,7 +8,7 @@ call one dot product, exact to the nano-dollar (what `genai_prices.calc_price` g
 Each price set's checks and dot products are then written out as a small Python function of the
 usage (`Compiled.program`), with its integer weights as literals and the zero terms left out:
 `sum(map(mul, ...))` over the eight-entry vectors, three of them for a model with cache writes, was
-half of pricing a call (docs/performance.md, twenty-ninth session). The function's text holds only
+two fifths of pricing a call (docs/performance.md, twenty-ninth session). The function's text holds only
 integers this module computed and fixed names, never text from the price table.
 """
 
@@ -34,7 +34,6 @@ __all__ = [
     "priced_units",
     "scale_of",
     "to_nano",
-    "total",
     "unit_rates",
 ]
 
@@ -48,7 +47,7 @@ _RAW_KEYS = (
     "cache_write_5m_tokens",
     "requests",
 )
-"""The genai-prices usage keys a `Usage` fills, in the order of the vector that `total` builds."""
+"""The genai-prices usage keys a `Usage` fills, in the order of the usage vector (`_program` reads it)."""
 _READS = (*_RAW_KEYS[:5], "reasoning_tokens")
 """The `Usage` fields behind the vector's first six entries (the seventh is derived, the last is 1)."""
 _R = TypeVar("_R", int, Decimal)
@@ -80,7 +79,8 @@ class Compiled(NamedTuple):
     """(tier start, weights), highest start first: for a call with more input tokens than the start,
     the total is the usage vector dotted with the weights (one band at -1 without tiers)."""
     program: Callable[[Usage], int | None]
-    """`checks` and `bands` written out as Python (`_program`): what `total` runs."""
+    """`checks` and `bands` written out as Python (`_program`): the call's total in 10**-scale USD,
+    summed as genai-prices sums, or None for a negative count."""
 
 
 def priced_units(
@@ -177,17 +177,13 @@ def _vector(counts: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
     return tuple(vector)
 
 
-def total(compiled: Compiled, usage: Usage) -> int | None:
-    """Sum rate * count over the terms, as genai-prices sums, in integers; None for a negative count."""
-    return compiled.program(usage)
-
-
 def _program(
     checks: Sequence[tuple[int, ...]], bands: Sequence[tuple[int, tuple[int, ...]]]
 ) -> Callable[[Usage], int | None]:
-    """`total` for one price set: a function whose text reads the usage fields that some weight
-    needs, returns None when a check's count is negative, and else the dot product of the first
-    band that the input tokens pass (the last starts at -1), each written out with its weights."""
+    """`Compiled.program` of one price set: a function whose text reads the usage fields that some
+    weight needs, returns None when a check's count is negative, and else the dot product of the
+    first band that the input tokens pass (the last starts at -1), each written out with its weights."""
+    assert bands[-1][0] == -1, "no band starts at -1"
     vectors = [*checks, *(weights for _, weights in bands)]
     used = {index for vector in vectors for index, weight in enumerate(vector) if weight}
     if 6 in used:  # 5-minute writes are passed only beside 1-hour ones
@@ -201,7 +197,6 @@ def _program(
     lines += [f"    if {_dot(vector)} < 0: return None" for vector in checks]
     lines += [f"    if x0 > {start}: return {_dot(weights)}" for start, weights in bands[:-1]]
     lines.append(f"    return {_dot(bands[-1][1])}")
-    assert bands[-1][0] == -1, "no band starts at -1"
     namespace: dict[str, Any] = {}
     exec(compile("\n".join(lines), "<llm-spend price>", "exec"), namespace)
     program: Callable[[Usage], int | None] = namespace["total"]
@@ -217,8 +212,8 @@ def _dot(vector: Sequence[int]) -> str:
 
 
 def to_nano(total: int, up: int, down: int) -> int:
-    """`total` (in 10**-scale USD, `nano_factors(scale)`) in nano-USD, rounded half-even (as
-    `money.to_nanousd`)."""
+    """A total in 10**-scale USD (`up`, `down`: `nano_factors(scale)`) in nano-USD, rounded
+    half-even (as `money.to_nanousd`)."""
     if down == 1:
         return total * up
     nano, rest = divmod(total, down)
@@ -251,5 +246,6 @@ def max_rate(ceiling: Sequence[tuple[int, _R]], input_tokens: int) -> _R | int:
 
 
 def compile_prices(model_price: ModelPrice, registry: UnitRegistry) -> Compiled:
-    """A price set compiled for `total`; raises ValueError or ArithmeticError for an unusable one."""
+    """A price set compiled to integers and a program (`Compiled`); raises ValueError or
+    ArithmeticError for an unusable one."""
     return _integral(_terms(model_price, registry))
