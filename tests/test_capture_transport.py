@@ -428,18 +428,20 @@ async def test_a_guard_without_choices_serves_requests_for_one_answer(url: str) 
     [b'{"id":"r1","usage":{"prompt_tokens":10,"completion_tokens":2}}', b'{"id":"r1","usage":'],
     ids=["names no model", "cut short"],
 )
+@pytest.mark.parametrize("length", [1, 200], ids=["short request", "long request"])
 async def test_a_call_whose_answer_names_no_model_is_recorded_under_the_requests(
-    url: str, mode: str, answer: bytes
+    url: str, mode: str, answer: bytes, length: int
 ) -> None:
-    """Without a block-mode budget capture reads no request body before sending it; the model the
-    request names is read when the answer names none (a host that leaves it out, a body cut short)."""
+    """Without a block-mode budget capture reads no short request body before sending it (a long
+    one it parses, to see whether it asks for a stream); the model the request names is read when
+    the answer names none (a host that leaves it out, a body cut short)."""
 
     def handler(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, content=answer, headers={"content-type": "application/json"})
 
     async with Tracker(url, budgets=[Budget.daily(10, mode=mode)]) as tracker:  # type: ignore[arg-type]
         async with async_client(tracker, transport=httpx2.MockTransport(handler)) as http:
-            body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10}
+            body = {"model": "gpt-4o-mini", "messages": MESSAGES * length, "max_tokens": 10}
             response = await http.post(CHAT_URL, json=body)
         assert (response.status_code, response.content) == (200, answer)
     [row] = await table(tracker)

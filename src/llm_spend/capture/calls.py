@@ -103,6 +103,10 @@ class Plan:
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _STREAM_KEY = b'"stream"'
 _ESCAPE = b"\\u"
+_SHORT_BODY = 4096
+"""Bodies up to this many bytes are searched for `_STREAM_KEY` and `_ESCAPE` instead of parsed
+before the call when nothing else needs them parsed: the two searches cost about 1 ns a byte, the
+parse about 0.5 ns a byte and 4 µs more in place (docs/performance.md, twenty-ninth session)."""
 
 
 def plan_call(
@@ -118,13 +122,17 @@ def plan_call(
 
     A tracker that does not reserve (`media_allowance` None) needs none of them before the call
     unless the call may be a stream, by its path (Gemini's ``:streamGenerateContent``) or its body's
-    top-level keys (a stream request may have to be rewritten). A body whose bytes hold neither
-    ``"stream"`` nor a ``\\u`` escape (with which a key can spell it) has no such key, and is not
-    parsed before the call: a parse took about 4 µs of a captured call's wall time in place, though
-    no more instructions than the search (docs/performance.md, twenty-ninth session). Otherwise
-    the body is parsed, and planned from if it asks for a stream. Either way `request_model` reads
-    the model from it when the answer names none."""
-    if media_allowance is None and "stream" not in path and _STREAM_KEY not in raw and _ESCAPE not in raw:
+    top-level keys (a stream request may have to be rewritten). A short body (`_SHORT_BODY`) whose
+    bytes hold neither ``"stream"`` nor a ``\\u`` escape (with which a key can spell it) has no
+    such key, and is not parsed before the call; any other is parsed, and planned from if it asks
+    for a stream. Either way `request_model` reads the model from it when the answer names none."""
+    if (
+        media_allowance is None
+        and "stream" not in path
+        and len(raw) <= _SHORT_BODY
+        and _STREAM_KEY not in raw
+        and _ESCAPE not in raw
+    ):
         return Plan(adapter, kind, provider, path, None, False, 0, None, None, raw=raw)
     body = load_json(raw) if raw else None
     if not isinstance(body, dict):
