@@ -105,7 +105,7 @@ _STREAM_KEY = b'"stream"'
 _ESCAPE = b"\\u"
 _SHORT_BODY = 4096
 """Bodies up to this many bytes are searched for `_STREAM_KEY` and `_ESCAPE` instead of parsed
-before the call when nothing else needs them parsed: the two searches cost about 1 ns a byte, the
+before the call when nothing else needs them parsed: the two searches cost over 1 ns a byte, the
 parse about 0.5 ns a byte and 4 µs more in place (docs/performance.md, twenty-ninth session)."""
 
 
