@@ -134,9 +134,7 @@ def plan_call(
         and _ESCAPE not in raw
     ):
         return Plan(adapter, kind, provider, path, None, False, 0, None, None, raw=raw)
-    body = load_json(raw) if raw else None
-    if not isinstance(body, dict):
-        body = None
+    body = _parsed(raw)
     if media_allowance is None and "stream" not in path and (body is None or "stream" not in body):
         return Plan(adapter, kind, provider, path, None, False, 0, None, body)
     info = adapter.call_info(kind, path, body or _EMPTY)
@@ -157,13 +155,16 @@ def plan_call(
     return plan
 
 
+def _parsed(raw: bytes) -> dict[str, Any] | None:
+    """A request body as a JSON object, or None (empty, not JSON, or not an object)."""
+    body = load_json(raw) if raw else None
+    return body if isinstance(body, dict) else None
+
+
 def request_model(plan: Plan) -> str:
     """The model the request names ("unknown" if none), read from its parsed body when first needed."""
     if plan.model is None:
-        body = plan.body
-        if body is None and plan.raw:  # not parsed before the call
-            found = load_json(plan.raw)
-            body = found if isinstance(found, dict) else None
+        body = plan.body if plan.body is not None else _parsed(plan.raw)  # raw: not parsed before
         plan.model = plan.adapter.call_info(plan.kind, plan.path, body or _EMPTY).model or "unknown"
     return plan.model
 
