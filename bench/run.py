@@ -43,6 +43,7 @@ from llm_spend.storage.store import Store
 REQUESTS, REQUEST_RUNS = 20_000, 7
 CALLS, WAVE, BATCH, TRACK_RUNS = 20_000, 2_000, 500, 3
 USERS = 100
+BARE = "bare Starlette app"
 
 # -- 1. middleware overhead -------------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ def build_apps(tracker: Tracker) -> dict[str, tuple[ASGIApp, int]]:
         return Starlette(routes=routes, middleware=list(middleware))
 
     return {
-        "bare Starlette app": (app(), REQUESTS),
+        BARE: (app(), REQUESTS),
         "+ pure-ASGI middleware setting a ContextVar": (app(Middleware(ContextVarMiddleware)), REQUESTS),
         f"+ BaseHTTPMiddleware, no-op ({REQUESTS // 5:,} requests/run)": (
             app(Middleware(NoopHTTPMiddleware)),
@@ -148,7 +149,10 @@ async def exhaust_one_user(tracker: Tracker) -> None:
     raise RuntimeError("the 'heavy' user should have exceeded its budget")
 
 
-async def bench_middleware(workdir: Path) -> dict[str, float]:
+async def bench_middleware(workdir: Path) -> dict[str, tuple[float, float]]:
+    """(µs per request, µs added over the bare app) of each app: added is the median of its
+    differences with the bare app's run of the same round, which a slow moment of the machine
+    shifts alike (the difference of two medians would take each from another round)."""
     tracker = Tracker(
         f"sqlite+aiosqlite:///{workdir / 'middleware.db'}",
         budgets=[Budget.daily(5, per="user_id", mode="block")],
@@ -159,10 +163,16 @@ async def bench_middleware(workdir: Path) -> dict[str, float]:
         for app, _ in apps.values():  # warm up: builds each middleware stack, fills caches
             await time_requests(app, 1_000)
         samples: dict[str, list[float]] = {name: [] for name in apps}
-        for _ in range(REQUEST_RUNS):  # interleaved, so a slow moment of the machine hits all alike
-            for name, (app, requests) in apps.items():
+        names = list(apps)
+        for run in range(REQUEST_RUNS):  # interleaved, in an order that rotates
+            for name in names[run % len(names) :] + names[: run % len(names)]:
+                app, requests = apps[name]
                 samples[name].append(await time_requests(app, requests))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    bare = samples[BARE]
+    return {
+        name: (statistics.median(values), statistics.median(a - b for a, b in zip(values, bare, strict=True)))
+        for name, values in samples.items()
+    }
 
 
 # -- 2. track() throughput vs raw sqlite3 -----------------------------------------------------------
@@ -295,11 +305,9 @@ def main() -> None:
 def run_all(workdir: Path) -> None:
     def middleware() -> None:
         results = asyncio.run(bench_middleware(workdir))
-        bare = results["bare Starlette app"]
         print(f"  {'app':<50}{'µs/request':>11}{'added µs':>10}")
-        for name, us in results.items():
-            added = "" if name == "bare Starlette app" else f"{us - bare:+10.1f}"
-            print(f"  {name:<50}{us:11.1f}{added}")
+        for name, (us, added) in results.items():
+            print(f"  {name:<50}{us:11.1f}{'' if name == BARE else f'{added:+10.1f}'}")
 
     def throughput() -> None:
         tracked, raw = asyncio.run(bench_throughput(workdir))
@@ -312,7 +320,7 @@ def run_all(workdir: Path) -> None:
 
     section(
         f"1. Middleware overhead: GET / -> PlainTextResponse by direct ASGI calls, "
-        f"median of {REQUEST_RUNS} runs x {REQUESTS:,} requests",
+        f"median of {REQUEST_RUNS} runs x {REQUESTS:,} requests (added: of the runs' differences)",
         middleware,
     )
     section(
