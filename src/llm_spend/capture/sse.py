@@ -55,12 +55,13 @@ class SSEParser:
             # a slice compared.
             head = chunk[:6]
             if head == _DATA:
-                data = chunk[6:-2]
-                if chunk[-2:] == _END and 10 not in data and 13 not in data:
-                    self._sink(b"", data)
-                    return
-                if chunk[-4:] == _CRLF_END:
-                    data = data[:-2]
+                if chunk[-2:] == _END:
+                    data = chunk[6:-2]
+                    if 10 not in data and 13 not in data:
+                        self._sink(b"", data)
+                        return
+                elif chunk[-4:] == _CRLF_END:
+                    data = chunk[6:-4]
                     if 10 not in data and 13 not in data:
                         self._sink(b"", data)
                         return
