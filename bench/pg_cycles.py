@@ -55,14 +55,16 @@ DAY_AMOUNT, COST = 1_000_000, 900_000  # a reservation, and what the call turned
 # $1-$3: the reservations' (window, its position in the batch, amount); $4-$5: their rows
 _WANT = "SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) AS x(k, j, amount)"
 _KEEP = "INSERT INTO floor_reservations (id, amount) SELECT * FROM unnest($4::text[], $5::bigint[])"
-
-RESERVE = f"""
-WITH want AS ({_WANT}),
+_LOCKED = f"""WITH want AS ({_WANT}),
 locked AS (
     SELECT w.k, w.spent + w.reserved AS used, w.lim FROM floor_windows w
     WHERE w.k IN (SELECT k FROM want) ORDER BY w.k COLLATE "C" FOR UPDATE
 ),
-checked AS (
+"""
+"""How a reservation statement starts: what it wants, and the windows it locks, in key order."""
+
+RESERVE = f"""
+{_LOCKED}checked AS (
     SELECT l.used + sum(x.amount) OVER (PARTITION BY x.k ORDER BY x.j) <= l.lim AS ok
     FROM want x JOIN locked l USING (k)
 ),
@@ -96,6 +98,17 @@ d AS (
 )"""
 
 
+def _checked(changes: str) -> str:
+    """The check of each reservation against its windows once the changes (k, spent, reserved) of the
+    CTE `changes` are made, and the verdict on all of them."""
+    return f"""checked AS (
+    SELECT l.used + coalesce({changes}.spent + {changes}.reserved, 0)
+           + sum(x.amount) OVER (PARTITION BY x.k ORDER BY x.j) <= l.lim AS ok
+    FROM want x JOIN locked l USING (k) LEFT JOIN {changes} USING (k)
+),
+verdict AS (SELECT coalesce(bool_and(ok), false) AS ok FROM checked)"""
+
+
 SETTLE = f"""
 WITH {_settled(1)}
 INSERT INTO floor_windows AS w (k, spent, reserved, lim)
@@ -110,12 +123,7 @@ locked AS (
     SELECT w.k, w.spent + w.reserved AS used, w.lim FROM floor_windows w
     WHERE w.k IN (SELECT k FROM want UNION SELECT k FROM d) ORDER BY w.k COLLATE "C" FOR UPDATE
 ),
-checked AS (
-    SELECT l.used + coalesce(d.spent + d.reserved, 0)
-           + sum(x.amount) OVER (PARTITION BY x.k ORDER BY x.j) <= l.lim AS ok
-    FROM want x JOIN locked l USING (k) LEFT JOIN d USING (k)
-),
-verdict AS (SELECT coalesce(bool_and(ok), false) AS ok FROM checked),
+{_checked("d")},
 net AS (
     SELECT l.k, coalesce(d.spent, 0) AS spent,
            coalesce(d.reserved, 0) + CASE WHEN (SELECT ok FROM verdict) THEN coalesce(t.amount, 0) ELSE 0 END
@@ -138,21 +146,11 @@ INSERT INTO floor_pending (k, spent, reserved) SELECT k, spent, reserved FROM d
 """
 
 RESERVE_FOLDING = f"""
-WITH want AS ({_WANT}),
-locked AS (
-    SELECT w.k, w.spent + w.reserved AS used, w.lim FROM floor_windows w
-    WHERE w.k IN (SELECT k FROM want) ORDER BY w.k COLLATE "C" FOR UPDATE
-),
-folded AS (
+{_LOCKED}folded AS (
     DELETE FROM floor_pending p WHERE p.k IN (SELECT k FROM locked) RETURNING p.k, p.spent, p.reserved
 ),
 f AS (SELECT k, sum(spent)::bigint AS spent, sum(reserved)::bigint AS reserved FROM folded GROUP BY k),
-checked AS (
-    SELECT l.used + coalesce(f.spent + f.reserved, 0)
-           + sum(x.amount) OVER (PARTITION BY x.k ORDER BY x.j) <= l.lim AS ok
-    FROM want x JOIN locked l USING (k) LEFT JOIN f USING (k)
-),
-verdict AS (SELECT coalesce(bool_and(ok), false) AS ok FROM checked),
+{_checked("f")},
 granted AS (
     UPDATE floor_windows w SET spent = w.spent + coalesce(f.spent, 0),
         reserved = w.reserved + coalesce(f.reserved, 0)
