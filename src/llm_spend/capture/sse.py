@@ -55,13 +55,9 @@ class SSEParser:
             # a slice compared.
             head = chunk[:6]
             if head == _DATA:
-                if chunk[-2:] == _END:
-                    data = chunk[6:-2]
-                    if 10 not in data and 13 not in data:
-                        self._sink(b"", data)
-                        return
-                elif chunk[-4:] == _CRLF_END:
-                    data = chunk[6:-4]
+                end = 2 if chunk[-2:] == _END else 4 if chunk[-4:] == _CRLF_END else 0
+                if end:
+                    data = chunk[6:-end]
                     if 10 not in data and 13 not in data:
                         self._sink(b"", data)
                         return
