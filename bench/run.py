@@ -290,12 +290,28 @@ def section(title: str, body: Callable[[], None]) -> None:
     print(f"  ({time.perf_counter() - started:.0f} s)")
 
 
+def cpu() -> str:
+    """The CPU's name, family and model as Linux reports them (sessions land on different kinds),
+    else the platform's name for it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            first = info.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {
+        key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())
+    }
+    name, family, model = (fields.get(key, "?") for key in ("model name", "cpu family", "model"))
+    return f"{name} (family {family} model {model})"
+
+
 def main() -> None:
     versions = f"Starlette {starlette.__version__}, SQLAlchemy {sqlalchemy.__version__}"
     print(
         f"llm-spend bench: Python {platform.python_version()}, {os.cpu_count()} CPUs, {versions}, "
         f"SQLite {sqlite3.sqlite_version}"
     )
+    print(f"CPU: {cpu()}")
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (the figures need a quiet machine)")
     with tempfile.TemporaryDirectory(prefix="llm-spend-bench-") as tmp:
         run_all(Path(tmp))
