@@ -34,7 +34,7 @@ from llm_spend.testing import FakeProviderTransport
 CALLS, CALL_RUNS = 1_000, 15
 LEDGER = "+ SQLite ledger"
 LARGE_CALLS = 100
-CHUNKS, STREAM_RUNS = 2_000, 7
+CHUNKS, STREAM_RUNS = 2_000, 21
 USAGE = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1024)
 CHAT = "https://api.openai.com/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper. " * 4}]
@@ -178,11 +178,13 @@ async def per_chunk(
     clients: dict[str, httpx2.AsyncClient], url: str, body: dict[str, Any]
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """(median µs per streamed chunk, µs added over plain) of each client (one SSE event a chunk),
-    reading the raw stream as an SDK does, the clients' streams taking turns."""
+    reading the raw stream as an SDK does, the clients' streams taking turns in an order that rotates."""
     runs: dict[str, list[float]] = {name: [] for name in clients}
+    names = list(clients)
     chunks = 0
-    for _ in range(STREAM_RUNS):
-        for name, client in clients.items():
+    for round_ in range(STREAM_RUNS):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # an order that rotates
+            client = clients[name]
             started = time.perf_counter()
             async with client.stream("POST", url, json=body) as response:
                 chunks = 0
